@@ -1,0 +1,59 @@
+# The two set-up commands are `make demo` and `make test`; both create .venv on
+# a fresh machine. A second run reinstalls nothing unless pyproject.toml or the
+# set of source files changed (the strict editable install links files, so a
+# new module needs a re-link).
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_PIN := torch==2.13.0
+PARTS := core operator agent engine router kernels local
+
+SRC_STAMP := $(VENV)/.src-$(shell { cat pyproject.toml; find $(PARTS) -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null | sort; } | md5sum | cut -c1-12)
+
+.PHONY: setup test lint bench demo clean help
+
+help:
+	@echo "make demo   set up .venv and run 'kvmarina demo'"
+	@echo "make test   set up .venv and run the whole test suite"
+	@echo "make lint   ruff, mypy (strict editable install), import-linter layer contracts"
+	@echo "make bench  run every benchmark under benchmarks/"
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (Python >= 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: a range would let pip fetch several GB of CUDA wheels.
+$(VENV)/.torch: | $(PY)
+	$(PIP) install -q "setuptools>=69" wheel $(TORCH_PIN)
+	touch $@
+
+$(SRC_STAMP): $(VENV)/.torch
+	rm -f $(VENV)/.src-*
+	$(PIP) install -q --no-build-isolation -e '.[test,lint]' $(TORCH_PIN) --config-settings editable_mode=strict
+	touch $@
+
+$(VENV)/bin/helm: | $(PY)
+	$(PY) scripts/install_k8s_tools.py $(VENV)/bin $(VENV)/cache
+
+setup: $(SRC_STAMP) $(VENV)/bin/helm
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check core tests benchmarks scripts
+	$(VENV)/bin/mypy core
+	$(VENV)/bin/lint-imports
+
+bench: setup
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+demo: setup
+	$(VENV)/bin/kvmarina demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,139 @@
+"""The KV layout of a model and the identity that makes KV blocks compatible.
+
+The KV cache of one token is, for every layer, a K and a V vector per KV head::
+
+    bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * itemsize
+    bytes_per_block = bytes_per_token * block_size
+    blocks_per_page = page_size // bytes_per_block      (a page holds whole blocks only)
+
+Two processes may share a block only if everything that shapes those bytes is
+equal: the model (name, revision), dtype, the layer/head layout and the tensor-
+parallel slice. ``ModelIdentity.canonical()`` spells exactly that, and the
+hashing contract seeds every chain with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: dtype name -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+
+
+class LayoutError(ValueError):
+    """A KV layout that cannot exist (non-positive sizes, unknown dtype, page too small)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Shape of one model's KV cache on one tensor-parallel rank.
+
+    Invariants: every count is >= 1 and ``dtype`` is a key of ``DTYPE_SIZES``.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float16"
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPE_SIZES:
+            allowed = ", ".join(DTYPE_SIZES)
+            raise LayoutError(f"unknown dtype {self.dtype!r}; allowed: {allowed}")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    @property
+    def bytes_per_block_per_layer(self) -> int:
+        return self.bytes_per_block // self.num_layers
+
+    def blocks_per_page(self, page_size: int) -> int:
+        """Whole blocks that fit in one page; an error if not even one fits."""
+        n = page_size // self.bytes_per_block
+        if n < 1:
+            raise LayoutError(
+                f"a page of {page_size} bytes cannot hold one block of {self.bytes_per_block} bytes "
+                f"({self.describe()}); raise the pool's pageSize or lower the block size"
+            )
+        return n
+
+    def pages_for_blocks(self, n_blocks: int, page_size: int) -> int:
+        per_page = self.blocks_per_page(page_size)
+        return -(-n_blocks // per_page)
+
+    def describe(self) -> str:
+        return (
+            f"L{self.num_layers}/H{self.num_kv_heads}/D{self.head_dim}/"
+            f"{self.dtype}/B{self.block_size}"
+        )
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "block_size": self.block_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> KVLayout:
+        try:
+            return cls(
+                num_layers=int(data["num_layers"]),  # type: ignore[call-overload]
+                num_kv_heads=int(data["num_kv_heads"]),  # type: ignore[call-overload]
+                head_dim=int(data["head_dim"]),  # type: ignore[call-overload]
+                dtype=str(data.get("dtype", "float16")),
+                block_size=int(data.get("block_size", 16)),  # type: ignore[call-overload]
+            )
+        except KeyError as exc:
+            raise LayoutError(f"KV layout is missing {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, LayoutError):
+                raise
+            raise LayoutError(f"KV layout has a non-integer field: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """Everything that makes one model's KV incompatible with another's."""
+
+    name: str
+    layout: KVLayout
+    revision: str = "main"
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise LayoutError("model name must not be empty")
+        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
+            raise LayoutError(
+                f"tensor-parallel rank {self.tp_rank} is outside 0..{self.tp_size - 1}"
+            )
+
+    def canonical(self) -> str:
+        """The stable string that seeds block hashes, e.g.
+        ``llama-tiny@main|L4/H2/D64/float16/B16|tp0of1``."""
+        return f"{self.name}@{self.revision}|{self.layout.describe()}|tp{self.tp_rank}of{self.tp_size}"
