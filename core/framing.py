@@ -49,13 +49,14 @@ def encode_body(obj: Any) -> bytes:
 
 
 def decode_body(body: bytes | memoryview, max_size: int = DEFAULT_MAX_FRAME) -> Any:
+    # The frame length was checked against max_size before the body was read.
+    check_length(len(body), max_size)
     try:
         return msgpack.unpackb(
             body,
             raw=False,
             strict_map_key=True,
             ext_hook=_no_ext,
-            max_buffer_size=max_size,
         )
     except FrameError:
         raise
