@@ -48,6 +48,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check core tests benchmarks scripts
 	$(VENV)/bin/mypy core
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/check_operator_imports.py operator
 
 bench: setup
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done

@@ -31,7 +31,9 @@ def _content_text(content: Any, index: int) -> str:
     raise ChatError(f"messages[{index}].content must be a string or a list of text parts")
 
 
-def render_chat(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+def render_chat(
+    messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+) -> str:
     """Render OpenAI-style messages as ``<|role|>\\ncontent\\n`` turns.
 
     A stable system prompt renders to the same leading text in every request,

@@ -45,12 +45,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print the version")
 
     p_val = sub.add_parser("validate", help="check KVCachePool/ModelServing YAML files")
-    p_val.add_argument("-f", "--file", dest="files", action="append", required=True,
-                       metavar="FILE", help="a YAML file (repeatable; '-' for stdin)")
+    p_val.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a YAML file (repeatable; '-' for stdin)",
+    )
 
     p_blk = sub.add_parser("blocks", help="print the contract hash of every full block of stdin")
-    p_blk.add_argument("--model-identity", required=True,
-                       help="the model identity string the engines hash with")
+    p_blk.add_argument(
+        "--model-identity", required=True, help="the model identity string the engines hash with"
+    )
     p_blk.add_argument("--block-size", type=int, default=16, help="tokens per block (16)")
     p_blk.add_argument("--salt", default="", help="tenant salt ('' for none)")
     p_blk.add_argument("--algorithm", default="blake2b", help="blake2b (default) or sha256")
@@ -68,8 +76,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_part(name: str, argv: list[str]) -> int:
     module_name, _ = PART_COMMANDS[name]
     if not _available(module_name):
-        print(f"kvmarina {name}: not available in this build yet ({module_name} is missing)",
-              file=sys.stderr)
+        print(
+            f"kvmarina {name}: not available in this build yet ({module_name} is missing)",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(module_name)
     entry: Callable[[list[str]], int] = module.main
@@ -117,8 +127,11 @@ def _blocks(args: argparse.Namespace) -> int:
     for i, h in enumerate(hashes):
         print(f"{i}\t{h.hex()}")
     tail = len(tokens) - len(hashes) * contract.block_size
-    print(f"# {len(tokens)} tokens, {len(hashes)} full blocks of {contract.block_size}, "
-          f"{tail} trailing tokens not hashed ({contract.describe()})", file=sys.stderr)
+    print(
+        f"# {len(tokens)} tokens, {len(hashes)} full blocks of {contract.block_size}, "
+        f"{tail} trailing tokens not hashed ({contract.describe()})",
+        file=sys.stderr,
+    )
     return 0
 
 

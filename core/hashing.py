@@ -32,6 +32,7 @@ import sys
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 DOMAIN = b"kvmarina/block/v1"
 
@@ -86,7 +87,7 @@ class HashContract:
         """A short, stable name of the contract, e.g. ``blake2b-128/16``."""
         return f"{self.algorithm}-{self.digest_bits}/{self.block_size}"
 
-    def _hasher(self, data: bytes | memoryview) -> hashlib._Hash:
+    def _hasher(self, data: bytes | memoryview) -> Any:
         if self.algorithm == "blake2b":
             return hashlib.blake2b(data, digest_size=self.digest_bytes)
         return hashlib.sha256(data)
@@ -100,11 +101,12 @@ class HashContract:
         h.update(struct.pack("<I", len(algo)) + algo)
         h.update(struct.pack("<I", len(ident)) + ident)
         h.update(struct.pack("<I", len(salt_b)) + salt_b)
-        return h.digest()
+        digest: bytes = h.digest()
+        return digest
 
     def block_hashes(
         self,
-        token_ids: Sequence[int] | array,
+        token_ids: Sequence[int] | array[int],
         model_identity: str,
         salt: str | bytes = b"",
         *,
@@ -141,9 +143,13 @@ class HashContract:
         return n_tokens // self.block_size
 
 
-def pack_tokens(token_ids: Sequence[int] | array | Iterable[int]) -> bytes:
+def pack_tokens(token_ids: Sequence[int] | array[int] | Iterable[int]) -> bytes:
     """Token ids as little-endian uint32 bytes; a clear error for ids out of range."""
-    if isinstance(token_ids, array) and token_ids.typecode in ("I", "L") and token_ids.itemsize == 4:
+    if (
+        isinstance(token_ids, array)
+        and token_ids.typecode in ("I", "L")
+        and token_ids.itemsize == 4
+    ):
         arr = token_ids
     else:
         try:

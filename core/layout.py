@@ -73,8 +73,9 @@ class KVLayout:
         n = page_size // self.bytes_per_block
         if n < 1:
             raise LayoutError(
-                f"a page of {page_size} bytes cannot hold one block of {self.bytes_per_block} bytes "
-                f"({self.describe()}); raise the pool's pageSize or lower the block size"
+                f"a page of {page_size} bytes cannot hold one block of "
+                f"{self.bytes_per_block} bytes ({self.describe()}); "
+                "raise the pool's pageSize or lower the block size"
             )
         return n
 
@@ -136,4 +137,6 @@ class ModelIdentity:
     def canonical(self) -> str:
         """The stable string that seeds block hashes, e.g.
         ``llama-tiny@main|L4/H2/D64/float16/B16|tp0of1``."""
-        return f"{self.name}@{self.revision}|{self.layout.describe()}|tp{self.tp_rank}of{self.tp_size}"
+        return (
+            f"{self.name}@{self.revision}|{self.layout.describe()}|tp{self.tp_rank}of{self.tp_size}"
+        )

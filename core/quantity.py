@@ -51,8 +51,9 @@ def parse_bytes(value: str | int) -> int:
     number = text[: len(text) - len(suffix)]
     if "." in number:
         whole, frac = number.split(".")
-        scale = 10 ** len(frac)
-        return (int(whole) * scale + int(frac)) * _SUFFIX[suffix] // scale
+        scale: int = 10 ** len(frac)
+        unit: int = _SUFFIX[suffix]
+        return (int(whole) * scale + int(frac)) * unit // scale
     return int(number) * _SUFFIX[suffix]
 
 

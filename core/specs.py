@@ -196,7 +196,9 @@ class AgentSpec(Spec):
     http_port: int = Field(
         7470, ge=1024, le=65535, description="Port of health, metrics, stats and events."
     )
-    resources: Resources = Field(default_factory=Resources, description="Agent container resources.")
+    resources: Resources = Field(
+        default_factory=Resources, description="Agent container resources."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Agent log level."
     )
@@ -239,7 +241,9 @@ class ModelSpec(Spec):
     """The model served, and where its weights come from."""
 
     name: str = Field(min_length=1, max_length=256, description="Model name clients ask for.")
-    revision: str = Field("main", min_length=1, description="Weights revision; part of KV identity.")
+    revision: str = Field(
+        "main", min_length=1, description="Weights revision; part of KV identity."
+    )
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Compute and KV dtype."
     )
@@ -269,7 +273,9 @@ class EngineSpec(Spec):
     simulate: bool = Field(
         False, description="Run the simulated engine (timing model, no weights) for testing."
     )
-    resources: Resources = Field(default_factory=Resources, description="Engine container resources.")
+    resources: Resources = Field(
+        default_factory=Resources, description="Engine container resources."
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="Running sequences per engine.")
     max_waiting: int = Field(256, ge=0, le=100000, description="Queued requests before 429.")
     args: list[str] = Field(default_factory=list, description="Extra engine arguments.")

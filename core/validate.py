@@ -96,11 +96,17 @@ def _schema_issues(doc: dict[str, Any], kind: str) -> list[Issue]:
             continue
         if err.validator == "enum":
             allowed = ", ".join(map(str, err.validator_value))
-            issues.append(Issue(format_path(path), f"{err.instance!r} is not allowed; allowed: {allowed}"))
+            issues.append(
+                Issue(format_path(path), f"{err.instance!r} is not allowed; allowed: {allowed}")
+            )
             continue
         if err.validator == "pattern" and err.validator_value == QUANTITY_PATTERN:
-            issues.append(Issue(format_path(path), f"{err.instance!r} is not a byte quantity; "
-                                "write e.g. 512Mi, 40Gi or 1.5G"))
+            issues.append(
+                Issue(
+                    format_path(path),
+                    f"{err.instance!r} is not a byte quantity; write e.g. 512Mi, 40Gi or 1.5G",
+                )
+            )
             continue
         issues.append(Issue(format_path(path), err.message))
     return issues
@@ -122,8 +128,11 @@ def _metadata_issues(doc: dict[str, Any], kind: str) -> list[Issue]:
     name = meta.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 63:
         issues.append(
-            Issue("metadata.name", f"{name!r} is not a valid name: lower-case letters, digits "
-                  "and '-', starting and ending with a letter or digit, at most 63 characters")
+            Issue(
+                "metadata.name",
+                f"{name!r} is not a valid name: lower-case letters, digits "
+                "and '-', starting and ending with a letter or digit, at most 63 characters",
+            )
         )
     if kind == "KVCachePool" and meta.get("namespace"):
         issues.append(Issue("metadata.namespace", "KVCachePool is cluster-scoped; remove it"))
@@ -137,11 +146,15 @@ def check_document(doc: Any) -> list[Issue]:
     issues: list[Issue] = []
     if doc.get("apiVersion") != specs.API_VERSION:
         issues.append(
-            Issue("apiVersion", f"{doc.get('apiVersion')!r} is not supported; use {specs.API_VERSION}")
+            Issue(
+                "apiVersion", f"{doc.get('apiVersion')!r} is not supported; use {specs.API_VERSION}"
+            )
         )
     kind = doc.get("kind")
     if kind not in KINDS:
-        issues.append(Issue("kind", f"{kind!r} is not a kvmarina kind; allowed: {', '.join(KINDS)}"))
+        issues.append(
+            Issue("kind", f"{kind!r} is not a kvmarina kind; allowed: {', '.join(KINDS)}")
+        )
         return issues
     issues += _metadata_issues(doc, kind)
     schema_issues = _schema_issues(doc, kind)
@@ -153,9 +166,15 @@ def check_document(doc: Any) -> list[Issue]:
         # (cross-field rules), so each problem is reported once.
         seen = {i.path for i in schema_issues}
         issues += [
-            i for i in _model_issues(exc, "spec")
-            if not any(i.path == p or p.startswith(i.path + ".") or i.path.startswith(p + ".")
-                       or p.startswith(i.path + "[") for p in seen)
+            i
+            for i in _model_issues(exc, "spec")
+            if not any(
+                i.path == p
+                or p.startswith(i.path + ".")
+                or i.path.startswith(p + ".")
+                or p.startswith(i.path + "[")
+                for p in seen
+            )
         ]
     return issues
 

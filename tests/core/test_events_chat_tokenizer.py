@@ -24,8 +24,13 @@ def test_event_records_round_trip_through_frames() -> None:
 
 @pytest.mark.parametrize(
     "rec",
-    [{"seq": 1}, {"type": "stored", "boot_id": "b", "seq": 1}, {"type": "exploded", "boot_id": "b",
-     "seq": 1}, {"type": "evicted", "boot_id": "b"}, [1, 2]],
+    [
+        {"seq": 1},
+        {"type": "stored", "boot_id": "b", "seq": 1},
+        {"type": "exploded", "boot_id": "b", "seq": 1},
+        {"type": "evicted", "boot_id": "b"},
+        [1, 2],
+    ],
 )
 def test_malformed_event_records(rec: object) -> None:
     with pytest.raises(EventError):
@@ -40,15 +45,25 @@ def test_chat_template_is_stable_and_shares_prefixes() -> None:
     assert a.endswith("<|assistant|>\n")
     common = len("<|system|>\nYou are terse.\n<|user|>\n")
     assert a[:common] == b[:common]
-    parts = render_chat([{"role": "user", "content": [{"type": "text", "text": "x"},
-                                                      {"type": "text", "text": "y"}]}])
+    parts = render_chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}],
+            }
+        ]
+    )
     assert "xy" in parts
 
 
 @pytest.mark.parametrize(
     ("messages", "match"),
-    [([], "non-empty"), ([{"role": "robot", "content": "x"}], "role must be one of"),
-     ([{"role": "user", "content": 5}], "content must be"), (["hi"], "must be an object")],
+    [
+        ([], "non-empty"),
+        ([{"role": "robot", "content": "x"}], "role must be one of"),
+        ([{"role": "user", "content": 5}], "content must be"),
+        (["hi"], "must be an object"),
+    ],
 )
 def test_chat_errors(messages: list[object], match: str) -> None:
     with pytest.raises(ChatError, match=match):

@@ -66,7 +66,7 @@ def test_unencodable_is_a_frame_error() -> None:
 async def test_async_read_write_over_a_real_socket() -> None:
     a, b = socket.socketpair()
     try:
-        r1, w1 = await asyncio.open_connection(sock=a)
+        _r1, w1 = await asyncio.open_connection(sock=a)
         r2, w2 = await asyncio.open_connection(sock=b)
         await write_frame(w1, {"op": "ping", "hashes": [b"\x00" * 16]})
         assert await read_frame(r2) == {"op": "ping", "hashes": [b"\x00" * 16]}

@@ -45,7 +45,9 @@ def test_examples_validate(path: Path) -> None:
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
 def test_bad_examples_fail_with_field_paths(path: Path) -> None:
     text = path.read_text()
-    expected = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("# expect:")]
+    expected = [
+        ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("# expect:")
+    ]
     assert expected, "a bad example must say what it expects"
     _, problems = load_file(str(path))
     rendered = [str(issue) for _, issue in problems]
@@ -85,8 +87,9 @@ def test_defaults_are_applied_and_typed() -> None:
     assert res.spec.routing.policy == "cache-aware"
     assert res.spec.budget.max_bytes == 8 * 2**30
     assert res.namespace == "default"
-    pool = parse_resource({"apiVersion": specs.API_VERSION, "kind": "KVCachePool",
-                           "metadata": {"name": "p"}})
+    pool = parse_resource(
+        {"apiVersion": specs.API_VERSION, "kind": "KVCachePool", "metadata": {"name": "p"}}
+    )
     assert pool.spec.hashing.contract().describe() == "blake2b-128/16"
     assert pool.spec.memory.page_bytes == 2 * 2**20
 

@@ -1,0 +1,146 @@
+"""Guards for the folder -> package mapping (DESIGN.md "The parts")."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PACKAGE_DIR: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
+PACKAGES: list[str] = PYPROJECT["tool"]["setuptools"]["packages"]
+
+
+def _source_modules() -> dict[str, Path]:
+    """Every importable module of the source tree, by dotted name."""
+    out: dict[str, Path] = {}
+    for pkg, folder in PACKAGE_DIR.items():
+        for path in (REPO / folder).rglob("*.py"):
+            rel = path.relative_to(REPO / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            if any(p == "__pycache__" for p in parts):
+                continue
+            name = ".".join([pkg, *parts])
+            # a sub-folder of a mapped folder that is itself mapped belongs to that mapping
+            if any(
+                name.startswith(k + ".") and k != pkg and k.startswith(pkg) for k in PACKAGE_DIR
+            ):
+                continue
+            out[name] = path
+    return out
+
+
+def _package_folders() -> set[str]:
+    """Dotted names of every folder under a mapped root that holds Python modules."""
+    found = set()
+    for pkg, folder in PACKAGE_DIR.items():
+        root = REPO / folder
+        for path in root.rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            rel = path.parent.relative_to(root)
+            found.add(".".join([pkg, *rel.parts]))
+    return found
+
+
+def test_operator_folder_has_no_init() -> None:
+    # An operator/__init__.py would shadow the standard library's `operator`
+    # for any Python started from the repo root.
+    assert not (REPO / "operator" / "__init__.py").exists()
+
+
+def test_packages_list_matches_folders() -> None:
+    folders = _package_folders()
+    declared = set(PACKAGES)
+    assert folders - declared == set(), "folders holding modules but missing from `packages`"
+    # a declared package may be an empty folder only while its part is not written yet
+    for pkg in declared - folders:
+        assert pkg in PACKAGE_DIR, f"{pkg} is declared but holds no module"
+
+
+def test_every_part_folder_but_operator_is_a_regular_package() -> None:
+    for pkg, folder in PACKAGE_DIR.items():
+        if pkg != "kvmarina.operator":
+            assert (REPO / folder / "__init__.py").exists(), folder
+
+
+def test_stdlib_operator_wins_from_the_repo_root() -> None:
+    res = subprocess.run(
+        [sys.executable, "-c", "import operator, collections; print(operator.__file__)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(REPO) not in res.stdout
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_every_module(tmp_path: Path) -> None:
+    """Build the wheel from a copy of the tree, install it non-editable into a fresh
+    venv, and import every module from there (dependencies from the test venv)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["pyproject.toml", "README.md", *sorted(set(PACKAGE_DIR.values()))]:
+        p = REPO / name
+        if p.is_dir():
+            shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif p.exists():
+            shutil.copy2(p, src / name)
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    wheel = next(dist.glob("kvmarina-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    vpy = venv / "bin" / "python"
+    subprocess.run(
+        [str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+
+    expected = sorted(_source_modules())
+    script = (
+        "import importlib, sys, kvmarina\n"
+        "assert 'site-packages' in kvmarina.__file__, kvmarina.__file__\n"
+        "bad = []\n"
+        "for name in sys.argv[1:]:\n"
+        "    try: importlib.import_module(name)\n"
+        "    except Exception as e: bad.append(f'{name}: {e!r}')\n"
+        "print('\\n'.join(bad)); sys.exit(1 if bad else 0)\n"
+    )
+    # Dependencies come from the test venv's site-packages; .pth files (the
+    # editable install) are not processed for PYTHONPATH entries.
+    deps = sysconfig.get_paths()["purelib"]
+    env = {**os.environ, "PYTHONPATH": deps}
+    env.pop("PYTHONHOME", None)
+    res = subprocess.run(
+        [str(vpy), "-c", script, *expected],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
