@@ -17,13 +17,19 @@ def repo() -> Path:
     return REPO
 
 
-def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m kvmarina.cli ARGS`` in a fresh interpreter."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "kvmarina.cli", *args],
-        input=stdin, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=timeout,
     )
 
 
