@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1.7
+# One Dockerfile, two runtime images:
+#   --target slim : operator and router (no torch, no CUDA)
+#   --target cuda : agent and engine (CUDA runtime, torch, triton, cuda-bindings)
+# Every component starts as `kvmarina <component>`; the operator picks the command.
+
+ARG PYTHON_VERSION=3.11
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+
+# ---- build the wheel once ----------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS wheel
+WORKDIR /src
+RUN pip install --no-cache-dir "build==1.2.2.post1"
+COPY pyproject.toml README.md ./
+COPY core core
+COPY operator operator
+COPY agent agent
+COPY engine engine
+COPY router router
+COPY kernels kernels
+COPY local local
+RUN python -m build --wheel --outdir /dist
+
+# ---- slim: operator, router --------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY --from=wheel /dist /dist
+# The router and operator never import torch; install the CPU wheel only so the
+# dependency resolves without pulling CUDA libraries into this image.
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+ && pip install --no-cache-dir /dist/*.whl \
+ && rm -rf /dist
+USER 65532:65532
+ENTRYPOINT ["kvmarina"]
+
+# ---- cuda: agent, engine -----------------------------------------------------
+FROM ${CUDA_IMAGE} AS cuda
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/kvmarina
+ENV PATH=/opt/kvmarina/bin:$PATH
+COPY --from=wheel /dist /dist
+RUN pip install --no-cache-dir "torch==2.13.0" \
+ && pip install --no-cache-dir "/dist/$(ls /dist)[gpu]" \
+ && rm -rf /dist
+USER 65532:65532
+ENTRYPOINT ["kvmarina"]

@@ -1,0 +1,127 @@
+"""The Helm chart, checked with the real helm binary and the Kubernetes schemas."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kvmarina"
+ALL_ON = Path(__file__).parent / "all-on.yaml"
+K8S_VERSION = "1.30.0"
+# Kinds of other projects' CRDs: no offline schema exists; checked structurally below.
+FOREIGN = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering"}
+
+HELM = shutil.which("helm")
+pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not on PATH (make test installs it)")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    assert HELM
+    return subprocess.run([HELM, *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def render(*extra: str) -> list[dict[str, Any]]:
+    out = helm("template", "kv", str(CHART), "--namespace", "kvmarina-system", *extra).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _sync_module() -> Any:
+    spec = importlib.util.spec_from_file_location("sync_chart", REPO / "scripts" / "sync_chart.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_ON)]], ids=["defaults", "all-on"])
+def test_helm_lint_strict(values: list[str]) -> None:
+    res = helm("lint", "--strict", str(CHART), *values, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_ON)]], ids=["defaults", "all-on"])
+def test_rendered_objects_validate_against_kubernetes(values: list[str]) -> None:
+    objs = render(*values)
+    assert objs
+    for obj in objs:
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "kvmarina", obj["metadata"]["name"]
+        if obj["kind"] in FOREIGN:
+            assert obj["apiVersion"] and obj["metadata"]["name"]
+            continue
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_all_toggles_render_their_objects() -> None:
+    kinds = {o["kind"] for o in render("-f", str(ALL_ON))}
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap", "ClusterKopfPeering"} <= kinds
+    default_kinds = {o["kind"] for o in render()}
+    assert not {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering"} & default_kinds
+
+
+def test_crds_in_the_chart_are_those_of_crds_folder() -> None:
+    rendered = {o["metadata"]["name"]: o for o in render() if o["kind"] == "CustomResourceDefinition"}
+    on_disk = {}
+    for path in (REPO / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        on_disk[crd["metadata"]["name"]] = crd
+    assert set(rendered) == set(on_disk)
+    for name, crd in on_disk.items():
+        got = rendered[name]
+        assert got["spec"] == crd["spec"]
+        assert got["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+def test_crd_toggles() -> None:
+    off = render("--set", "crds.enabled=false")
+    assert not [o for o in off if o["kind"] == "CustomResourceDefinition"]
+    not_kept = render("--set", "crds.keep=false")
+    crds = [o for o in not_kept if o["kind"] == "CustomResourceDefinition"]
+    assert crds and all("annotations" not in c["metadata"] for c in crds)
+
+
+def test_generated_chart_files_are_current() -> None:
+    assert _sync_module().stale_files() == [], "run: python scripts/sync_chart.py"
+
+
+def test_operator_pod_is_locked_down() -> None:
+    dep = next(o for o in render() if o["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    ctr = pod["containers"][0]
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+    assert ctr["livenessProbe"] and ctr["readinessProbe"]
+
+
+def test_peering_follows_replicas() -> None:
+    def peering(objs: list[dict[str, Any]]) -> str:
+        dep = next(o for o in objs if o["kind"] == "Deployment")
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return str(env["KVMARINA_OPERATOR_PEERING"])
+
+    assert peering(render()) == ""
+    assert peering(render("--set", "operator.replicas=2")) == "kv-kvmarina"
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--set", "operator.replicaz=2"], "replicaz"),
+        (["--set", "crds.enabled=yes"], "enabled"),
+        (["--set", "operator.logLevel=loud"], "logLevel"),
+        (["--set", "bogus=1"], "bogus"),
+    ],
+)
+def test_invalid_values_fail_naming_the_key(args: list[str], key: str) -> None:
+    res = helm("template", "kv", str(CHART), *args, check=False)
+    assert res.returncode != 0
+    assert key in res.stderr, res.stderr
