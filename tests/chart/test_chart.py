@@ -68,7 +68,8 @@ def test_all_toggles_render_their_objects() -> None:
 
 
 def test_crds_in_the_chart_are_those_of_crds_folder() -> None:
-    rendered = {o["metadata"]["name"]: o for o in render() if o["kind"] == "CustomResourceDefinition"}
+    crds = [o for o in render() if o["kind"] == "CustomResourceDefinition"]
+    rendered = {o["metadata"]["name"]: o for o in crds}
     on_disk = {}
     for path in (REPO / "crds").glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())
@@ -105,7 +106,8 @@ def test_operator_pod_is_locked_down() -> None:
 def test_peering_follows_replicas() -> None:
     def peering(objs: list[dict[str, Any]]) -> str:
         dep = next(o for o in objs if o["kind"] == "Deployment")
-        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
         return str(env["KVMARINA_OPERATOR_PEERING"])
 
     assert peering(render()) == ""
