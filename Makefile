@@ -47,6 +47,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check core tests benchmarks scripts
 	$(VENV)/bin/mypy core
+	$(VENV)/bin/mypy -p kvmarina.engine
 	$(VENV)/bin/lint-imports
 	$(PY) scripts/check_operator_imports.py operator
 
