@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kvmarina.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
@@ -14,6 +14,7 @@ from kvmarina.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_
 def _train(folder: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
     tok.train_from_iterator(["the cache is shared by every pod on the node"] * 50, trainer)
     tok.save(str(folder / "tokenizer.json"))
