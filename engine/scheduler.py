@@ -253,9 +253,10 @@ class Scheduler:
         reason = None
         if token == self.eos_id and not seq.params.ignore_eos:
             reason = "stop"
-        elif len(seq.output) >= seq.params.max_tokens:
-            reason = "length"
-        elif len(seq.prompt) + len(seq.output) >= self.max_model_len:
+        elif (
+            len(seq.output) >= seq.params.max_tokens
+            or len(seq.prompt) + len(seq.output) >= self.max_model_len
+        ):
             reason = "length"
         seq.emit(Output(token, reason))
         if reason is not None:
