@@ -1,0 +1,147 @@
+"""``kvmarina engine``: load the model, connect the KV store, serve HTTP.
+
+Configuration flows CR -> operator -> environment -> here: every flag has a
+``KVMARINA_ENGINE_*`` environment variable, which the operator sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from kvmarina.engine.config import ModelConfigError
+from kvmarina.engine.kvstore import ContiguousStore, KVStore
+from kvmarina.engine.scheduler import Scheduler
+from kvmarina.engine.server import EngineServer, Metrics, ServerConfig
+from kvmarina.engine.weights import WeightsError, load_model
+from kvmarina.hashing import HashContract
+from kvmarina.tokenizer import load_tokenizer
+
+log = logging.getLogger("kvmarina.engine")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"KVMARINA_ENGINE_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmarina engine", description="Run the reference engine.")
+    p.add_argument("--model", default=_env("MODEL", "tiny"), help="model name clients ask for")
+    p.add_argument("--model-dir", default=_env("MODEL_DIR"), help="Hugging Face model directory")
+    p.add_argument(
+        "--preset",
+        default=_env("PRESET"),
+        choices=["tiny", "small"],
+        help="seeded random weights of a size preset (no model directory)",
+    )
+    p.add_argument("--revision", default=_env("REVISION", "main"))
+    p.add_argument(
+        "--dtype", default=_env("DTYPE", "float32"), choices=["float32", "float16", "bfloat16"]
+    )
+    p.add_argument("--seed", type=int, default=int(_env("SEED", "0") or 0))
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8000") or 8000))
+    p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", "4096") or 0))
+    p.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", "32") or 0))
+    p.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256") or 0))
+    p.add_argument(
+        "--step-tokens",
+        type=int,
+        default=int(_env("STEP_TOKENS", "512") or 0),
+        help="token budget of one step (prefill chunk size)",
+    )
+    p.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", "16") or 0))
+    p.add_argument("--hash-algorithm", default=_env("HASH_ALGORITHM", "blake2b"))
+    p.add_argument("--digest-bits", type=int, default=int(_env("DIGEST_BITS", "128") or 0))
+    p.add_argument(
+        "--trust-salt-header",
+        action="store_true",
+        default=_env("TRUST_SALT_HEADER", "") == "true",
+        help="accept the router's x-kvmarina-salt header",
+    )
+    p.add_argument(
+        "--default-salt",
+        default=_env("DEFAULT_SALT", ""),
+        help="salt when no trusted header is present (the serving's scope)",
+    )
+    p.add_argument(
+        "--no-agent",
+        action="store_true",
+        default=_env("NO_AGENT", "") == "true",
+        help="use a private in-process KV pool instead of the node agent",
+    )
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    return p
+
+
+def build_store(args: argparse.Namespace, num_layers: int) -> KVStore:
+    if args.no_agent:
+        log.warning(
+            "--no-agent: KV lives in a private in-process pool; nothing is shared "
+            "with other engines on this node"
+        )
+        return ContiguousStore(num_layers, args.block_size)
+    raise SystemExit(
+        "kvmarina engine: the node agent is required (start `kvmarina agent`, or "
+        "pass --no-agent for a private pool)"
+    )
+
+
+async def _serve(server: EngineServer, host: str, port: int) -> None:
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("engine serving %s on http://%s:%d", server.cfg.model_name, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        HashContract(args.block_size, args.hash_algorithm, args.digest_bits // 8)
+        preset_name = None if args.model_dir else (args.preset or "tiny")
+        model = load_model(args.model_dir, preset_name, args.dtype, args.seed)
+    except (ModelConfigError, WeightsError, ValueError) as exc:
+        print(f"kvmarina engine: {exc}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(args.model_dir)
+    store = build_store(args, model.config.num_layers)
+    metrics = Metrics()
+    max_len = min(args.max_model_len, model.config.max_position)
+    scheduler = Scheduler(
+        model,
+        store,
+        eos_id=tokenizer.eos_id,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        step_tokens=args.step_tokens,
+        max_model_len=max_len,
+        on_step=metrics.on_step,
+    )
+    cfg = ServerConfig(args.model, max_len, args.trust_salt_header, args.default_salt)
+    scheduler.start()
+    try:
+        asyncio.run(
+            _serve(EngineServer(cfg, scheduler, store, tokenizer, metrics), args.host, args.port)
+        )
+    finally:
+        scheduler.stop()
+    return 0
