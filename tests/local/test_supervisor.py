@@ -1,0 +1,112 @@
+"""The local supervisor: real processes, readiness, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmarina.local.ports import PortInUse, check_free, free_ports
+from kvmarina.local.supervisor import (
+    FleetError,
+    ProcessSpec,
+    Supervisor,
+    load_state,
+    stop_processes,
+)
+
+# A server that also forks a child, to prove the whole process group is stopped.
+SERVER = """
+import http.server, os, sys, time
+if os.fork() == 0:
+    time.sleep(600)
+    sys.exit(0)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text().split()
+            except OSError:
+                continue
+            if int(stat[4]) == pid and stat[2] != "Z":  # same group, not a zombie
+                out.append(int(d))
+    return out
+
+
+def test_start_ready_stop_leaves_nothing(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path)
+    ports = free_ports(2)
+    for i, port in enumerate(ports):
+        sup.start(
+            ProcessSpec(
+                f"srv{i}",
+                "engine",
+                (sys.executable, "-c", SERVER, str(port)),
+                ready_url=f"http://127.0.0.1:{port}/",
+            )
+        )
+    seen: list[str] = []
+    sup.wait_ready(30, lambda done, total, name: seen.append(name))
+    assert sorted(seen) == ["srv0", "srv1"]
+    groups = [p.pid for p in sup.procs]
+    assert all(len(_children(g)) >= 2 for g in groups)  # server + its forked child
+    _, recorded = load_state(tmp_path)
+    assert sorted(r.pid for r in recorded) == sorted(groups)
+    sup.stop_all(grace=5)
+    assert not any(_children(g) for g in groups)
+    assert load_state(tmp_path)[1] == []
+
+
+def test_state_file_lets_another_process_stop_the_fleet(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path)
+    (port,) = free_ports(1)
+    sup.start(
+        ProcessSpec(
+            "srv",
+            "router",
+            (sys.executable, "-c", SERVER, str(port)),
+            ready_url=f"http://127.0.0.1:{port}/",
+        )
+    )
+    sup.wait_ready(30)
+    _, procs = load_state(tmp_path)  # as `kvmarina down` sees it
+    stop_processes(procs, grace=5)
+    assert not _children(procs[0].pid)
+
+
+def test_a_part_that_dies_is_named_with_its_log(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path)
+    sup.start(
+        ProcessSpec(
+            "agent-node-0",
+            "agent",
+            (sys.executable, "-c", "import sys; print('boom: no socket dir'); sys.exit(3)"),
+            ready_url="http://127.0.0.1:1/",
+        )
+    )
+    with pytest.raises(FleetError, match="agent-node-0 exited during start-up") as info:
+        sup.wait_ready(20)
+    assert "boom: no socket dir" in str(info.value)
+    sup.stop_all()
+
+
+def test_ports_are_distinct_and_taken_ports_explained() -> None:
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(PortInUse, match="for router is already in use"):
+            check_free(s.getsockname()[1], "router")
