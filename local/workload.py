@@ -1,0 +1,115 @@
+"""Shared-prefix workloads: the Mooncake trace, scaled down, or generated chats.
+
+The Mooncake trace (FAST'25) gives each request ``hash_ids``: ids of 512-token
+prefix blocks, equal ids meaning a shareable prefix. Replaying it means turning
+each id into the same text every time; here each id becomes
+``tokens_per_id`` bytes (one token each under the byte tokenizer) drawn from a
+generator seeded by the id, so equal ids give equal text and thus equal block
+hashes. Lengths are scaled by the same factor for every policy compared.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Default location relative to the repository root (never copied into the repo).
+DEFAULT_TRACE = Path("..") / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz      "
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRequest:
+    """One request of a replay: when to send it (seconds from start) and what."""
+
+    at: float
+    prompt: str
+    max_tokens: int
+    session: str = ""
+
+
+def block_text(block_id: int, length: int) -> str:
+    rng = random.Random(block_id * 7919 + 17)
+    return "".join(rng.choice(_ALPHABET) for _ in range(length))
+
+
+def find_trace(explicit: str | None, repo_root: Path) -> Path:
+    path = Path(explicit) if explicit else (repo_root / DEFAULT_TRACE)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"trace {path} not found; pass --trace PATH to the Mooncake JSONL trace"
+        )
+    return path
+
+
+def mooncake(
+    path: Path,
+    *,
+    limit: int,
+    tokens_per_id: int = 32,
+    time_scale: float = 1.0,
+    max_output: int = 8,
+    max_prompt: int = 4096,
+) -> list[WorkRequest]:
+    """The first ``limit`` requests, each 512-token block scaled to ``tokens_per_id``."""
+    out: list[WorkRequest] = []
+    scale = tokens_per_id / 512
+    with path.open() as f:
+        for n, line in enumerate(f):
+            if n >= limit:
+                break
+            rec = json.loads(line)
+            ids = rec["hash_ids"]
+            prefix = "".join(block_text(i, tokens_per_id) for i in ids)
+            # input beyond the listed blocks is unique to the request
+            extra = max(0, int(rec["input_length"] * scale) - len(prefix))
+            prompt = (prefix + block_text(10_000_000 + n, extra))[:max_prompt]
+            out.append(
+                WorkRequest(
+                    at=rec["timestamp"] / 1000.0 * time_scale,
+                    prompt=prompt,
+                    max_tokens=max(1, min(max_output, int(rec["output_length"]))),
+                )
+            )
+    return out
+
+
+def conversations(
+    *,
+    users: int,
+    turns: int,
+    system_prompts: int = 2,
+    system_len: int = 600,
+    turn_len: int = 80,
+    gap_s: float = 0.05,
+    max_tokens: int = 8,
+    seed: int = 0,
+) -> list[WorkRequest]:
+    """Multi-turn chats: each user has one of a few long system prompts, and each
+    turn resends the whole conversation so far (the common agent/chat pattern)."""
+    rng = random.Random(seed)
+    systems = [block_text(1_000 + i, system_len) for i in range(system_prompts)]
+    out: list[WorkRequest] = []
+    history = {u: systems[u % system_prompts] for u in range(users)}
+    t = 0.0
+    for turn in range(turns):
+        order = list(range(users))
+        rng.shuffle(order)
+        for u in order:
+            history[u] += "\nuser: " + block_text(100_000 + u * 1000 + turn, turn_len)
+            out.append(
+                WorkRequest(at=t, prompt=history[u], max_tokens=max_tokens, session=f"user-{u}")
+            )
+            history[u] += "\nassistant: " + block_text(200_000 + u * 1000 + turn, 16)
+            t += gap_s
+    return out
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, object]]:
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
