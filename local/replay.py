@@ -87,7 +87,7 @@ async def _one(
                     res.prompt_tokens = int(use.get("prompt_tokens", 0))
                     details = use.get("prompt_tokens_details") or {}
                     res.cached_tokens = int(details.get("cached_tokens", 0) or 0)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return Result(False, error=f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
     res.ok = first is not None
