@@ -64,3 +64,27 @@ def format_bytes(n: int) -> str:
         if n >= unit and n % unit == 0:
             return f"{n // unit}{suffix}"
     return str(n)
+
+
+_HUMAN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKMGTP]i?)?[bB]?\s*$")
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes in a size a person writes: ``"10GiB"``, ``"512MB"``, ``"2Mi"``, ``4096``.
+
+    Accepts everything ``parse_bytes`` does plus a trailing ``B``/``b``
+    (``GiB`` = ``Gi``, ``GB`` = ``G``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return parse_bytes(value)
+    m = _HUMAN.match(str(value)) if isinstance(value, str) else None
+    if not m:
+        raise QuantityError(
+            f"{value!r} is not a size; write e.g. '10GiB', '512MiB', '1.5GB' or a number of bytes"
+        )
+    suffix = m.group(2) or ""
+    if suffix == "k" or suffix == "K":
+        suffix = "k"
+    elif suffix == "Ki" or suffix == "ki":
+        suffix = "Ki"
+    return parse_bytes(m.group(1) + suffix)

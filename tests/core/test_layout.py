@@ -55,3 +55,17 @@ def test_identity_is_canonical_and_distinguishes() -> None:
     assert a.canonical() not in others and len(others) == 3
     with pytest.raises(LayoutError, match="rank"):
         ModelIdentity("llama", lay, tp_size=2, tp_rank=2)
+
+
+def test_quantities_and_sizes() -> None:
+    from kvmarina.quantity import QuantityError, format_bytes, parse_bytes, parse_size
+
+    assert parse_bytes("2Mi") == 2 * 2**20 and parse_bytes("1.5G") == 1_500_000_000
+    assert parse_bytes(4096) == 4096 and format_bytes(2 * 2**20) == "2Mi"
+    assert parse_size("10GiB") == 10 * 2**30 and parse_size("512MB") == 512 * 10**6
+    assert parse_size("2Mi") == 2 * 2**20 and parse_size("1kb") == 1000 and parse_size(7) == 7
+    for bad in ("lots", "-1Gi", "1 GiBs", "", "1e9"):
+        with pytest.raises(QuantityError, match="not a"):
+            parse_size(bad)
+    with pytest.raises(QuantityError, match="negative"):
+        parse_bytes(-5)
