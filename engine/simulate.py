@@ -1,0 +1,473 @@
+"""``kvmarina engine --simulate``: the engine's OpenAI API with a timing model, no model.
+
+For router work and capacity planning. Each simulated pod
+
+* tokenizes and hashes exactly like the engine (``kvmarina.tokenizer``,
+  ``kvmarina.chat.render_chat``, ``HashContract.block_hashes`` with the salt from
+  ``x-kvmarina-salt``);
+* keeps a KV cache of ``kv_blocks`` blocks in LRU order: a prompt's leading
+  blocks found there are free (``usage.prompt_tokens_details.cached_tokens``);
+* prefills one request at a time at ``prefill_tps`` tokens/s (so queueing shows
+  up in TTFT), then decodes at ``decode_tps`` tokens/s per request; a rate of 0
+  means "at once" (for proxy benchmarks);
+* honours ``x-kvmarina-pull`` (``node=..;agent=..;blocks=N``): blocks beyond its
+  own run up to ``N`` cost ``block_bytes / pull_bytes_per_s`` instead of prefill;
+* acts as its node's agent: ``GET /v1/events`` streams the same frames a real
+  agent does (``kvmarina.framing`` + ``kvmarina.events``: a ``Snapshot``, then
+  ``stored``/``evicted`` events with consecutive ``seq``; a subscriber that falls
+  behind gets a ``Resync`` and a fresh snapshot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from kvmarina.chat import ChatError, render_chat
+from kvmarina.events import BlockEvent, Resync, Snapshot
+from kvmarina.framing import encode_frame
+from kvmarina.hashing import HashContract
+from kvmarina.tokenizer import Tokenizer, load_tokenizer
+
+SALT_HEADER = "x-kvmarina-salt"
+PULL_HEADER = "x-kvmarina-pull"
+SUBSCRIBER_QUEUE = 4096
+OUTPUT_TEXT = "the quick brown fox jumps over the lazy dog "
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """One simulated pod. Rates of 0 mean infinitely fast."""
+
+    model: str = "sim"
+    model_identity: str = "sim@v1|simulated|tp0of1"
+    node: str = "sim-node"
+    kv_blocks: int = 4096
+    prefill_tps: float = 20000.0
+    decode_tps: float = 100.0
+    block_size: int = 16
+    block_bytes: int = 131072
+    pull_bytes_per_s: float = 2.0e9
+    tokenizer_dir: str | None = None
+
+
+class SimKV:
+    """An LRU set of block hashes. Invariant: ``len(blocks) <= capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def run(self, hashes: Sequence[bytes]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            self.blocks.move_to_end(h)
+            n += 1
+        return n
+
+    def insert(self, hashes: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """Store ``hashes`` (most recent last); returns (newly stored, evicted)."""
+        stored: list[bytes] = []
+        for h in hashes[-self.capacity :] if self.capacity else ():
+            if h in self.blocks:
+                self.blocks.move_to_end(h)
+            else:
+                self.blocks[h] = None
+                stored.append(h)
+        evicted: list[bytes] = []
+        while len(self.blocks) > self.capacity:
+            evicted.append(self.blocks.popitem(last=False)[0])
+        # a block stored and evicted in the same call was never visible
+        gone = set(evicted)
+        return [h for h in stored if h not in gone], [h for h in evicted if h not in stored]
+
+
+class EventHub:
+    """Numbers events per boot and fans them out to subscribers' bounded queues."""
+
+    def __init__(self, node: str, kv: SimKV) -> None:
+        self.node = node
+        self.kv = kv
+        self.boot_id = uuid.uuid4().hex
+        self.seq = 0
+        self.subscribers: set[asyncio.Queue[bytes | None]] = set()
+
+    def publish(self, kind: str, hashes: list[bytes], tier: str | None = None) -> None:
+        if not hashes:
+            return
+        self.seq += 1
+        frame = encode_frame(
+            BlockEvent(kind, self.boot_id, self.seq, tuple(hashes), tier).to_wire()
+        )
+        for q in self.subscribers:
+            try:
+                q.put_nowait(frame)
+            except asyncio.QueueFull:
+                # fell behind: drop its backlog; the handler sends Resync + a snapshot
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(None)
+
+    def snapshot_frame(self) -> bytes:
+        snap = Snapshot(self.boot_id, self.seq, self.node, dict.fromkeys(self.kv.blocks, "device"))
+        return encode_frame(snap.to_wire(), max_size=1 << 30)
+
+
+@dataclass(slots=True)
+class SimStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    pulled_tokens: int = 0
+    rejected: int = 0
+    ttft: list[float] = field(default_factory=list)
+
+
+class SimEngine:
+    """One simulated pod's HTTP app."""
+
+    def __init__(self, cfg: SimConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.cfg = cfg
+        self.contract = HashContract(cfg.block_size)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_dir)
+        self.kv = SimKV(cfg.kv_blocks)
+        self.hub = EventHub(cfg.node, self.kv)
+        self.stats = SimStats()
+        self._prefill = asyncio.Lock()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/events", self._events)
+        return app
+
+    # -- plain endpoints --------------------------------------------------------------
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "kvmarina"}
+                ],
+            }
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "simulated": True, "node": self.cfg.node})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        s = self.stats
+        lines = [
+            f"kvmarina_sim_requests_total {s.requests}",
+            f"kvmarina_sim_prompt_tokens_total {s.prompt_tokens}",
+            f"kvmarina_sim_cached_tokens_total {s.cached_tokens}",
+            f"kvmarina_sim_pulled_tokens_total {s.pulled_tokens}",
+            f"kvmarina_sim_kv_blocks {len(self.kv.blocks)}",
+            f"kvmarina_sim_kv_capacity_blocks {self.kv.capacity}",
+            f"kvmarina_sim_event_seq {self.hub.seq}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-kvmarina-frames"})
+        await resp.prepare(request)
+        q: asyncio.Queue[bytes | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.hub.subscribers.add(q)
+        try:
+            await resp.write(self.hub.snapshot_frame())
+            while True:
+                frame = await q.get()
+                if frame is None:
+                    await resp.write(encode_frame(Resync(self.hub.boot_id, "behind").to_wire()))
+                    await resp.write(self.hub.snapshot_frame())
+                    continue
+                await resp.write(frame)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.hub.subscribers.discard(q)
+        return resp
+
+    # -- generation ---------------------------------------------------------------------
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat")
+
+    def _parse(self, raw: bytes, kind: str) -> tuple[dict[str, Any], list[int]]:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _BadRequest("request body must be a JSON object")
+        if body.get("model") != self.cfg.model:
+            raise _BadRequest(f"model {body.get('model')!r} is not served here", 404)
+        if kind == "chat":
+            try:
+                text = render_chat(body.get("messages"))  # type: ignore[arg-type]
+            except ChatError as exc:
+                raise _BadRequest(str(exc)) from None
+            return body, self.tokenizer.encode(text)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return body, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return body, list(prompt)
+        raise _BadRequest("'prompt' must be a string or a list of token ids")
+
+    def _pull_blocks(self, value: str | None) -> int:
+        if not value:
+            return 0
+        for part in value.split(";"):
+            key, _, val = part.partition("=")
+            if key.strip() == "blocks" and val.strip().isdigit():
+                return int(val)
+        return 0
+
+    async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
+        try:
+            body, tokens = self._parse(await request.read(), kind)
+            max_tokens = int(body.get("max_tokens", body.get("max_completion_tokens", 16)))
+        except (_BadRequest, ValueError, TypeError) as exc:
+            status = exc.status if isinstance(exc, _BadRequest) else 400
+            self.stats.rejected += 1
+            return web.json_response(
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=status,
+            )
+        t0 = time.perf_counter()
+        salt = request.headers.get(SALT_HEADER, "")
+        hashes = self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
+        async with self._prefill:
+            run = self.kv.run(hashes)
+            pulled = max(
+                0, min(self._pull_blocks(request.headers.get(PULL_HEADER)), len(hashes)) - run
+            )
+            cached = run * self.cfg.block_size
+            compute = len(tokens) - cached - pulled * self.cfg.block_size
+            delay = 0.0
+            if self.cfg.prefill_tps > 0:
+                delay += compute / self.cfg.prefill_tps
+            if pulled and self.cfg.pull_bytes_per_s > 0:
+                delay += pulled * self.cfg.block_bytes / self.cfg.pull_bytes_per_s
+            if delay > 0:
+                await asyncio.sleep(delay)
+            stored, evicted = self.kv.insert(hashes)
+            self.hub.publish("stored", stored, "device")
+            self.hub.publish("evicted", evicted)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(tokens)
+        self.stats.cached_tokens += cached
+        self.stats.pulled_tokens += pulled * self.cfg.block_size
+        self.stats.ttft.append(time.perf_counter() - t0)
+        usage = {
+            "prompt_tokens": len(tokens),
+            "completion_tokens": max_tokens,
+            "total_tokens": len(tokens) + max_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+        if body.get("stream"):
+            opts = body.get("stream_options") or {}
+            return await self._stream(
+                request,
+                kind,
+                max_tokens,
+                usage,
+                bool(isinstance(opts, dict) and opts.get("include_usage")),
+            )
+        text = await self._decode(max_tokens, None)
+        return web.json_response(self._completion_doc(kind, text, usage))
+
+    async def _decode(self, n: int, step: Any) -> str:
+        out = []
+        delay = 1.0 / self.cfg.decode_tps if self.cfg.decode_tps > 0 else 0.0
+        for i in range(n):
+            piece = OUTPUT_TEXT[i % len(OUTPUT_TEXT)]
+            out.append(piece)
+            if step is not None:
+                await step(piece)
+            if delay and i + 1 < n:
+                await asyncio.sleep(delay)
+        return "".join(out)
+
+    def _completion_doc(self, kind: str, text: str, usage: dict[str, Any]) -> dict[str, Any]:
+        base = {
+            "id": f"sim-{uuid.uuid4().hex[:12]}",
+            "created": int(time.time()),
+            "model": self.cfg.model,
+            "usage": usage,
+        }
+        if kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length",
+            }
+            return {**base, "object": "chat.completion", "choices": [choice]}
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
+        }
+
+    async def _stream(
+        self, request: web.Request, kind: str, n: int, usage: dict[str, Any], include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        rid = f"sim-{uuid.uuid4().hex[:12]}"
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(piece: str | None, finish: str | None) -> dict[str, Any]:
+            if kind == "chat":
+                delta = {} if piece is None else {"content": piece}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {
+                    "index": 0,
+                    "text": piece or "",
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            return {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": self.cfg.model,
+                "choices": [choice],
+            }
+
+        async def send(doc: dict[str, Any]) -> None:
+            await resp.write(b"data: " + json.dumps(doc).encode() + b"\n\n")
+
+        if kind == "chat":
+            first = chunk(None, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            await send(first)
+
+        async def step(piece: str) -> None:
+            await send(chunk(piece, None))
+
+        await self._decode(n, step)
+        await send(chunk(None, "length"))
+        if include_usage:
+            await send(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": int(time.time()),
+                    "model": self.cfg.model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+class _BadRequest(ValueError):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kvmarina engine --simulate", description="Serve the engine API with a timing model."
+    )
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="first port; 0 picks free ones")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="pods in this process, each its own node (<node>-<i>) and port",
+    )
+    ap.add_argument("--model", default="sim")
+    ap.add_argument("--model-identity", default=SimConfig.model_identity)
+    ap.add_argument("--node", default="sim-node")
+    ap.add_argument("--kv-blocks", type=int, default=4096, help="KV capacity in blocks")
+    ap.add_argument("--prefill-tps", type=float, default=20000.0, help="0 = instant")
+    ap.add_argument("--decode-tps", type=float, default=100.0, help="0 = instant")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-bytes", type=int, default=131072)
+    ap.add_argument("--pull-bytes-per-s", type=float, default=2.0e9)
+    ap.add_argument("--tokenizer-dir", default=None)
+    return ap
+
+
+async def serve(cfgs: list[SimConfig], host: str, port: int) -> None:
+    runners, urls = [], []
+    for i, cfg in enumerate(cfgs):
+        runner = web.AppRunner(SimEngine(cfg).app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port + i if port else 0, backlog=2048)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://{host}:{runner.addresses[0][1]}")
+    print(json.dumps({"simulated_engines": urls, "nodes": [c.node for c in cfgs]}), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for r in runners:
+            await r.cleanup()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.replicas < 1 or args.kv_blocks < 0:
+        print(
+            "kvmarina engine --simulate: --replicas must be >= 1 and --kv-blocks >= 0",
+            file=sys.stderr,
+        )
+        return 2
+    cfgs = [
+        SimConfig(
+            model=args.model,
+            model_identity=args.model_identity,
+            node=args.node if args.replicas == 1 else f"{args.node}-{i}",
+            kv_blocks=args.kv_blocks,
+            prefill_tps=args.prefill_tps,
+            decode_tps=args.decode_tps,
+            block_size=args.block_size,
+            block_bytes=args.block_bytes,
+            pull_bytes_per_s=args.pull_bytes_per_s,
+            tokenizer_dir=args.tokenizer_dir,
+        )
+        for i in range(args.replicas)
+    ]
+    try:
+        asyncio.run(serve(cfgs, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,260 @@
+"""The router's configuration file (JSON or YAML; the operator writes it into a
+ConfigMap, local mode into a file). Reloaded on change without dropping requests.
+
+Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
+
+    model: llama-3-8b                 # the name clients send as "model"
+    model_identity: "llama-3-8b@main|L32/H8/D128/bfloat16/B16|tp0of1"
+    serving: chat                     # the ModelServing's name (scope "none" salts with it)
+    namespace: team-a
+    tokenizer_dir: null               # folder with tokenizer.json; null -> byte tokenizer
+    hashing: {block_size: 16, algorithm: blake2b, digest_bits: 128}
+    sharing:
+      scope: namespace                # none | namespace | cluster
+      tenant_header: x-tenant         # trusted header naming the tenant (or null)
+      allow_client_salt: false        # fold a client's x-kvmarina-salt into the salt
+    routing:
+      policy: cache-aware             # cache-aware | least-load | round-robin | session
+      session_header: x-session-id
+      weights: {queue: 1.0, prefill: 1.0, migration: 1.0}
+      prefill_tokens_per_second: 8000 # initial per-pod rate, refined from observed TTFTs
+      host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
+      block_bytes: 131072             # KV bytes of one block (for migration estimates)
+      transfer_bytes_per_second: 2.0e9     # peer-to-peer bandwidth (agents' measured figure)
+    pods:
+      - {name: chat-0, url: "http://10.0.0.5:8000", node: node-a, agent_url: "http://10.0.0.5:7070"}
+    limits:
+      max_body_bytes: 4194304
+      max_inflight: 512               # requests being proxied at once
+      max_queue: 1024                 # requests waiting for a slot; beyond -> 429
+      queue_timeout_s: 30
+      retry_after_s: 1
+      index_max_blocks: 4000000       # LRU cap of the block index (and of the fallback)
+      connect_timeout_s: 2
+      request_timeout_s: 600
+      health_interval_s: 2
+      breaker_failures: 3             # consecutive failures that open a pod's breaker
+      breaker_cooldown_s: 5
+
+Keys are snake_case. Unknown keys are errors (a typo must not silently fall
+back to a default). ``agent_url`` may be the engine's own URL (the simulated
+engine serves ``/v1/events`` itself); pods without one feed no events.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kvmarina.hashing import HashContract, HashingError
+
+SCOPES = ("none", "namespace", "cluster")
+POLICIES = ("cache-aware", "least-load", "round-robin", "session")
+
+
+class ConfigError(ValueError):
+    """A router configuration that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class PodConfig:
+    """One engine pod. ``name`` is unique; ``url`` is http(s)."""
+
+    name: str
+    url: str
+    node: str
+    agent_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SharingConfig:
+    scope: str = "namespace"
+    tenant_header: str | None = None
+    allow_client_salt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    queue: float = 1.0
+    prefill: float = 1.0
+    migration: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    policy: str = "cache-aware"
+    session_header: str = "x-session-id"
+    weights: Weights = field(default_factory=Weights)
+    prefill_tokens_per_second: float = 8000.0
+    host_load_tokens_per_second: float = 200000.0
+    block_bytes: int = 131072
+    transfer_bytes_per_second: float = 2.0e9
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_inflight: int = 512
+    max_queue: int = 1024
+    queue_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    index_max_blocks: int = 4_000_000
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 600.0
+    health_interval_s: float = 2.0
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class HashingConfig:
+    block_size: int = 16
+    algorithm: str = "blake2b"
+    digest_bits: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """A validated configuration. Invariants: pod names unique, ``pods`` non-empty,
+    ``contract`` built from ``hashing``, scope and policy among the allowed values."""
+
+    model: str
+    model_identity: str
+    pods: tuple[PodConfig, ...]
+    serving: str = ""
+    namespace: str = "default"
+    tokenizer_dir: str | None = None
+    hashing: HashingConfig = field(default_factory=HashingConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def contract(self) -> HashContract:
+        h = self.hashing
+        return HashContract(h.block_size, h.algorithm, h.digest_bits // 8)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, path: str) -> T:
+    """Construct dataclass ``cls`` from a mapping, checking keys and scalar types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{path or 'config'}: unknown key(s) {', '.join(map(str, unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(known[name].type, value, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+_NESTED: dict[str, type[Any]] = {
+    "Weights": Weights,
+    "SharingConfig": SharingConfig,
+    "RoutingConfig": RoutingConfig,
+    "Limits": Limits,
+    "HashingConfig": HashingConfig,
+}
+
+
+def _coerce(type_name: Any, value: Any, path: str) -> Any:
+    tname = str(type_name)
+    if tname in _NESTED:
+        return _build(_NESTED[tname], value, path)
+    if tname.startswith("tuple[PodConfig"):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{path} must be a non-empty list of pods")
+        return tuple(_build(PodConfig, v, f"{path}[{i}]") for i, v in enumerate(value))
+    optional = "None" in tname
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path} must not be null")
+    if tname.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+    elif tname == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+    elif tname == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{path} must be a non-negative integer, got {value!r}")
+    elif tname == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{path} must be a non-negative number, got {value!r}")
+        value = float(value)
+    return value
+
+
+def parse_config(data: Any) -> RouterConfig:
+    """Validate a decoded config document; ``ConfigError`` names the bad field."""
+    cfg = _build(RouterConfig, data, "")
+    for key in ("model", "model_identity"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{key} is required and must be non-empty")
+    if cfg.sharing.scope not in SCOPES:
+        raise ConfigError(f"sharing.scope must be one of {', '.join(SCOPES)}")
+    if cfg.routing.policy not in POLICIES:
+        raise ConfigError(f"routing.policy must be one of {', '.join(POLICIES)}")
+    for rate in ("prefill_tokens_per_second", "host_load_tokens_per_second"):
+        if getattr(cfg.routing, rate) <= 0:
+            raise ConfigError(f"routing.{rate} must be > 0")
+    if cfg.routing.transfer_bytes_per_second <= 0:
+        raise ConfigError("routing.transfer_bytes_per_second must be > 0")
+    lim = cfg.limits
+    if lim.max_inflight < 1 or lim.index_max_blocks < 1 or lim.breaker_failures < 1:
+        raise ConfigError("limits.max_inflight, index_max_blocks and breaker_failures must be >= 1")
+    names: set[str] = set()
+    for i, pod in enumerate(cfg.pods):
+        if pod.name in names:
+            raise ConfigError(f"pods[{i}].name {pod.name!r} is not unique")
+        names.add(pod.name)
+        for key in ("url", "agent_url"):
+            url = getattr(pod, key)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"pods[{i}].{key} must be an http(s) URL, got {url!r}")
+        if not pod.node:
+            raise ConfigError(f"pods[{i}].node must be non-empty")
+    try:
+        _ = cfg.contract
+    except HashingError as exc:
+        raise ConfigError(f"hashing: {exc}") from exc
+    return cfg
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Read and validate a JSON or YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read router config {p}: {exc}") from exc
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise ConfigError(f"{p} is not valid {kind}: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from exc
+
+
+def config_to_dict(cfg: RouterConfig) -> dict[str, Any]:
+    """The document form of a config (inverse of ``parse_config``)."""
+    from dataclasses import asdict
+
+    out = asdict(cfg)
+    out["pods"] = [dict(p) for p in out["pods"]]
+    return out

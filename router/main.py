@@ -1,0 +1,64 @@
+"""``kvmarina router``: run the cache-aware router from a config file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from kvmarina.router.config import ConfigError, load_config
+from kvmarina.router.server import Router
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvmarina router", description="Run the cache-aware router.")
+    ap.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        help="router config file (JSON or YAML; see kvmarina.router.config)",
+    )
+    ap.add_argument("--host", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    ap.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one")
+    ap.add_argument("--log-level", default="WARNING", help="logging level (WARNING)")
+    ap.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between config file checks (1.0)",
+    )
+    return ap
+
+
+async def serve(router: Router, host: str, port: int) -> None:
+    runner = web.AppRunner(router.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=2048)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    print(f"kvmarina router listening on http://{host}:{bound}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"kvmarina router: {exc}", file=sys.stderr)
+        return 2
+    router = Router(cfg, args.config, args.reload_interval)
+    try:
+        asyncio.run(serve(router, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,85 @@
+"""Per-pod state the router keeps: health, circuit breaker, load, learned prefill rate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvmarina.router.config import PodConfig
+
+
+@dataclass(slots=True)
+class Breaker:
+    """Circuit breaker: ``failures`` consecutive failures open it for ``cooldown_s``;
+    then one trial request is let through (half-open); a success closes it.
+
+    Invariant: ``state`` is one of closed/open/half-open; ``opened_at`` is set when open.
+    """
+
+    threshold: int = 3
+    cooldown_s: float = 5.0
+    failures: int = 0
+    state: str = "closed"
+    opened_at: float = 0.0
+    trial_in_flight: bool = False
+
+    def allows(self, now: float | None = None) -> bool:
+        if self.state == "closed":
+            return True
+        now = time.monotonic() if now is None else now
+        if self.state == "open" and now - self.opened_at >= self.cooldown_s:
+            self.state = "half-open"
+            self.trial_in_flight = False
+        return self.state == "half-open" and not self.trial_in_flight
+
+    def on_attempt(self) -> None:
+        if self.state == "half-open":
+            self.trial_in_flight = True
+
+    def on_success(self) -> None:
+        self.failures, self.state, self.trial_in_flight = 0, "closed", False
+
+    def on_failure(self, now: float | None = None) -> None:
+        self.failures += 1
+        self.trial_in_flight = False
+        if self.state == "half-open" or self.failures >= self.threshold:
+            self.state = "open"
+            self.opened_at = time.monotonic() if now is None else now
+
+
+@dataclass(slots=True)
+class PodState:
+    """One pod as the router sees it. ``inflight``/``queued_tokens`` count requests
+    sent and not yet answered (tokens: their uncached prefill still ahead)."""
+
+    cfg: PodConfig
+    prefill_tps: float
+    breaker: Breaker = field(default_factory=Breaker)
+    healthy: bool = True
+    inflight: int = 0
+    queued_tokens: int = 0
+    served: int = 0
+    failed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def node(self) -> str:
+        return self.cfg.node
+
+    def available(self) -> bool:
+        return self.healthy and self.breaker.allows()
+
+    def observe_ttft(
+        self, uncached_tokens: int, ttft_s: float, queue_s: float, base_tps: float
+    ) -> None:
+        """Refine the prefill rate from one observed TTFT (EWMA, clamped to 1/4..4x
+        of the configured rate so one outlier cannot derail routing)."""
+        if uncached_tokens < 64 or ttft_s <= 0:
+            return
+        spent = max(ttft_s - queue_s, ttft_s * 0.1)
+        sample = uncached_tokens / spent
+        sample = min(max(sample, base_tps / 4), base_tps * 4)
+        self.prefill_tps = 0.8 * self.prefill_tps + 0.2 * sample

@@ -1,0 +1,187 @@
+"""Choosing a pod: hash the prompt, look its prefix up, score the candidates.
+
+Cache-aware scoring (DESIGN.md "Routing") estimates each pod's time to first token::
+
+    ttft = w_queue   * queued_tokens / rate
+         + w_prefill * uncached_tokens / rate          (device-tier hits are free)
+         +             host_hit_tokens / host_load_rate (host-tier hits cost a load)
+         + min(w_prefill * recompute, w_migration * pull) of the blocks a peer node
+           holds beyond this node's run (pull = bytes / transfer bandwidth)
+
+and takes the minimum, ties broken by load. When the pull is the cheaper path the
+decision carries a ``PullHint`` for the ``x-kvmarina-pull`` header.
+
+The prefix lookup reads the event-fed index for nodes whose agent stream is live,
+and the router's own record of where it sent each prefix (the approximate index)
+for the others; ``mode`` says which of the two is in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kvmarina.router.config import RouterConfig
+from kvmarina.router.headers import PullHint
+from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch
+from kvmarina.router.pods import PodState
+
+
+class NoPodAvailable(RuntimeError):
+    """Every pod is unhealthy or has an open breaker."""
+
+
+@dataclass(slots=True)
+class Decision:
+    """Pods ranked best first (the rest are the retry order) and what the first costs.
+
+    Invariant: ``ranked`` is non-empty; ``pull`` (if any) applies to ``ranked[0]``."""
+
+    ranked: list[PodState]
+    hashes: list[bytes]
+    cached_blocks: dict[str, int]
+    est_ttft_s: float
+    pull: PullHint | None = None
+
+    def uncached_tokens(self, pod: PodState, n_tokens: int, block_size: int) -> int:
+        cached = self.cached_blocks.get(pod.node, 0)
+        if self.pull is not None and pod is self.ranked[0]:
+            cached = max(cached, self.pull.blocks)
+        return max(0, n_tokens - cached * block_size)
+
+
+class RoutingCore:
+    """Indexes, pods and policy: everything a decision needs, no I/O.
+
+    Invariants: ``pods`` mirrors ``cfg.pods`` by name; ``live_nodes`` are the nodes
+    whose agent stream delivered a snapshot and is current."""
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.contract = cfg.contract
+        self.index = BlockIndex(cfg.limits.index_max_blocks)
+        self.approx = BlockIndex(cfg.limits.index_max_blocks)
+        self.pods: dict[str, PodState] = {}
+        self.live_nodes: set[str] = set()
+        self._rr = itertools.count()
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg: RouterConfig) -> None:
+        """Take a new config: keep state of pods that stay, drop nodes that left."""
+        self.cfg = cfg
+        self.contract = cfg.contract
+        lim = cfg.limits
+        self.index.max_blocks = self.approx.max_blocks = lim.index_max_blocks
+        new: dict[str, PodState] = {}
+        for pc in cfg.pods:
+            old = self.pods.get(pc.name)
+            if old is not None and old.cfg.url == pc.url and old.cfg.node == pc.node:
+                old.cfg = pc
+                new[pc.name] = old
+            else:
+                new[pc.name] = PodState(pc, cfg.routing.prefill_tokens_per_second)
+            new[pc.name].breaker.threshold = lim.breaker_failures
+            new[pc.name].breaker.cooldown_s = lim.breaker_cooldown_s
+        self.pods = new
+        nodes = {p.node for p in cfg.pods}
+        for idx in (self.index, self.approx):
+            for node in idx.nodes:
+                if node not in nodes:
+                    idx.drop_node(node)
+        self.live_nodes &= nodes
+
+    @property
+    def mode(self) -> str:
+        """``events`` (every node live), ``mixed``, or ``approximate`` (no events)."""
+        nodes = {p.node for p in self.pods.values()}
+        if nodes and nodes <= self.live_nodes:
+            return "events"
+        return "mixed" if self.live_nodes & nodes else "approximate"
+
+    def agent_of(self, node: str) -> str | None:
+        for p in self.pods.values():
+            if p.node == node and p.cfg.agent_url:
+                return p.cfg.agent_url
+        return None
+
+    # -- the decision ---------------------------------------------------------------
+    def hashes(self, tokens: Sequence[int], salt: str) -> list[bytes]:
+        return self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
+
+    def lookup(self, hashes: Sequence[bytes]) -> PrefixMatch:
+        m = self.index.match(hashes) if self.live_nodes else PrefixMatch()
+        if self.mode != "events":
+            a = self.approx.match(hashes, touch=False)
+            for node, run in a.run.items():
+                if node not in self.live_nodes:
+                    m.run[node] = run
+        return m
+
+    def decide(
+        self, tokens: Sequence[int], salt: str, headers: Mapping[str, str] | None = None
+    ) -> Decision:
+        pods = [p for p in self.pods.values() if p.available()]
+        if not pods:
+            raise NoPodAvailable("no pod is healthy (all failing health checks or breakers open)")
+        hashes = self.hashes(tokens, salt)
+        policy = self.cfg.routing.policy
+        if policy == "round-robin":
+            k = next(self._rr) % len(pods)
+            return Decision(pods[k:] + pods[:k], hashes, {}, 0.0)
+        if policy == "least-load":
+            pods.sort(key=lambda p: (p.inflight, p.queued_tokens))
+            return Decision(pods, hashes, {}, 0.0)
+        if policy == "session" and headers is not None:
+            key = headers.get(self.cfg.routing.session_header)
+            if key:
+                return Decision(_rendezvous(pods, key), hashes, {}, 0.0)
+        return self._cache_aware(pods, len(tokens), hashes)
+
+    def _cache_aware(self, pods: list[PodState], n_tokens: int, hashes: list[bytes]) -> Decision:
+        r = self.cfg.routing
+        w = r.weights
+        bs = self.contract.block_size
+        match = self.lookup(hashes)
+        runs = match.run
+        # the two best nodes, so each pod can find the best *other* node cheaply
+        best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:2]
+        pull_ok = self.mode != "approximate"
+        pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
+        host_s_per_block = bs / r.host_load_tokens_per_second
+        scored: list[tuple[float, int, int, PodState, PullHint | None]] = []
+        for i, pod in enumerate(pods):
+            tps = pod.prefill_tps
+            run = runs.get(pod.node, 0)
+            cost = w.queue * pod.queued_tokens / tps
+            cost += w.prefill * (n_tokens - run * bs) / tps
+            cost += match.host.get(pod.node, 0) * host_s_per_block
+            hint = None
+            peer, peer_run = next(((n, k) for n, k in best if n != pod.node), ("", 0))
+            if peer_run > run and pull_ok:
+                extra = peer_run - run
+                recompute = w.prefill * extra * bs / tps
+                pull = w.migration * extra * pull_s_per_block
+                if pull < recompute:
+                    cost += pull - recompute
+                    agent = self.agent_of(peer)
+                    if agent:
+                        hint = PullHint(peer, agent, peer_run)
+            scored.append((cost, pod.inflight, i, pod, hint))
+        scored.sort(key=lambda t: (t[0], t[1], t[2]))
+        top = scored[0]
+        return Decision([t[3] for t in scored], hashes, dict(runs), top[0], top[4])
+
+    def record_sent(self, node: str, hashes: Sequence[bytes]) -> None:
+        """The approximate index: remember that ``node`` will now hold this prefix."""
+        self.approx.store(node, hashes, DEVICE)
+
+
+def _rendezvous(pods: list[PodState], key: str) -> list[PodState]:
+    """Highest-random-weight order: stable per key, moves few keys when pods change."""
+
+    def weight(p: PodState) -> bytes:
+        return hashlib.blake2b(f"{key}\x00{p.name}".encode(), digest_size=8).digest()
+
+    return sorted(pods, key=weight, reverse=True)

@@ -1,0 +1,428 @@
+"""The router's HTTP front door (aiohttp): OpenAI endpoints proxied to the chosen
+pod, ``/v1/models``, ``/health``, ``/metrics``; background tasks for health checks,
+agent event streams, index sweeping and config reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from kvmarina.router.admission import Admission, Rejected
+from kvmarina.router.config import ConfigError, RouterConfig, load_config
+from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS
+from kvmarina.router.metrics import RouterMetrics
+from kvmarina.router.pods import PodState
+from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request
+from kvmarina.router.routing import Decision, NoPodAvailable, RoutingCore
+from kvmarina.router.subscriber import NodeFollower
+from kvmarina.router.tenancy import derive_salt
+from kvmarina.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("kvmarina.router")
+RETRY_STATUSES = frozenset({502, 503, 504})
+MAX_ATTEMPTS = 3
+
+
+class UpstreamFailed(Exception):
+    """The pod failed before sending a first byte: the next pod may be tried."""
+
+
+def error_response(
+    status: int, message: str, *, retry_after: int | None = None, kind: str | None = None
+) -> web.Response:
+    body = {
+        "error": {
+            "message": message,
+            "type": kind or ("invalid_request_error" if status < 500 else "service_unavailable"),
+            "param": None,
+            "code": None,
+        }
+    }
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+class Router:
+    """One router process. ``config_path`` (if given) is watched and reloaded."""
+
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        config_path: str | Path | None = None,
+        reload_interval_s: float = 1.0,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = Path(config_path) if config_path else None
+        self.reload_interval_s = reload_interval_s
+        self.core = RoutingCore(cfg)
+        self.tokenizer: Tokenizer = load_tokenizer(cfg.tokenizer_dir)
+        self.admission = Admission(
+            cfg.limits.max_inflight, cfg.limits.max_queue, cfg.limits.queue_timeout_s
+        )
+        self.metrics = RouterMetrics()
+        self.followers: dict[str, NodeFollower] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._mtime = self._config_mtime()
+        self.reloads = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.limits.max_body_bytes + 1)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        lim = self.cfg.limits
+        connector = aiohttp.TCPConnector(
+            limit=max(64, lim.max_inflight + 16), limit_per_host=0, keepalive_timeout=30
+        )
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._events_session = aiohttp.ClientSession()
+        self._sync_followers()
+        for coro in (self._health_loop(), self._sweep_loop(), self._reload_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+
+    async def _stop(self, app: web.Application) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(f.stop() for f in self.followers.values()))
+        if self.session is not None:
+            await self.session.close()
+        await self._events_session.close()
+
+    def _on_live(self, node: str, live: bool) -> None:
+        if live:
+            self.core.live_nodes.add(node)
+        else:
+            self.core.live_nodes.discard(node)
+
+    def _sync_followers(self) -> None:
+        wanted: dict[str, str] = {}
+        for p in self.cfg.pods:
+            if p.agent_url and p.node not in wanted:
+                wanted[p.node] = p.agent_url
+        for node in list(self.followers):
+            f = self.followers[node]
+            if wanted.get(node) != f.agent_url.rstrip("/") and wanted.get(node) != f.agent_url:
+                task = asyncio.create_task(f.stop())
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+                del self.followers[node]
+                self.core.index.drop_node(node)
+        for node, url in wanted.items():
+            if node not in self.followers:
+                f = NodeFollower(node, url, self.core.index, self._on_live, self._events_session)
+                self.followers[node] = f
+                f.start()
+
+    # -- background loops -------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(p) for p in list(self.core.pods.values())))
+            await asyncio.sleep(self.cfg.limits.health_interval_s)
+
+    async def _check(self, pod: PodState) -> None:
+        assert self.session is not None
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.limits.connect_timeout_s))
+            async with self.session.get(f"{pod.cfg.url}/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+                await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            ok = False
+        if ok != pod.healthy:
+            log.info("pod %s is now %s", pod.name, "healthy" if ok else "unhealthy")
+        pod.healthy = ok
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self.core.index.sweep()
+            self.core.approx.sweep()
+
+    def _config_mtime(self) -> float:
+        try:
+            return self.config_path.stat().st_mtime if self.config_path else 0.0
+        except OSError:
+            return 0.0
+
+    async def _reload_loop(self) -> None:
+        while self.config_path is not None:
+            await asyncio.sleep(self.reload_interval_s)
+            mtime = self._config_mtime()
+            if mtime != self._mtime:
+                self._mtime = mtime
+                self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the config file; keep the old config on any error."""
+        assert self.config_path is not None
+        try:
+            cfg = load_config(self.config_path)
+            tok = load_tokenizer(cfg.tokenizer_dir)
+        except (ConfigError, ValueError) as exc:
+            log.error("config reload failed, keeping the previous config: %s", exc)
+            return False
+        self.apply(cfg, tok)
+        return True
+
+    def apply(self, cfg: RouterConfig, tok: Tokenizer | None = None) -> None:
+        self.cfg = cfg
+        if tok is not None:
+            self.tokenizer = tok
+        self.core.apply_config(cfg)
+        lim = cfg.limits
+        self.admission.resize(lim.max_inflight, lim.max_queue, lim.queue_timeout_s)
+        self._sync_followers()
+        self.reloads += 1
+        log.info("config applied: %d pods, policy %s", len(cfg.pods), cfg.routing.policy)
+
+    # -- plain endpoints ----------------------------------------------------------------
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "kvmarina"}
+                ],
+            }
+        )
+
+    def health_doc(self) -> dict[str, Any]:
+        pods = {
+            p.name: {
+                "node": p.node,
+                "healthy": p.healthy,
+                "breaker": p.breaker.state,
+                "inflight": p.inflight,
+            }
+            for p in self.core.pods.values()
+        }
+        available = sum(1 for p in self.core.pods.values() if p.available())
+        return {
+            "status": "ok"
+            if available == len(pods)
+            else ("degraded" if available else "unavailable"),
+            "mode": self.core.mode,
+            "live_event_streams": sorted(self.core.live_nodes),
+            "index_blocks": len(self.core.index),
+            "approx_blocks": len(self.core.approx),
+            "policy": self.cfg.routing.policy,
+            "pods": pods,
+        }
+
+    async def _health(self, request: web.Request) -> web.Response:
+        doc = self.health_doc()
+        return web.json_response(doc, status=200 if doc["status"] != "unavailable" else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        m, core = self.metrics, self.core
+        for name, idx in (("events", core.index), ("approximate", core.approx)):
+            m.index_blocks.labels(name).set(len(idx))
+            m.index_evictions.labels(name).set(idx.evictions)
+        m.index_cap.set(core.index.max_blocks)
+        for mode in ("events", "mixed", "approximate"):
+            m.mode.labels(mode).set(1 if core.mode == mode else 0)
+        m.live_nodes.set(len(core.live_nodes))
+        for node, f in self.followers.items():
+            m.events.labels(node).set(f.events)
+        for p in core.pods.values():
+            m.pod_inflight.labels(p.name).set(p.inflight)
+            m.pod_healthy.labels(p.name).set(1 if p.available() else 0)
+            m.pod_rate.labels(p.name).set(p.prefill_tps)
+        m.queue.set(self.admission.queued)
+        m.inflight.set(self.admission.inflight)
+        return web.Response(
+            body=generate_latest(m.registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    # -- the proxy ----------------------------------------------------------------------
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "completions", "/v1/completions")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "chat", "/v1/chat/completions")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.cfg.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise BadRequest(
+                f"request body of {request.content_length} bytes exceeds the "
+                f"limit of {limit} bytes",
+                status=413,
+            )
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"request body exceeds the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _proxy(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
+        try:
+            raw = await self._read_body(request)
+            parsed = parse_request(parse_body(raw), kind, self.cfg.model, self.tokenizer)
+        except BadRequest as exc:
+            self.metrics.requests.labels(kind, str(exc.status)).inc()
+            return web.json_response(exc.body(), status=exc.status)
+        salt = derive_salt(self.cfg.sharing, self.cfg.namespace, self.cfg.serving, request.headers)
+        try:
+            await self.admission.acquire()
+        except Rejected as exc:
+            self.metrics.rejected.inc()
+            self.metrics.requests.labels(kind, "429").inc()
+            return error_response(
+                429,
+                f"the router is at capacity ({exc}); retry later",
+                retry_after=self.cfg.limits.retry_after_s,
+                kind="rate_limit_error",
+            )
+        try:
+            return await self._route(request, kind, path, raw, parsed, salt)
+        finally:
+            self.admission.release()
+
+    async def _route(
+        self,
+        request: web.Request,
+        kind: str,
+        path: str,
+        raw: bytes,
+        parsed: ParsedRequest,
+        salt: str,
+    ) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        try:
+            decision = self.core.decide(parsed.tokens, salt, request.headers)
+        except NoPodAvailable as exc:
+            self.metrics.requests.labels(kind, "503").inc()
+            return error_response(503, str(exc), retry_after=self.cfg.limits.retry_after_s)
+        self.metrics.decision.observe(time.perf_counter() - t0)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_HEADERS}
+        headers[SALT_HEADER] = salt
+        last_error = "no pod could be tried"
+        for attempt, pod in enumerate(decision.ranked[:MAX_ATTEMPTS]):
+            if attempt and not pod.available():
+                continue
+            hint = decision.pull if attempt == 0 else None
+            if hint is not None:
+                headers[PULL_HEADER] = hint.format()
+                self.metrics.pull_hints.inc()
+            else:
+                headers.pop(PULL_HEADER, None)
+            try:
+                resp = await self._forward(request, pod, path, raw, headers, parsed, decision)
+            except UpstreamFailed as exc:
+                last_error = f"pod {pod.name}: {exc}"
+                log.warning("attempt %d failed on %s: %s", attempt + 1, pod.name, exc)
+                self.metrics.retries.inc()
+                continue
+            self.metrics.requests.labels(kind, str(resp.status)).inc()
+            return resp
+        self.metrics.requests.labels(kind, "503").inc()
+        return error_response(
+            503, f"no pod answered: {last_error}", retry_after=self.cfg.limits.retry_after_s
+        )
+
+    async def _forward(
+        self,
+        request: web.Request,
+        pod: PodState,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        parsed: ParsedRequest,
+        decision: Decision,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        bs = self.core.contract.block_size
+        uncached = decision.uncached_tokens(pod, len(parsed.tokens), bs)
+        queue_s = pod.queued_tokens / pod.prefill_tps
+        lim = self.cfg.limits
+        timeout = aiohttp.ClientTimeout(
+            total=lim.request_timeout_s, sock_connect=lim.connect_timeout_s
+        )
+        pod.breaker.on_attempt()
+        pod.inflight += 1
+        pod.queued_tokens += uncached
+        pending = uncached
+        t0 = time.perf_counter()
+        try:
+            try:
+                up = await self.session.post(
+                    f"{pod.cfg.url}{path}", data=raw, headers=headers, timeout=timeout
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                pod.breaker.on_failure()
+                pod.failed += 1
+                raise UpstreamFailed(repr(exc)) from exc
+            async with up:
+                if up.status in RETRY_STATUSES:
+                    pod.breaker.on_failure()
+                    pod.failed += 1
+                    raise UpstreamFailed(f"HTTP {up.status}")
+                self.metrics.routed.labels(pod.name).inc()
+                self.core.record_sent(pod.node, decision.hashes)
+                self.metrics.prompt_tokens.inc(len(parsed.tokens))
+                self.metrics.cached_tokens.inc(len(parsed.tokens) - uncached)
+                if not parsed.stream:
+                    try:
+                        body = await up.read()
+                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                        pod.breaker.on_failure()
+                        raise UpstreamFailed(f"failed before the first byte: {exc!r}") from exc
+                    ttft = time.perf_counter() - t0
+                    self.metrics.ttft.observe(ttft)
+                    pod.breaker.on_success()
+                    pod.served += 1
+                    return web.Response(body=body, status=up.status, content_type=up.content_type)
+                out = web.StreamResponse(status=up.status)
+                for k in ("Content-Type", "Cache-Control"):
+                    if k in up.headers:
+                        out.headers[k] = up.headers[k]
+                first = True
+                try:
+                    async for chunk in up.content.iter_any():
+                        if first:
+                            first = False
+                            ttft = time.perf_counter() - t0
+                            self.metrics.ttft.observe(ttft)
+                            pod.queued_tokens -= pending
+                            pending = 0
+                            pod.observe_ttft(
+                                uncached, ttft, queue_s, self.cfg.routing.prefill_tokens_per_second
+                            )
+                            await out.prepare(request)
+                        await out.write(chunk)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    pod.breaker.on_failure()
+                    if first:
+                        raise UpstreamFailed(f"failed before the first byte: {exc!r}") from exc
+                    log.warning("pod %s failed mid-stream: %s", pod.name, exc)
+                    return out  # the client sees a truncated stream
+                if first:
+                    await out.prepare(request)
+                pod.breaker.on_success()
+                pod.served += 1
+                await out.write_eof()
+                return out
+        finally:
+            pod.inflight -= 1
+            pod.queued_tokens -= pending

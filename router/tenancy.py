@@ -1,0 +1,42 @@
+"""The tenant salt (DESIGN.md "Tenancy"): derived by the router, never taken raw
+from a client.
+
+* scope ``none``: private to the serving -> salt names namespace and serving;
+* scope ``namespace``: shared inside the namespace -> salt names the namespace;
+* scope ``cluster``: shared by everyone -> no scope part.
+
+When a trusted tenant header is configured, the tenant it names is appended, so
+two tenants never match each other's blocks. A client salt (``x-kvmarina-salt``)
+is folded in only when the serving allows it. Parts are length-prefixed so that
+no two different (scope, tenant, client) triples give the same salt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from kvmarina.router.config import SharingConfig
+from kvmarina.router.headers import SALT_HEADER
+
+
+def _part(tag: str, value: str) -> str:
+    return f"{tag}{len(value)}:{value}"
+
+
+def derive_salt(
+    sharing: SharingConfig, namespace: str, serving: str, headers: Mapping[str, str]
+) -> str:
+    """The salt for one request; ``headers`` are the client's (case-insensitive map)."""
+    if sharing.scope == "cluster":
+        parts = [_part("c", "")]
+    elif sharing.scope == "namespace":
+        parts = [_part("n", namespace)]
+    else:
+        parts = [_part("s", f"{namespace}/{serving}")]
+    if sharing.tenant_header:
+        parts.append(_part("t", headers.get(sharing.tenant_header, "")))
+    if sharing.allow_client_salt:
+        client = headers.get(SALT_HEADER)
+        if client:
+            parts.append(_part("x", client))
+    return "|".join(parts)
