@@ -42,6 +42,7 @@ from kvmarina.tokenizer import Tokenizer, load_tokenizer
 SALT_HEADER = "x-kvmarina-salt"
 PULL_HEADER = "x-kvmarina-pull"
 SUBSCRIBER_QUEUE = 4096
+DEFAULT_IDENTITY = "sim@v1|simulated|tp0of1"
 OUTPUT_TEXT = "the quick brown fox jumps over the lazy dog "
 
 
@@ -50,7 +51,7 @@ class SimConfig:
     """One simulated pod. Rates of 0 mean infinitely fast."""
 
     model: str = "sim"
-    model_identity: str = "sim@v1|simulated|tp0of1"
+    model_identity: str = DEFAULT_IDENTITY
     node: str = "sim-node"
     kv_blocks: int = 4096
     prefill_tps: float = 20000.0
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pods in this process, each its own node (<node>-<i>) and port",
     )
     ap.add_argument("--model", default="sim")
-    ap.add_argument("--model-identity", default=SimConfig.model_identity)
+    ap.add_argument("--model-identity", default=DEFAULT_IDENTITY)
     ap.add_argument("--node", default="sim-node")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV capacity in blocks")
     ap.add_argument("--prefill-tps", type=float, default=20000.0, help="0 = instant")

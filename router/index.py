@@ -1,8 +1,10 @@
 """The router's global block index: block hash -> which nodes hold it, in which tier.
 
-Nodes get small integer *slots*; an entry is one int with bit ``2*slot`` set when
-the node holds the block in device memory and bit ``2*slot+1`` when in host
-memory. A node's whole contribution is dropped in O(1) by retiring its slot
+Nodes get small integer *slots*; an entry is one int with bit ``slot`` set when
+the node holds the block (any tier); a second, usually tiny, map keeps the same
+kind of mask for blocks held in host memory. A lookup is then a C-level pass:
+fetch every hash's mask, accumulate a running AND, and bisect that monotone
+sequence per node for the length of its run. A node's whole contribution is dropped in O(1) by retiring its slot
 (a snapshot, a resync, a ``cleared`` event, a node leaving the config): lookups
 mask entries with the live slots, and ``sweep`` later scrubs retired bits in
 bounded steps so the slot can be reused. This keeps the event loop responsive
@@ -14,9 +16,13 @@ or a routing hit refreshes an entry) and the oldest is dropped first.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from bisect import bisect_left
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
+from itertools import accumulate, compress, repeat
+from operator import and_, or_
 
 DEVICE, HOST = "device", "host"
 
@@ -31,28 +37,30 @@ class PrefixMatch:
 
 
 class BlockIndex:
-    """hash -> node/tier bitmask, LRU-capped.
+    """hash -> node bitmask (+ host-tier bitmask), LRU-capped.
 
     Invariants: ``len(self) <= max_blocks``; every live node has exactly one slot;
-    a retired slot is reused only after ``sweep`` cleared its bits everywhere.
+    ``_host`` keys are a subset of ``_held`` keys and their masks a subset of the
+    held masks; a retired slot is reused only after ``sweep`` cleared its bits.
     """
 
     def __init__(self, max_blocks: int) -> None:
         if max_blocks < 1:
             raise ValueError("max_blocks must be >= 1")
         self.max_blocks = max_blocks
-        self._entries: OrderedDict[bytes, int] = OrderedDict()
+        self._held: OrderedDict[bytes, int] = OrderedDict()
+        self._host: dict[bytes, int] = {}
         self._slot_of: dict[str, int] = {}
         self._node_of: dict[int, str] = {}
         self._free: list[int] = []
         self._next_slot = 0
-        self._retired: int = 0  # bitmask (both tier bits) of retired, unswept slots
-        self._live: int = 0  # bitmask (both tier bits) of live slots
-        self._sweep_iter: Iterable[bytes] | None = None
+        self._retired = 0  # bitmask of retired, unswept slots
+        self._live = 0  # bitmask of live slots
+        self._sweep_iter: Iterator[bytes] | None = None
         self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._held)
 
     @property
     def nodes(self) -> list[str]:
@@ -68,7 +76,7 @@ class BlockIndex:
                 slot, self._next_slot = self._next_slot, self._next_slot + 1
             self._slot_of[node] = slot
             self._node_of[slot] = node
-            self._live |= 3 << (2 * slot)
+            self._live |= 1 << slot
         return slot
 
     def drop_node(self, node: str) -> None:
@@ -77,160 +85,159 @@ class BlockIndex:
         if slot is None:
             return
         del self._node_of[slot]
-        bits = 3 << (2 * slot)
-        self._live &= ~bits
-        self._retired |= bits
-        self._sweep_iter = None  # restart: the new slot must be covered by a full pass
+        self._live &= ~(1 << slot)
+        self._retired |= 1 << slot
+        self._sweep_iter = None  # restart: a full pass must cover this slot too
 
     def sweep(self, budget: int = 50_000) -> bool:
         """Scrub retired bits from up to ``budget`` entries; True when nothing is left."""
         if not self._retired:
             return True
         if self._sweep_iter is None:
-            self._sweep_iter = iter(list(self._entries))
+            self._sweep_iter = iter(list(self._held))
         keep = ~self._retired
-        entries = self._entries
+        held, host = self._held, self._host
         for done, h in enumerate(self._sweep_iter, 1):
-            v = entries.get(h)
+            v = held.get(h)
             if v is not None:
                 v &= keep
                 if v:
-                    entries[h] = v
+                    held[h] = v
                 else:
-                    del entries[h]
+                    del held[h]
+                hv = host.get(h)
+                if hv is not None:
+                    hv &= keep & (v or 0)
+                    if hv:
+                        host[h] = hv
+                    else:
+                        del host[h]
             if done >= budget:
                 return False
         retired, self._retired, self._sweep_iter = self._retired, 0, None
-        slot = 0
-        while retired:
-            if retired & 3:
-                self._free.append(slot)
-            retired >>= 2
-            slot += 1
+        self._free.extend(s for s in range(retired.bit_length()) if retired >> s & 1)
         return True
 
     # -- updates ------------------------------------------------------------
     def store(self, node: str, hashes: Iterable[bytes], tier: str) -> None:
         """``node`` now holds ``hashes`` in ``tier`` (a block has one home per node)."""
-        slot = self._slot(node)
-        clear = ~(3 << (2 * slot))
-        bit = 1 << (2 * slot + (1 if tier == HOST else 0))
-        entries = self._entries
+        bit = 1 << self._slot(node)
+        held, host = self._held, self._host
+        get, mte = held.get, held.move_to_end
         for h in hashes:
-            v = entries.get(h)
+            v = get(h)
             if v is None:
-                entries[h] = bit
+                held[h] = bit
             else:
-                entries[h] = (v & clear) | bit
-                entries.move_to_end(h)
+                held[h] = v | bit
+                mte(h)
+            if tier == HOST:
+                host[h] = host.get(h, 0) | bit
+            elif host:
+                hv = host.get(h)
+                if hv is not None:
+                    hv &= ~bit
+                    if hv:
+                        host[h] = hv
+                    else:
+                        del host[h]
         self._trim()
 
     def evict(self, node: str, hashes: Iterable[bytes]) -> None:
         slot = self._slot_of.get(node)
         if slot is None:
             return
-        clear = ~(3 << (2 * slot))
-        entries = self._entries
+        clear = ~(1 << slot)
+        held, host, live = self._held, self._host, self._live
         for h in hashes:
-            v = entries.get(h)
-            if v is not None:
-                v &= clear
-                if v & self._live:
-                    entries[h] = v
+            v = held.get(h)
+            if v is None:
+                continue
+            v &= clear
+            if v & live:
+                held[h] = v
+            else:
+                del held[h]
+                v = 0
+            hv = host.get(h)
+            if hv is not None:
+                hv &= v
+                if hv:
+                    host[h] = hv
                 else:
-                    del entries[h]
+                    del host[h]
 
     def replace_node(self, node: str, blocks: dict[bytes, str]) -> None:
         """A snapshot: ``node`` holds exactly ``blocks`` (hash -> tier)."""
         self.drop_node(node)
-        dev = [h for h, t in blocks.items() if t != HOST]
-        host = [h for h, t in blocks.items() if t == HOST]
-        self.store(node, dev, DEVICE)
-        self.store(node, host, HOST)
+        self.store(node, [h for h, t in blocks.items() if t != HOST], DEVICE)
+        self.store(node, [h for h, t in blocks.items() if t == HOST], HOST)
 
     def _trim(self) -> None:
-        over = len(self._entries) - self.max_blocks
+        over = len(self._held) - self.max_blocks
         if over > 0:
-            pop = self._entries.popitem
+            pop, host = self._held.popitem, self._host
             for _ in range(over):
-                pop(last=False)
+                h, _v = pop(last=False)
+                if host:
+                    host.pop(h, None)
             self.evictions += over
 
     # -- queries --------------------------------------------------------------
     def match(self, hashes: Sequence[bytes], touch: bool = True) -> PrefixMatch:
         """Longest run of leading blocks each node holds (any tier)."""
         out = PrefixMatch()
-        entries = self._entries
-        live = self._live
-        alive = live  # pair-bits of nodes whose run is still unbroken
-        get = entries.get
-        i = 0
-        host_bits_seen = 0
-        host_counts: dict[int, int] = {}
-        for h in hashes:
-            v = get(h, 0) & alive
-            # a node stays alive when it holds the block in either tier
-            held = (v | (v >> 1)) & _EVEN_MASK
-            held |= held << 1
-            ended = alive & ~held
-            if ended:
-                self._record(out, ended, i, host_counts)
-            alive &= held
-            if not alive:
-                break
-            hb = v & _ODD_MASK
-            if hb:
-                host_bits_seen |= hb
-                s = 0
-                while hb:
-                    if hb & 2:
-                        host_counts[s] = host_counts.get(s, 0) + 1
-                    hb >>= 2
-                    s += 1
-            if touch:
-                entries.move_to_end(h)
-            i += 1
-        if alive:
-            self._record(out, alive, i, host_counts)
+        if not hashes or not self._live:
+            return out
+        running = list(accumulate(map(self._held.get, hashes, repeat(0)), and_))
+        first = running[0] & self._live
+        if not first:
+            return out
+        longest = 0
+        for slot in range(first.bit_length()):
+            bit = 1 << slot
+            if first & bit:
+                run = bisect_left(running, True, key=lambda r, b=bit: not r & b)
+                out.run[self._node_of[slot]] = run
+                longest = max(longest, run)
+        if self._host:
+            self._count_host(hashes[:longest], out)
+        if touch:
+            deque(map(self._held.move_to_end, hashes[:longest]), 0)
         return out
 
-    def _record(self, out: PrefixMatch, pair_bits: int, run: int, hosts: dict[int, int]) -> None:
-        if run == 0:
+    def _count_host(self, hashes: Sequence[bytes], out: PrefixMatch) -> None:
+        """Per node, how many blocks of its run sit in host memory (sparse, C-level scans)."""
+        vals = list(map(self._host.get, hashes, repeat(0)))
+        where = list(compress(range(len(vals)), vals))
+        if not where:
             return
-        s = 0
-        while pair_bits:
-            if pair_bits & 3:
-                node = self._node_of.get(s)
-                if node is not None:
-                    out.run[node] = run
-                    if s in hosts:
-                        out.host[node] = hosts[s]
-            pair_bits >>= 2
-            s += 1
+        any_host = reduce(or_, (vals[i] for i in where))
+        for node, run in out.run.items():
+            bit = 1 << self._slot_of[node]
+            if any_host & bit:
+                n = sum(1 for i in where if i < run and vals[i] & bit)
+                if n:
+                    out.host[node] = n
 
     def tiers(self, h: bytes) -> dict[str, str]:
         """node -> tier of one block (for tests and debugging)."""
-        v = self._entries.get(h, 0) & self._live
-        out: dict[str, str] = {}
-        for node, slot in self._slot_of.items():
-            bits = (v >> (2 * slot)) & 3
-            if bits:
-                out[node] = HOST if bits & 2 else DEVICE
-        return out
+        v = self._held.get(h, 0) & self._live
+        hv = self._host.get(h, 0)
+        return {
+            node: (HOST if hv >> slot & 1 else DEVICE)
+            for node, slot in self._slot_of.items()
+            if v >> slot & 1
+        }
 
     def node_blocks(self, node: str) -> dict[bytes, str]:
         """Every block ``node`` holds (O(index); for tests and convergence checks)."""
         slot = self._slot_of.get(node)
         if slot is None:
             return {}
-        out = {}
-        for h, v in self._entries.items():
-            bits = (v >> (2 * slot)) & 3
-            if bits:
-                out[h] = HOST if bits & 2 else DEVICE
-        return out
-
-
-# Enough bits for 2**15 slots; Python ints are arbitrary precision so masks just truncate.
-_EVEN_MASK = int("01" * 32768, 2)
-_ODD_MASK = _EVEN_MASK << 1
+        bit = 1 << slot
+        return {
+            h: (HOST if self._host.get(h, 0) & bit else DEVICE)
+            for h, v in self._held.items()
+            if v & bit
+        }

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kvmarina.router.config import RouterConfig
+from kvmarina.router.hashmemo import HashMemo
 from kvmarina.router.headers import PullHint
 from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch
 from kvmarina.router.pods import PodState
@@ -61,6 +62,7 @@ class RoutingCore:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.contract = cfg.contract
+        self.memo = HashMemo(cfg.contract, cfg.model_identity)
         self.index = BlockIndex(cfg.limits.index_max_blocks)
         self.approx = BlockIndex(cfg.limits.index_max_blocks)
         self.pods: dict[str, PodState] = {}
@@ -70,6 +72,8 @@ class RoutingCore:
 
     def apply_config(self, cfg: RouterConfig) -> None:
         """Take a new config: keep state of pods that stay, drop nodes that left."""
+        if cfg.contract != self.contract or cfg.model_identity != self.cfg.model_identity:
+            self.memo = HashMemo(cfg.contract, cfg.model_identity)
         self.cfg = cfg
         self.contract = cfg.contract
         lim = cfg.limits
@@ -85,7 +89,11 @@ class RoutingCore:
             new[pc.name].breaker.threshold = lim.breaker_failures
             new[pc.name].breaker.cooldown_s = lim.breaker_cooldown_s
         self.pods = new
-        nodes = {p.node for p in cfg.pods}
+        self._agents: dict[str, str] = {}
+        for pc in cfg.pods:
+            if pc.agent_url:
+                self._agents.setdefault(pc.node, pc.agent_url)
+        nodes = self._nodes = {p.node for p in cfg.pods}
         for idx in (self.index, self.approx):
             for node in idx.nodes:
                 if node not in nodes:
@@ -95,20 +103,17 @@ class RoutingCore:
     @property
     def mode(self) -> str:
         """``events`` (every node live), ``mixed``, or ``approximate`` (no events)."""
-        nodes = {p.node for p in self.pods.values()}
+        nodes = self._nodes
         if nodes and nodes <= self.live_nodes:
             return "events"
         return "mixed" if self.live_nodes & nodes else "approximate"
 
     def agent_of(self, node: str) -> str | None:
-        for p in self.pods.values():
-            if p.node == node and p.cfg.agent_url:
-                return p.cfg.agent_url
-        return None
+        return self._agents.get(node)
 
     # -- the decision ---------------------------------------------------------------
     def hashes(self, tokens: Sequence[int], salt: str) -> list[bytes]:
-        return self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
+        return self.memo.block_hashes(tokens, salt)
 
     def lookup(self, hashes: Sequence[bytes]) -> PrefixMatch:
         m = self.index.match(hashes) if self.live_nodes else PrefixMatch()
@@ -150,28 +155,33 @@ class RoutingCore:
         pull_ok = self.mode != "approximate"
         pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
         host_s_per_block = bs / r.host_load_tokens_per_second
-        scored: list[tuple[float, int, int, PodState, PullHint | None]] = []
+        host = match.host
+        n = len(pods)
+        offset = next(self._rr)  # rotates among equal scores instead of favouring pod 0
+        scored: list[tuple[float, int, int, PodState, str]] = []
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
-            run = runs.get(pod.node, 0)
-            cost = w.queue * pod.queued_tokens / tps
-            cost += w.prefill * (n_tokens - run * bs) / tps
-            cost += match.host.get(pod.node, 0) * host_s_per_block
-            hint = None
-            peer, peer_run = next(((n, k) for n, k in best if n != pod.node), ("", 0))
-            if peer_run > run and pull_ok:
-                extra = peer_run - run
-                recompute = w.prefill * extra * bs / tps
-                pull = w.migration * extra * pull_s_per_block
-                if pull < recompute:
-                    cost += pull - recompute
-                    agent = self.agent_of(peer)
-                    if agent:
-                        hint = PullHint(peer, agent, peer_run)
-            scored.append((cost, pod.inflight, i, pod, hint))
+            node = pod.cfg.node
+            run = runs.get(node, 0)
+            cost = w.queue * pod.queued_tokens / tps + w.prefill * (n_tokens - run * bs) / tps
+            if host:
+                cost += host.get(node, 0) * host_s_per_block
+            peer = ""
+            for cand, peer_run in best:
+                if cand != node:
+                    if peer_run > run and pull_ok:
+                        extra = peer_run - run
+                        recompute = w.prefill * extra * bs / tps
+                        pull = w.migration * extra * pull_s_per_block
+                        if pull < recompute and cand in self._agents:
+                            cost += pull - recompute
+                            peer = cand
+                    break
+            scored.append((cost, pod.inflight, (i - offset) % n, pod, peer))
         scored.sort(key=lambda t: (t[0], t[1], t[2]))
-        top = scored[0]
-        return Decision([t[3] for t in scored], hashes, dict(runs), top[0], top[4])
+        cost, _, _, _, peer = scored[0]
+        hint = PullHint(peer, self._agents[peer], runs[peer]) if peer else None
+        return Decision([t[3] for t in scored], hashes, dict(runs), cost, hint)
 
     def record_sent(self, node: str, hashes: Sequence[bytes]) -> None:
         """The approximate index: remember that ``node`` will now hold this prefix."""

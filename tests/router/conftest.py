@@ -25,13 +25,13 @@ async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-def router_doc(pods: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def router_doc(pod_list: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "model": "sim",
         "model_identity": IDENT,
         "serving": "s",
         "namespace": "ns",
-        "pods": pods,
+        "pods": pod_list,
         "limits": {"health_interval_s": 0.2, "breaker_cooldown_s": 0.3},
     }
     for key, value in extra.items():

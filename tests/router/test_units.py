@@ -1,0 +1,310 @@
+"""Pure logic of the router: headers, config, tenancy, index, hash memo, policies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from kvmarina.hashing import HashContract
+from kvmarina.router.admission import Admission, Rejected
+from kvmarina.router.config import ConfigError, load_config, parse_config
+from kvmarina.router.hashmemo import HashMemo
+from kvmarina.router.headers import PullHint, PullHintError, parse_pull_hint
+from kvmarina.router.index import BlockIndex
+from kvmarina.router.pods import Breaker
+from kvmarina.router.routing import NoPodAvailable, RoutingCore
+from kvmarina.router.tenancy import derive_salt
+
+from .conftest import router_doc
+
+
+def H(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def pods(n: int, agents: bool = True) -> list[dict[str, str]]:
+    return [
+        {"name": f"p{i}", "url": f"http://127.0.0.1:{20000 + i}", "node": f"n{i}",
+         **({"agent_url": f"http://127.0.0.1:{21000 + i}"} if agents else {})}
+        for i in range(n)
+    ]
+
+
+# -- pull hint -----------------------------------------------------------------------
+def test_pull_hint_round_trip_and_errors() -> None:
+    hint = PullHint("node-b", "http://10.0.0.2:7070", 12)
+    text = hint.format()
+    assert text == "node=node-b;agent=http://10.0.0.2:7070;blocks=12"
+    assert parse_pull_hint(text) == hint
+    assert parse_pull_hint("blocks=3;agent=http://a:1;node=x;future=1") == PullHint(
+        "x", "http://a:1", 3
+    )
+    for bad in ("node=x;agent=http://a", "node=x;agent=http://a;blocks=two", "garbage",
+                "node=;agent=http://a;blocks=1", "node=x;agent=http://a;blocks=0"):
+        with pytest.raises(PullHintError):
+            parse_pull_hint(bad)
+
+
+# -- config ---------------------------------------------------------------------------
+def test_config_yaml_and_json(tmp_path: Path) -> None:
+    doc = router_doc(pods(2), sharing={"scope": "cluster", "tenant_header": "x-tenant"})
+    y = tmp_path / "r.yaml"
+    import yaml
+
+    y.write_text(yaml.safe_dump(doc))
+    j = tmp_path / "r.json"
+    j.write_text(json.dumps(doc))
+    a, b = load_config(y), load_config(j)
+    assert a == b
+    assert a.sharing.tenant_header == "x-tenant"
+    assert a.contract == HashContract()
+    assert a.pods[1].agent_url == "http://127.0.0.1:21001"
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"polcy": 1}, "unknown key(s) polcy"),
+        ({"sharing": {"scope": "world"}}, "sharing.scope"),
+        ({"routing": {"policy": "random"}}, "routing.policy"),
+        ({"routing": {"prefill_tokens_per_second": "fast"}}, "routing.prefill_tokens_per_second"),
+        ({"hashing": {"algorithm": "sha256", "digest_bits": 128}}, "hashing"),
+        ({"pods": []}, "pods must be a non-empty list"),
+        ({"pods": [{"name": "a", "url": "ftp://x", "node": "n"}]}, "pods[0].url"),
+        ({"pods": [{"name": "a", "url": "http://x", "node": "n"}] * 2}, "not unique"),
+        ({"model_identity": ""}, "model_identity"),
+    ],
+)
+def test_config_errors_name_the_field(patch: dict[str, object], needle: str) -> None:
+    doc = router_doc(pods(1), **patch)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(doc)
+    assert needle in str(exc.value)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# -- tenancy -----------------------------------------------------------------------------
+def test_salt_by_scope_tenant_and_client_salt() -> None:
+    from kvmarina.router.config import SharingConfig
+
+    ns = SharingConfig(scope="namespace")
+    assert derive_salt(ns, "a", "s", {}) == derive_salt(ns, "a", "other", {})
+    assert derive_salt(ns, "a", "s", {}) != derive_salt(ns, "b", "s", {})
+    none = SharingConfig(scope="none")
+    assert derive_salt(none, "a", "s1", {}) != derive_salt(none, "a", "s2", {})
+    cl = SharingConfig(scope="cluster", tenant_header="x-tenant")
+    assert derive_salt(cl, "a", "s", {"x-tenant": "t1"}) != derive_salt(
+        cl, "a", "s", {"x-tenant": "t2"}
+    )
+    assert derive_salt(cl, "a", "s", {"x-tenant": "t1"}) == derive_salt(
+        cl, "b", "z", {"x-tenant": "t1"}
+    )
+    # a client salt is ignored unless allowed
+    assert derive_salt(cl, "a", "s", {"x-kvmarina-salt": "evil"}) == derive_salt(cl, "a", "s", {})
+    allow = SharingConfig(scope="cluster", allow_client_salt=True)
+    assert derive_salt(allow, "a", "s", {"x-kvmarina-salt": "k"}) != derive_salt(
+        allow, "a", "s", {}
+    )
+
+
+# -- index ----------------------------------------------------------------------------------
+def test_index_runs_tiers_and_eviction() -> None:
+    idx = BlockIndex(100)
+    chain = [H(i) for i in range(10)]
+    idx.store("a", chain[:6], "device")
+    idx.store("b", chain[:3], "device")
+    idx.store("b", chain[3:8], "host")
+    idx.store("c", chain[1:9], "device")  # lacks block 0: no run
+    m = idx.match(chain)
+    assert m.run == {"a": 6, "b": 8}
+    assert m.host == {"b": 5}
+    assert idx.tiers(chain[4]) == {"a": "device", "b": "host", "c": "device"}
+    idx.store("b", [chain[4]], "device")  # moved back to device
+    assert idx.match(chain).host == {"b": 4}
+    idx.evict("a", [chain[2]])
+    assert idx.match(chain).run["a"] == 2
+    assert idx.match([H(99)]).run == {}
+
+
+def test_index_drop_node_sweep_and_slot_reuse() -> None:
+    idx = BlockIndex(1000)
+    idx.store("a", [H(i) for i in range(50)], "device")
+    idx.store("b", [H(i) for i in range(20)], "host")
+    idx.drop_node("a")
+    assert idx.match([H(0)]).run == {"b": 1}
+    assert idx.node_blocks("a") == {}
+    while not idx.sweep(budget=7):
+        pass
+    assert len(idx) == 20  # a's blocks are gone, b's stay
+    idx.store("c", [H(0)], "device")  # reuses a's slot: no stale bits may show up
+    assert idx.match([H(i) for i in range(5)]).run == {"b": 5, "c": 1}
+    idx.replace_node("b", {H(0): "device", H(1): "host"})
+    idx.sweep()
+    assert idx.node_blocks("b") == {H(0): "device", H(1): "host"}
+
+
+def test_index_lru_cap() -> None:
+    idx = BlockIndex(10)
+    idx.store("a", [H(i) for i in range(8)], "device")
+    idx.match([H(0), H(1)])  # touch: 0 and 1 become most recent
+    idx.store("a", [H(i) for i in range(8, 12)], "device")
+    assert len(idx) == 10 and idx.evictions == 2
+    assert idx.tiers(H(0)) and idx.tiers(H(1)) and not idx.tiers(H(2))
+
+
+def test_index_matches_naive_model() -> None:
+    rng = random.Random(3)
+    idx = BlockIndex(10**6)
+    truth: dict[str, dict[bytes, str]] = {n: {} for n in "abcd"}
+    for _ in range(400):
+        node, op = rng.choice("abcd"), rng.random()
+        hs = [H(rng.randrange(40)) for _ in range(rng.randrange(1, 6))]
+        if op < 0.6:
+            tier = rng.choice(["device", "host"])
+            idx.store(node, hs, tier)
+            truth[node].update(dict.fromkeys(hs, tier))
+        elif op < 0.95:
+            idx.evict(node, hs)
+            for h in hs:
+                truth[node].pop(h, None)
+        else:
+            idx.drop_node(node)
+            truth[node] = {}
+            idx.sweep(budget=3)
+    chain = [H(i) for i in range(40)]
+    m = idx.match(chain, touch=False)
+    for node, blocks in truth.items():
+        run = 0
+        while run < 40 and chain[run] in blocks:
+            run += 1
+        assert m.run.get(node, 0) == run
+        assert m.host.get(node, 0) == sum(blocks[h] == "host" for h in chain[:run])
+        assert idx.node_blocks(node) == blocks
+
+
+# -- hash memo --------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 15, 16, 511, 512, 513, 3000])
+def test_hash_memo_is_bit_identical(n: int) -> None:
+    rng = random.Random(n)
+    c = HashContract()
+    memo = HashMemo(c, "ident", max_chunks=8, chunk_blocks=4)
+    toks = [rng.randrange(2**32) for _ in range(n)]
+    for salt in ("", "t1", "t1"):
+        assert memo.block_hashes(toks, salt) == c.block_hashes(toks, "ident", salt)
+    assert memo.hits > 0 or not 64 <= n <= 512  # larger prompts overflow the 8-chunk memo
+
+
+# -- policies ----------------------------------------------------------------------------------
+def core(policy: str = "cache-aware", n: int = 3, **routing: object) -> RoutingCore:
+    rc = RoutingCore(parse_config(router_doc(pods(n), routing={"policy": policy, **routing})))
+    rc.live_nodes |= {f"n{i}" for i in range(n)}
+    return rc
+
+
+def test_cache_aware_prefers_the_cached_node_until_its_queue_costs_more() -> None:
+    rc = core()
+    toks = list(range(1600))  # 100 blocks
+    hs = rc.hashes(toks, "s")
+    rc.index.store("n2", hs, "device")
+    d = rc.decide(toks, "s")
+    assert d.ranked[0].name == "p2" and d.cached_blocks == {"n2": 100}
+    assert d.pull is None or d.pull.node == "n2"
+    rc.pods["p2"].queued_tokens = 10**6  # a long queue outweighs the cache
+    assert rc.decide(toks, "s").ranked[0].name != "p2"
+
+
+def test_pull_hint_when_migration_is_cheaper() -> None:
+    rc = core(transfer_bytes_per_second=1e12)
+    toks = list(range(1600))
+    hs = rc.hashes(toks, "s")
+    rc.index.store("n0", hs, "device")
+    rc.pods["p0"].queued_tokens = 10**6
+    d = rc.decide(toks, "s")
+    assert d.ranked[0].name != "p0"
+    assert d.pull == PullHint("n0", "http://127.0.0.1:21000", 100)
+    slow = core(transfer_bytes_per_second=1.0)
+    slow.index.store("n0", hs, "device")
+    slow.pods["p0"].queued_tokens = 10**6
+    assert slow.decide(toks, "s").pull is None
+
+
+def test_host_tier_hit_costs_a_load() -> None:
+    rc = core(host_load_tokens_per_second=1000.0)
+    toks = list(range(1600))
+    hs = rc.hashes(toks, "s")
+    rc.index.store("n0", hs, "host")
+    rc.index.store("n1", hs, "device")
+    assert rc.decide(toks, "s").ranked[0].name == "p1"
+
+
+def test_other_policies() -> None:
+    rr = core("round-robin")
+    assert [rr.decide([1], "s").ranked[0].name for _ in range(4)] == ["p0", "p1", "p2", "p0"]
+    ll = core("least-load")
+    ll.pods["p0"].inflight = 3
+    ll.pods["p1"].inflight = 1
+    ll.pods["p2"].inflight = 2
+    assert ll.decide([1], "s").ranked[0].name == "p1"
+    ss = core("session")
+    first = ss.decide([1], "s", {"x-session-id": "abc"}).ranked[0].name
+    assert all(ss.decide([2], "s", {"x-session-id": "abc"}).ranked[0].name == first
+               for _ in range(5))
+    for p in ss.pods.values():
+        p.healthy = False
+    with pytest.raises(NoPodAvailable):
+        ss.decide([1], "s")
+
+
+def test_approximate_mode_uses_where_it_sent() -> None:
+    rc = RoutingCore(parse_config(router_doc(pods(3, agents=False))))
+    assert rc.mode == "approximate"
+    toks = list(range(320))
+    d = rc.decide(toks, "s")
+    rc.record_sent(d.ranked[0].node, d.hashes)
+    again = rc.decide(toks, "s")
+    assert again.ranked[0].name == d.ranked[0].name
+    assert again.cached_blocks == {d.ranked[0].node: 20} and again.pull is None
+
+
+def test_breaker_opens_and_half_opens() -> None:
+    b = Breaker(threshold=2, cooldown_s=10)
+    b.on_failure(now=0)
+    assert b.allows(now=0)
+    b.on_failure(now=0)
+    assert b.state == "open" and not b.allows(now=5)
+    assert b.allows(now=11) and b.state == "half-open"
+    b.on_attempt()
+    assert not b.allows(now=11)  # one trial at a time
+    b.on_failure(now=11)
+    assert b.state == "open"
+    assert b.allows(now=22)
+    b.on_success()
+    assert b.state == "closed"
+
+
+async def test_admission_queue_bounds() -> None:
+    adm = Admission(max_inflight=1, max_queue=1, timeout_s=0.2)
+    await adm.acquire()
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0.01)
+    with pytest.raises(Rejected, match="queue full"):
+        await adm.acquire()
+    adm.release()
+    await waiter
+    assert adm.inflight == 1
+    with pytest.raises(Rejected, match="timed out"):
+        await adm.acquire()
+    adm.release()
+    assert adm.inflight == 0 and adm.queued == 0
