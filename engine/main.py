@@ -1,9 +1,7 @@
-"""``kvmarina engine``: ``--simulate`` runs the simulated engine (timing model, no model);
-the real engine's entry point arrives with issue 6 and extends this file."""
+"""``kvmarina engine``: the reference engine, or with ``--simulate`` the simulated one
+(a timing model with no weights, for router work and capacity planning)."""
 
 from __future__ import annotations
-
-import sys
 
 
 def main(argv: list[str]) -> int:
@@ -11,8 +9,6 @@ def main(argv: list[str]) -> int:
         from kvmarina.engine.simulate import main as simulate
 
         return simulate([a for a in argv if a != "--simulate"])
-    print(
-        "kvmarina engine: the real engine arrives with issue 6; use --simulate for now",
-        file=sys.stderr,
-    )
-    return 2
+    from kvmarina.engine.serve import main as serve
+
+    return serve(argv)
