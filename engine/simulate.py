@@ -156,7 +156,15 @@ class SimEngine:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/events", self._events)
+        app.on_shutdown.append(self._end_streams)
         return app
+
+    async def _end_streams(self, app: web.Application) -> None:
+        """Event streams never end by themselves: close them so shutdown does not wait."""
+        for q in self.hub.subscribers:
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(b"")
 
     # -- plain endpoints --------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
@@ -194,6 +202,8 @@ class SimEngine:
             await resp.write(self.hub.snapshot_frame())
             while True:
                 frame = await q.get()
+                if frame == b"":
+                    break
                 if frame is None:
                     await resp.write(encode_frame(Resync(self.hub.boot_id, "behind").to_wire()))
                     await resp.write(self.hub.snapshot_frame())

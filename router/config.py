@@ -150,6 +150,15 @@ def _build(cls: type[T], data: Any, path: str) -> T:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{path or 'config'}: unknown key(s) {', '.join(map(str, unknown))}")
+    from dataclasses import MISSING
+
+    missing = [
+        n
+        for n, f in known.items()
+        if f.default is MISSING and f.default_factory is MISSING and n not in data
+    ]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing required key(s) {', '.join(missing)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         kwargs[name] = _coerce(known[name].type, value, f"{path}.{name}" if path else name)

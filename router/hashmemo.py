@@ -24,8 +24,13 @@ class HashMemo:
     ``contract.block_hashes(chunk, parent=parent)`` for the contract it was built for
     (a new contract or identity needs a new memo)."""
 
-    def __init__(self, contract: HashContract, model_identity: str,
-                 max_chunks: int = 16384, chunk_blocks: int = 32) -> None:
+    def __init__(
+        self,
+        contract: HashContract,
+        model_identity: str,
+        max_chunks: int = 16384,
+        chunk_blocks: int = 32,
+    ) -> None:
         self.contract = contract
         self.model_identity = model_identity
         self.max_chunks = max_chunks
@@ -44,10 +49,9 @@ class HashMemo:
         return seed
 
     def block_hashes(self, tokens: Sequence[int], salt: str) -> list[bytes]:
-        if isinstance(tokens, array) and tokens.typecode == "I":
-            arr = tokens
-        else:
-            arr = array("I", tokens)
+        arr: array[int] = (
+            tokens if isinstance(tokens, array) and tokens.typecode == "I" else array("I", tokens)
+        )
         if self.max_chunks == 0:
             return self.contract.block_hashes(arr, self.model_identity, salt)
         parent = self._seed(salt)

@@ -4,10 +4,12 @@ Nodes get small integer *slots*; an entry is one int with bit ``slot`` set when
 the node holds the block (any tier); a second, usually tiny, map keeps the same
 kind of mask for blocks held in host memory. A lookup is then a C-level pass:
 fetch every hash's mask, accumulate a running AND, and bisect that monotone
-sequence per node for the length of its run. A node's whole contribution is dropped in O(1) by retiring its slot
-(a snapshot, a resync, a ``cleared`` event, a node leaving the config): lookups
-mask entries with the live slots, and ``sweep`` later scrubs retired bits in
-bounded steps so the slot can be reused. This keeps the event loop responsive
+sequence per node for the length of its run.
+
+A node's whole contribution is dropped in O(1) by retiring its slot (a snapshot,
+a resync, a ``cleared`` event, a node leaving the config): lookups mask entries
+with the live slots, and ``sweep`` later scrubs retired bits in bounded steps so
+the slot can be reused. This keeps the event loop responsive
 with millions of entries.
 
 Memory is bounded by ``max_blocks``: entries live in LRU order (a stored event
@@ -197,7 +199,11 @@ class BlockIndex:
         for slot in range(first.bit_length()):
             bit = 1 << slot
             if first & bit:
-                run = bisect_left(running, True, key=lambda r, b=bit: not r & b)
+
+                def lost(r: int, b: int = bit) -> bool:
+                    return not r & b
+
+                run = bisect_left(running, True, key=lost)
                 out.run[self._node_of[slot]] = run
                 longest = max(longest, run)
         if self._host:

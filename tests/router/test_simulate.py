@@ -26,8 +26,9 @@ async def read_records(resp: aiohttp.ClientResponse, n: int) -> list[object]:
     return out
 
 
-async def test_completions_cached_tokens_and_events(fleet: Fleet, http: aiohttp.ClientSession
-                                                     ) -> None:
+async def test_completions_cached_tokens_and_events(
+    fleet: Fleet, http: aiohttp.ClientSession
+) -> None:
     eng, url = await fleet.engine(node="node-x", kv_blocks=8)
     prompt = "x" * 100  # 6 full blocks
     async with http.get(f"{url}/v1/events") as ev:
@@ -47,8 +48,9 @@ async def test_completions_cached_tokens_and_events(fleet: Fleet, http: aiohttp.
             doc = await r.json()
         assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
         # another tenant's salt shares nothing
-        async with http.post(f"{url}/v1/completions", json=body,
-                             headers={"x-kvmarina-salt": "t2"}) as r:
+        async with http.post(
+            f"{url}/v1/completions", json=body, headers={"x-kvmarina-salt": "t2"}
+        ) as r:
             assert (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         recs = await read_records(ev, 2)  # t2's 6 blocks stored, 4 of t1's evicted (cap 8)
         assert [(r.type, len(r.hashes)) for r in recs] == [("stored", 6), ("evicted", 4)]
@@ -61,8 +63,13 @@ async def test_completions_cached_tokens_and_events(fleet: Fleet, http: aiohttp.
 
 async def test_chat_streaming_and_errors(fleet: Fleet, http: aiohttp.ClientSession) -> None:
     _, url = await fleet.engine()
-    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-            "max_tokens": 3, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "max_tokens": 3,
+        "stream_options": {"include_usage": True},
+    }
     async with http.post(f"{url}/v1/chat/completions", json=body) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = [ln[6:] for ln in (await r.text()).splitlines() if ln.startswith("data: ")]
@@ -79,17 +86,31 @@ async def test_chat_streaming_and_errors(fleet: Fleet, http: aiohttp.ClientSessi
 async def test_pull_hint_counts_pulled_tokens(fleet: Fleet, http: aiohttp.ClientSession) -> None:
     eng, url = await fleet.engine()
     hdrs = {"x-kvmarina-pull": "node=n9;agent=http://127.0.0.1:1;blocks=4"}
-    async with http.post(f"{url}/v1/completions", json={"model": "sim", "prompt": "y" * 80},
-                         headers=hdrs) as r:
+    async with http.post(
+        f"{url}/v1/completions", json={"model": "sim", "prompt": "y" * 80}, headers=hdrs
+    ) as r:
         assert r.status == 200
     assert eng.stats.pulled_tokens == 64
 
 
 def test_cli_simulate_replicas() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmarina.cli", "engine", "--simulate", "--port", "0",
-         "--replicas", "2", "--node", "sim"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kvmarina.cli",
+            "engine",
+            "--simulate",
+            "--port",
+            "0",
+            "--replicas",
+            "2",
+            "--node",
+            "sim",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -28,8 +28,12 @@ def H(i: int) -> bytes:
 
 def pods(n: int, agents: bool = True) -> list[dict[str, str]]:
     return [
-        {"name": f"p{i}", "url": f"http://127.0.0.1:{20000 + i}", "node": f"n{i}",
-         **({"agent_url": f"http://127.0.0.1:{21000 + i}"} if agents else {})}
+        {
+            "name": f"p{i}",
+            "url": f"http://127.0.0.1:{20000 + i}",
+            "node": f"n{i}",
+            **({"agent_url": f"http://127.0.0.1:{21000 + i}"} if agents else {}),
+        }
         for i in range(n)
     ]
 
@@ -43,8 +47,13 @@ def test_pull_hint_round_trip_and_errors() -> None:
     assert parse_pull_hint("blocks=3;agent=http://a:1;node=x;future=1") == PullHint(
         "x", "http://a:1", 3
     )
-    for bad in ("node=x;agent=http://a", "node=x;agent=http://a;blocks=two", "garbage",
-                "node=;agent=http://a;blocks=1", "node=x;agent=http://a;blocks=0"):
+    for bad in (
+        "node=x;agent=http://a",
+        "node=x;agent=http://a;blocks=two",
+        "garbage",
+        "node=;agent=http://a;blocks=1",
+        "node=x;agent=http://a;blocks=0",
+    ):
         with pytest.raises(PullHintError):
             parse_pull_hint(bad)
 
@@ -259,8 +268,9 @@ def test_other_policies() -> None:
     assert ll.decide([1], "s").ranked[0].name == "p1"
     ss = core("session")
     first = ss.decide([1], "s", {"x-session-id": "abc"}).ranked[0].name
-    assert all(ss.decide([2], "s", {"x-session-id": "abc"}).ranked[0].name == first
-               for _ in range(5))
+    assert all(
+        ss.decide([2], "s", {"x-session-id": "abc"}).ranked[0].name == first for _ in range(5)
+    )
     for p in ss.pods.values():
         p.healthy = False
     with pytest.raises(NoPodAvailable):

@@ -1,0 +1,78 @@
+"""``kvmarina router`` and ``kvmarina engine --simulate`` as real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from .conftest import router_doc
+
+
+def test_router_process_in_front_of_simulated_engines(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "kvmarina.cli"]
+    eng = subprocess.Popen(
+        [
+            *cmd,
+            "engine",
+            "--simulate",
+            "--port",
+            "0",
+            "--replicas",
+            "2",
+            "--node",
+            "n",
+            "--prefill-tps",
+            "0",
+            "--decode-tps",
+            "0",
+            "--model-identity",
+            "sim@v1|simulated|tp0of1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    router = None
+    try:
+        assert eng.stdout is not None
+        info = json.loads(eng.stdout.readline())
+        pods = [
+            {"name": f"p{i}", "url": u, "node": n, "agent_url": u}
+            for i, (u, n) in enumerate(zip(info["simulated_engines"], info["nodes"], strict=True))
+        ]
+        cfg = tmp_path / "router.yaml"
+        cfg.write_text(json.dumps(router_doc(pods)))  # JSON is valid YAML
+        router = subprocess.Popen(
+            [*cmd, "router", "--config", str(cfg), "--host", "127.0.0.1", "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert router.stdout is not None
+        line = router.stdout.readline()
+        url = line.split()[-1]
+        assert url.startswith("http://127.0.0.1:")
+        body = json.dumps({"model": "sim", "prompt": "hello " * 10, "max_tokens": 2}).encode()
+        req = urllib.request.Request(
+            f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.load(resp)["usage"]["prompt_tokens"] == 60
+    finally:
+        for p in (router, eng):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
+def test_router_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: m\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "kvmarina.cli", "router", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "model_identity" in res.stderr
