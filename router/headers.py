@@ -38,6 +38,8 @@ STRIPPED_HEADERS = frozenset(
         "te",
         "trailer",
         "upgrade",
+        "accept-encoding",  # bodies pass through untouched: ask pods for identity encoding
+        "expect",
     }
 )
 

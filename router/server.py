@@ -23,6 +23,7 @@ from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, pars
 from kvmarina.router.routing import Decision, NoPodAvailable, RoutingCore
 from kvmarina.router.subscriber import NodeFollower
 from kvmarina.router.tenancy import derive_salt
+from kvmarina.router.upstream import UpstreamError, UpstreamPool
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("kvmarina.router")
@@ -73,6 +74,14 @@ class Router:
         self._stopping: set[asyncio.Task[None]] = set()
         self._mtime = self._config_mtime()
         self.reloads = 0
+        self._routed_children: dict[str, Any] = {}
+        self.upstream = UpstreamPool(cfg.limits.connect_timeout_s)
+
+    def _routed(self, pod: str) -> Any:
+        child = self._routed_children.get(pod)
+        if child is None:
+            child = self._routed_children[pod] = self.metrics.routed.labels(pod)
+        return child
 
     # -- lifecycle ------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -92,6 +101,7 @@ class Router:
             limit=max(64, lim.max_inflight + 16), limit_per_host=0, keepalive_timeout=30
         )
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.upstream = UpstreamPool(lim.connect_timeout_s, max_idle=max(64, lim.max_inflight))
         self._events_session = aiohttp.ClientSession()
         self._sync_followers()
         for coro in (self._health_loop(), self._sweep_loop(), self._reload_loop()):
@@ -104,6 +114,7 @@ class Router:
         await asyncio.gather(*(f.stop() for f in self.followers.values()))
         if self.session is not None:
             await self.session.close()
+        self.upstream.close()
         await self._events_session.close()
 
     def _on_live(self, node: str, live: bool) -> None:
@@ -351,78 +362,87 @@ class Router:
         parsed: ParsedRequest,
         decision: Decision,
     ) -> web.StreamResponse:
-        assert self.session is not None
         bs = self.core.contract.block_size
         uncached = decision.uncached_tokens(pod, len(parsed.tokens), bs)
         queue_s = pod.queued_tokens / pod.prefill_tps
-        lim = self.cfg.limits
-        timeout = aiohttp.ClientTimeout(
-            total=lim.request_timeout_s, sock_connect=lim.connect_timeout_s
-        )
         pod.breaker.on_attempt()
         pod.inflight += 1
         pod.queued_tokens += uncached
         pending = uncached
+        out: web.StreamResponse | None = None
         t0 = time.perf_counter()
         try:
-            try:
-                up = await self.session.post(
-                    f"{pod.cfg.url}{path}", data=raw, headers=headers, timeout=timeout
-                )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                pod.breaker.on_failure()
-                pod.failed += 1
-                raise UpstreamFailed(repr(exc)) from exc
-            async with up:
-                if up.status in RETRY_STATUSES:
-                    pod.breaker.on_failure()
-                    pod.failed += 1
-                    raise UpstreamFailed(f"HTTP {up.status}")
-                self.metrics.routed.labels(pod.name).inc()
-                self.core.record_sent(pod.node, decision.hashes)
-                self.metrics.prompt_tokens.inc(len(parsed.tokens))
-                self.metrics.cached_tokens.inc(len(parsed.tokens) - uncached)
-                if not parsed.stream:
-                    try:
-                        body = await up.read()
-                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                        pod.breaker.on_failure()
-                        raise UpstreamFailed(f"failed before the first byte: {exc!r}") from exc
-                    ttft = time.perf_counter() - t0
-                    self.metrics.ttft.observe(ttft)
-                    pod.breaker.on_success()
-                    pod.served += 1
-                    return web.Response(body=body, status=up.status, content_type=up.content_type)
-                out = web.StreamResponse(status=up.status)
-                for k in ("Content-Type", "Cache-Control"):
-                    if k in up.headers:
-                        out.headers[k] = up.headers[k]
-                first = True
+            async with asyncio.timeout(self.cfg.limits.request_timeout_s):
                 try:
-                    async for chunk in up.content.iter_any():
-                        if first:
-                            first = False
-                            ttft = time.perf_counter() - t0
-                            self.metrics.ttft.observe(ttft)
-                            pod.queued_tokens -= pending
-                            pending = 0
-                            pod.observe_ttft(
-                                uncached, ttft, queue_s, self.cfg.routing.prefill_tokens_per_second
-                            )
-                            await out.prepare(request)
-                        await out.write(chunk)
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    pod.breaker.on_failure()
-                    if first:
-                        raise UpstreamFailed(f"failed before the first byte: {exc!r}") from exc
-                    log.warning("pod %s failed mid-stream: %s", pod.name, exc)
-                    return out  # the client sees a truncated stream
-                if first:
-                    await out.prepare(request)
-                pod.breaker.on_success()
-                pod.served += 1
-                await out.write_eof()
-                return out
+                    up = await self.upstream.post(pod.cfg.url, path, raw, headers)
+                except UpstreamError as exc:
+                    self._failed(pod)
+                    raise UpstreamFailed(str(exc)) from exc
+                try:
+                    if up.status in RETRY_STATUSES:
+                        self._failed(pod)
+                        raise UpstreamFailed(f"HTTP {up.status}")
+                    self._sent(pod, decision, len(parsed.tokens), uncached)
+                    if not parsed.stream:
+                        try:
+                            body = await up.read()
+                        except UpstreamError as exc:
+                            self._failed(pod)
+                            raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
+                        self._first_byte(pod, time.perf_counter() - t0, uncached, queue_s)
+                        pod.queued_tokens -= pending
+                        pending = 0
+                        pod.breaker.on_success()
+                        return web.Response(
+                            body=body, status=up.status, content_type=up.content_type
+                        )
+                    try:
+                        async for chunk in up.iter_chunks():
+                            if out is None:
+                                self._first_byte(pod, time.perf_counter() - t0, uncached, queue_s)
+                                pod.queued_tokens -= pending
+                                pending = 0
+                                out = web.StreamResponse(status=up.status)
+                                out.content_type = up.content_type
+                                if "cache-control" in up.headers:
+                                    out.headers["Cache-Control"] = up.headers["cache-control"]
+                                await out.prepare(request)
+                            await out.write(chunk)
+                    except UpstreamError as exc:
+                        self._failed(pod)
+                        if out is None:
+                            raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
+                        log.warning("pod %s failed mid-stream: %s", pod.name, exc)
+                        return out  # the client sees a truncated stream
+                finally:
+                    up.release()
+            if out is None:
+                out = web.StreamResponse(status=up.status)
+                await out.prepare(request)
+            pod.breaker.on_success()
+            await out.write_eof()
+            return out
+        except TimeoutError:
+            self._failed(pod)
+            if out is None:
+                raise UpstreamFailed("timed out") from None
+            return out
         finally:
             pod.inflight -= 1
             pod.queued_tokens -= pending
+
+    def _failed(self, pod: PodState) -> None:
+        pod.breaker.on_failure()
+        pod.failed += 1
+
+    def _sent(self, pod: PodState, decision: Decision, n_tokens: int, uncached: int) -> None:
+        pod.served += 1
+        self._routed(pod.name).inc()
+        if self.core.mode != "events":
+            self.core.record_sent(pod.node, decision.hashes)
+        self.metrics.prompt_tokens.inc(n_tokens)
+        self.metrics.cached_tokens.inc(n_tokens - uncached)
+
+    def _first_byte(self, pod: PodState, ttft: float, uncached: int, queue_s: float) -> None:
+        self.metrics.ttft.observe(ttft)
+        pod.observe_ttft(uncached, ttft, queue_s, self.cfg.routing.prefill_tokens_per_second)
