@@ -191,7 +191,7 @@ class BlockIndex:
         out = PrefixMatch()
         if not hashes or not self._live:
             return out
-        running = list(accumulate(map(self._held.get, hashes, repeat(0)), and_))
+        running = self._running(hashes)
         first = running[0] & self._live
         if not first:
             return out
@@ -211,6 +211,26 @@ class BlockIndex:
         if touch:
             deque(map(self._held.move_to_end, hashes[:longest]), 0)
         return out
+
+    def _running(self, hashes: Sequence[bytes]) -> list[int]:
+        """Running AND of the masks of ``hashes``, stopped soon after no live node is left.
+
+        Lookups in a dictionary of millions of entries miss the CPU cache, so they are
+        done in doubling batches and stop once no node's run can grow any further."""
+        get, live = self._held.get, self._live
+        running: list[int] = []
+        acc, start, step = -1, 0, 4
+        while start < len(hashes):
+            part = list(
+                accumulate(map(get, hashes[start : start + step], repeat(0)), and_, initial=acc)
+            )
+            running += part[1:]
+            acc = part[-1]
+            if not acc & live:
+                break
+            start += step
+            step *= 2
+        return running
 
     def _count_host(self, hashes: Sequence[bytes], out: PrefixMatch) -> None:
         """Per node, how many blocks of its run sit in host memory (sparse, C-level scans)."""

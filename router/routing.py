@@ -158,30 +158,30 @@ class RoutingCore:
         host = match.host
         n = len(pods)
         offset = next(self._rr)  # rotates among equal scores instead of favouring pod 0
-        scored: list[tuple[float, int, int, PodState, str]] = []
+        wq, wp, wm = w.queue, w.prefill, w.migration
+        agents = self._agents
+        scored: list[tuple[float, int, int, int, str]] = []
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
             node = pod.cfg.node
-            run = runs.get(node, 0)
-            cost = w.queue * pod.queued_tokens / tps + w.prefill * (n_tokens - run * bs) / tps
-            if host:
-                cost += host.get(node, 0) * host_s_per_block
+            run = runs.get(node, 0) if runs else 0
+            cost = (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
             peer = ""
-            for cand, peer_run in best:
-                if cand != node:
-                    if peer_run > run and pull_ok:
-                        extra = peer_run - run
-                        recompute = w.prefill * extra * bs / tps
-                        pull = w.migration * extra * pull_s_per_block
-                        if pull < recompute and cand in self._agents:
-                            cost += pull - recompute
-                            peer = cand
-                    break
-            scored.append((cost, pod.inflight, (i - offset) % n, pod, peer))
-        scored.sort(key=lambda t: (t[0], t[1], t[2]))
+            if runs:
+                if host:
+                    cost += host.get(node, 0) * host_s_per_block
+                cand, peer_run = best[0] if best[0][0] != node else best[-1]
+                if cand != node and peer_run > run and pull_ok and cand in agents:
+                    extra = peer_run - run
+                    saved = wp * extra * bs / tps - wm * extra * pull_s_per_block
+                    if saved > 0:
+                        cost -= saved
+                        peer = cand
+            scored.append((cost, pod.inflight, (i - offset) % n, i, peer))
+        scored.sort()
         cost, _, _, _, peer = scored[0]
-        hint = PullHint(peer, self._agents[peer], runs[peer]) if peer else None
-        return Decision([t[3] for t in scored], hashes, dict(runs), cost, hint)
+        hint = PullHint(peer, agents[peer], runs[peer]) if peer else None
+        return Decision([pods[t[3]] for t in scored], hashes, dict(runs), cost, hint)
 
     def record_sent(self, node: str, hashes: Sequence[bytes]) -> None:
         """The approximate index: remember that ``node`` will now hold this prefix."""

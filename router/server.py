@@ -278,6 +278,8 @@ class Router:
                 f"limit of {limit} bytes",
                 status=413,
             )
+        if request.content_length is not None:
+            return await request.read()
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(65536):
             size += len(chunk)
