@@ -464,10 +464,11 @@ async def replay(url: str, arrivals: list[float], prompts: list[str]) -> tuple[l
     return ttfts, errors
 
 
-async def engine_hits(urls: list[str]) -> float:
+async def engine_hits(urls: list[str]) -> tuple[float, float]:
+    """(local hit rate, reuse rate counting blocks pulled from peers) over all engines."""
     import aiohttp
 
-    cached = total = 0.0
+    cached = total = pulled = 0.0
     async with aiohttp.ClientSession() as http:
         for u in urls:
             async with http.get(f"{u}/metrics") as r:
@@ -477,7 +478,19 @@ async def engine_hits(urls: list[str]) -> float:
                         cached += float(value)
                     elif name == "kvmarina_sim_prompt_tokens_total":
                         total += float(value)
-    return cached / total if total else 0.0
+                    elif name == "kvmarina_sim_pulled_tokens_total":
+                        pulled += float(value)
+    return (cached / total, (cached + pulled) / total) if total else (0.0, 0.0)
+
+
+async def router_counter(url: str, name: str) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
 
 
 async def bench_replay(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
@@ -492,9 +505,7 @@ async def bench_replay(args: argparse.Namespace, procs: Procs, tmp: Path) -> dic
         "replay_kv_blocks_per_engine": kv_blocks,
         "replay_mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts)),
     }
-    policies = ["cache-aware", "round-robin", "least-load"]
-    if not args.skip_sglang:
-        policies.append("sglang")
+    policies = [p for p in args.policies.split(",") if p != "sglang" or not args.skip_sglang]
     for policy in policies:
         sims, urls, nodes = start_sims(
             procs,
@@ -520,14 +531,19 @@ async def bench_replay(args: argparse.Namespace, procs: Procs, tmp: Path) -> dic
                 policy,
                 tmp,
                 prefill_tokens_per_second=args.prefill_tps,
+                weights={"migration": args.migration_weight},
             )
         await wait_ready(url)
         ttfts, errors = await replay(url, arrivals, prompts)
-        hit = await engine_hits(urls)
+        hit, reuse = await engine_hits(urls)
+        if policy != "sglang":
+            out[f"{policy.replace('-', '_')}_pull_hints"] = await router_counter(
+                url, "kvmarina_router_pull_hints_total")
         procs.stop(router)
         procs.stop(sims)
         key = "sglang" if policy == "sglang" else policy.replace("-", "_")
         out[f"{key}_hit_rate"] = round(hit, 4)
+        out[f"{key}_reuse_rate"] = round(reuse, 4)
         out[f"{key}_ttft_p50_ms"] = round(median(ttfts) * 1e3, 2) if ttfts else None
         out[f"{key}_ttft_p90_ms"] = round(percentile(ttfts, 90) * 1e3, 2) if ttfts else None
         out[f"{key}_errors"] = errors
@@ -557,6 +573,9 @@ def main() -> int:
         help="KV capacity of all engines as a fraction of the distinct blocks",
     )
     ap.add_argument("--prefill-tps", type=float, default=25000.0)
+    ap.add_argument("--migration-weight", type=float, default=1.0,
+                    help="router weight of pulling blocks from a peer (100 = never pull)")
+    ap.add_argument("--policies", default="cache-aware,round-robin,least-load,sglang")
     ap.add_argument("--router-cpu", type=int, default=1)
     ap.add_argument("--engine-cpu", type=int, default=0)
     ap.add_argument("--skip-sglang", action="store_true")

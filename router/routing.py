@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +30,9 @@ from kvmarina.router.hashmemo import HashMemo
 from kvmarina.router.headers import PullHint
 from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch
 from kvmarina.router.pods import PodState
+
+
+RECENT_S = 2.0
 
 
 class NoPodAvailable(RuntimeError):
@@ -65,6 +70,10 @@ class RoutingCore:
         self.memo = HashMemo(cfg.contract, cfg.model_identity)
         self.index = BlockIndex(cfg.limits.index_max_blocks)
         self.approx = BlockIndex(cfg.limits.index_max_blocks)
+        # prefixes sent in the last RECENT_S seconds: events confirm a prefix only after
+        # its prefill, so a burst of requests sharing a new prefix would scatter without it
+        self.recent = BlockIndex(cfg.limits.index_max_blocks)
+        self._recent_log: deque[tuple[float, str, Sequence[bytes]]] = deque()
         self.pods: dict[str, PodState] = {}
         self.live_nodes: set[str] = set()
         self._rr = itertools.count()
@@ -122,7 +131,18 @@ class RoutingCore:
             for node, run in a.run.items():
                 if node not in self.live_nodes:
                     m.run[node] = run
+        if self._recent_log:
+            self._expire_recent(time.monotonic())
+            for node, run in self.recent.match(hashes, touch=False).run.items():
+                if run > m.run.get(node, 0):
+                    m.run[node] = run
         return m
+
+    def _expire_recent(self, now: float) -> None:
+        log = self._recent_log
+        while log and now - log[0][0] > RECENT_S:
+            _, node, hashes = log.popleft()
+            self.recent.evict(node, hashes)
 
     def decide(
         self, tokens: Sequence[int], salt: str, headers: Mapping[str, str] | None = None
@@ -184,8 +204,14 @@ class RoutingCore:
         return Decision([pods[t[3]] for t in scored], hashes, dict(runs), cost, hint)
 
     def record_sent(self, node: str, hashes: Sequence[bytes]) -> None:
-        """The approximate index: remember that ``node`` will now hold this prefix."""
-        self.approx.store(node, hashes, DEVICE)
+        """Remember that ``node`` will now hold this prefix: for a few seconds in any
+        mode (until its events arrive), and in the approximate index without events."""
+        if not hashes:
+            return
+        if self.mode != "events":
+            self.approx.store(node, hashes, DEVICE)
+        self.recent.store(node, hashes, DEVICE)
+        self._recent_log.append((time.monotonic(), node, hashes))
 
 
 def _rendezvous(pods: list[PodState], key: str) -> list[PodState]:

@@ -440,8 +440,7 @@ class Router:
     def _sent(self, pod: PodState, decision: Decision, n_tokens: int, uncached: int) -> None:
         pod.served += 1
         self._routed(pod.name).inc()
-        if self.core.mode != "events":
-            self.core.record_sent(pod.node, decision.hashes)
+        self.core.record_sent(pod.node, decision.hashes)
         self.metrics.prompt_tokens.inc(n_tokens)
         self.metrics.cached_tokens.inc(n_tokens - uncached)
 
