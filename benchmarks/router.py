@@ -12,7 +12,10 @@
 3. replay: ``../shared/traces/mooncake_synthetic_trace.jsonl`` (each hash_id -> a fixed
    deterministic run of tokens, time compressed) through 8 simulated engines whose KV
    capacity holds ~70% of the distinct blocks: hit rate and TTFT for cache-aware,
-   round-robin, least-load and the SGLang router.
+   round-robin, least-load and the SGLang router. ``cache-aware`` places requests only
+   (no pull hints: comparable with routers that cannot migrate KV); ``cache-aware+pull``
+   also sends pull hints, which the simulated engines honour: its ``reuse_rate`` counts
+   tokens pulled from a peer as well as local hits (``hit_rate`` counts local hits only).
 
     python benchmarks/router.py [--trace PATH] [--requests 1500] [--skip-sglang] ...
 """
@@ -528,20 +531,19 @@ async def bench_replay(args: argparse.Namespace, procs: Procs, tmp: Path) -> dic
                 urls,
                 nodes,
                 args.router_cpu,
-                policy,
+                policy.removesuffix("+pull"),
                 tmp,
                 prefill_tokens_per_second=args.prefill_tps,
-                weights={"migration": args.migration_weight},
+                pull_hints=policy.endswith("+pull"),
             )
         await wait_ready(url)
         ttfts, errors = await replay(url, arrivals, prompts)
         hit, reuse = await engine_hits(urls)
+        key = policy.replace("-", "_").replace("+", "_")
         if policy != "sglang":
-            out[f"{policy.replace('-', '_')}_pull_hints"] = await router_counter(
-                url, "kvmarina_router_pull_hints_total")
+            out[f"{key}_pull_hints"] = await router_counter(url, "kvmarina_router_pull_hints_total")
         procs.stop(router)
         procs.stop(sims)
-        key = "sglang" if policy == "sglang" else policy.replace("-", "_")
         out[f"{key}_hit_rate"] = round(hit, 4)
         out[f"{key}_reuse_rate"] = round(reuse, 4)
         out[f"{key}_ttft_p50_ms"] = round(median(ttfts) * 1e3, 2) if ttfts else None
@@ -573,9 +575,11 @@ def main() -> int:
         help="KV capacity of all engines as a fraction of the distinct blocks",
     )
     ap.add_argument("--prefill-tps", type=float, default=25000.0)
-    ap.add_argument("--migration-weight", type=float, default=1.0,
-                    help="router weight of pulling blocks from a peer (100 = never pull)")
-    ap.add_argument("--policies", default="cache-aware,round-robin,least-load,sglang")
+    ap.add_argument(
+        "--policies",
+        default="cache-aware,cache-aware+pull,round-robin,least-load,sglang",
+        help="'+pull': the router may send pull hints (the simulated engines honour them)",
+    )
     ap.add_argument("--router-cpu", type=int, default=1)
     ap.add_argument("--engine-cpu", type=int, default=0)
     ap.add_argument("--skip-sglang", action="store_true")

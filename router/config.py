@@ -21,6 +21,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
       block_bytes: 131072             # KV bytes of one block (for migration estimates)
       transfer_bytes_per_second: 2.0e9     # peer-to-peer bandwidth (agents' measured figure)
+      pull_hints: true                # false: never ask an engine to pull from a peer
     pods:
       - {name: chat-0, url: "http://10.0.0.5:8000", node: node-a, agent_url: "http://10.0.0.5:7070"}
     limits:
@@ -93,6 +94,7 @@ class RoutingConfig:
     host_load_tokens_per_second: float = 200000.0
     block_bytes: int = 131072
     transfer_bytes_per_second: float = 2.0e9
+    pull_hints: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,6 @@ from kvmarina.router.headers import PullHint
 from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch
 from kvmarina.router.pods import PodState
 
-
 RECENT_S = 2.0
 
 
@@ -172,7 +171,7 @@ class RoutingCore:
         runs = match.run
         # the two best nodes, so each pod can find the best *other* node cheaply
         best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:2]
-        pull_ok = self.mode != "approximate"
+        pull_ok = r.pull_hints and self.mode != "approximate"
         pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
         host_s_per_block = bs / r.host_load_tokens_per_second
         host = match.host

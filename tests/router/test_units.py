@@ -243,6 +243,10 @@ def test_pull_hint_when_migration_is_cheaper() -> None:
     d = rc.decide(toks, "s")
     assert d.ranked[0].name != "p0"
     assert d.pull == PullHint("n0", "http://127.0.0.1:21000", 100)
+    off = core(transfer_bytes_per_second=1e12, pull_hints=False)
+    off.index.store("n0", hs, "device")
+    off.pods["p0"].queued_tokens = 10**6
+    assert off.decide(toks, "s").pull is None
     slow = core(transfer_bytes_per_second=1.0)
     slow.index.store("n0", hs, "device")
     slow.pods["p0"].queued_tokens = 10**6
