@@ -1,0 +1,113 @@
+"""Plain-torch kernels: the CPU implementation and the oracle of every other backend.
+
+Shapes (see ``kvmarina.kernels.layout``):
+    k_cache, v_cache  [N, B, H_kv, D]   one layer, N blocks of B tokens (may be strided views)
+    q                 [T, H_q, D]       T query tokens of S sequences, concatenated
+    block_tables      [S, MB] int       block ids of each sequence, in order
+    q_starts, q_lens  [S] int           where each sequence's queries sit in q
+    ctx_lens          [S] int           tokens in the cache for each sequence, new ones included
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reshape_and_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token t's K/V ([T, H, D]) to slot ``slot_mapping[t]`` = block * B + offset."""
+    b = k_cache.shape[1]
+    slots = slot_mapping.to(torch.int64)
+    blocks, offsets = slots // b, slots % b
+    k_cache[blocks, offsets] = k
+    v_cache[blocks, offsets] = v
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new tokens over their sequence's cached tokens (prefix + new).
+
+    Query i of a sequence with ``n`` new tokens and ``ctx`` cached tokens sits at
+    absolute position ``ctx - n + i`` and sees cache positions ``0 .. ctx - n + i``.
+    """
+    out = torch.empty_like(q)
+    bsz = k_cache.shape[1]
+    h_q, h_kv = q.shape[1], k_cache.shape[2]
+    groups = h_q // h_kv
+    for s in range(block_tables.shape[0]):
+        start, n, ctx = int(q_starts[s]), int(q_lens[s]), int(ctx_lens[s])
+        nblk = -(-ctx // bsz)
+        ids = block_tables[s, :nblk].to(torch.int64)
+        k = k_cache[ids].reshape(-1, h_kv, k_cache.shape[3])[:ctx].float()
+        v = v_cache[ids].reshape(-1, h_kv, v_cache.shape[3])[:ctx].float()
+        qs = q[start : start + n].float().view(n, h_kv, groups, -1)
+        scores = torch.einsum("nhgd,khd->hgnk", qs, k) * scale
+        pos = torch.arange(ctx - n, ctx)[:, None]
+        mask = torch.arange(ctx)[None, :] <= pos  # [n, ctx]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgnk,khd->nhgd", probs, v)
+        out[start : start + n] = o.reshape(n, h_q, -1).to(q.dtype)
+    return out
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (decode), all sequences at once."""
+    s, h_q, d = q.shape
+    h_kv = k_cache.shape[2]
+    groups = h_q // h_kv
+    ids = block_tables.to(torch.int64)
+    k = k_cache[ids].reshape(s, -1, h_kv, d).float()  # [S, MB*B, H, D]
+    v = v_cache[ids].reshape(s, -1, h_kv, d).float()
+    qs = q.float().view(s, h_kv, groups, d)
+    scores = torch.einsum("shgd,skhd->shgk", qs, k) * scale
+    valid = torch.arange(k.shape[1])[None, :] < ctx_lens.to(torch.int64)[:, None]  # [S, K]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("shgk,skhd->shgd", probs, v)
+    return out.reshape(s, h_q, d).to(q.dtype)
+
+
+def gather_blocks(
+    src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows ``ids`` of ``src`` ([N, ...]) into one contiguous staging tensor."""
+    idx = ids.to(torch.int64)
+    if out is None:
+        return src.index_select(0, idx)
+    torch.index_select(src, 0, idx, out=out)
+    return out
+
+
+def scatter_blocks(staging: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor) -> None:
+    """Write staging row i to ``dst[ids[i]]``."""
+    dst.index_copy_(0, ids.to(torch.int64), staging)
+
+
+def copy_blocks(
+    src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor
+) -> None:
+    """``dst[dst_ids[i]] = src[src_ids[i]]`` (e.g. device tier <-> host tier)."""
+    dst.index_copy_(
+        0, dst_ids.to(torch.int64), src.index_select(0, src_ids.to(torch.int64)).to(dst.device)
+    )
