@@ -11,6 +11,7 @@ Shapes (see ``kvmarina.kernels.layout``):
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 
 
 def reshape_and_cache(
@@ -72,20 +73,21 @@ def paged_decode(
     ctx_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence (decode), all sequences at once."""
+    """One query token per sequence (decode), all sequences at once.
+
+    GQA without repeating K/V: the ``groups`` query heads sharing a KV head are
+    laid out as SDPA's query-length axis, so torch's fused kernel does the work.
+    """
     s, h_q, d = q.shape
     h_kv = k_cache.shape[2]
     groups = h_q // h_kv
     ids = block_tables.to(torch.int64)
-    k = k_cache[ids].reshape(s, -1, h_kv, d).float()  # [S, MB*B, H, D]
-    v = v_cache[ids].reshape(s, -1, h_kv, d).float()
-    qs = q.float().view(s, h_kv, groups, d)
-    scores = torch.einsum("shgd,skhd->shgk", qs, k) * scale
-    valid = torch.arange(k.shape[1])[None, :] < ctx_lens.to(torch.int64)[:, None]  # [S, K]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("shgk,skhd->shgd", probs, v)
-    return out.reshape(s, h_q, d).to(q.dtype)
+    k = k_cache[ids].reshape(s, -1, h_kv, d).transpose(1, 2)  # [S, H, MB*B, D]
+    v = v_cache[ids].reshape(s, -1, h_kv, d).transpose(1, 2)
+    qs = q.view(s, h_kv, groups, d)
+    valid = torch.arange(k.shape[2])[None, :] < ctx_lens.to(torch.int64)[:, None]  # [S, K]
+    out = scaled_dot_product_attention(qs, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(s, h_q, d)
 
 
 def gather_blocks(
