@@ -16,7 +16,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
     routing:
       policy: cache-aware             # cache-aware | least-load | round-robin | session
       session_header: x-session-id
-      weights: {queue: 1.0, prefill: 1.0, migration: 1.0}
+      weights: {queue: 1.0, prefill: 1.0, migration: 1.0, duplication: 2.0}
       prefill_tokens_per_second: 8000 # initial per-pod rate, refined from observed TTFTs
       host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
       block_bytes: 131072             # KV bytes of one block (for migration estimates)
@@ -83,6 +83,7 @@ class Weights:
     queue: float = 1.0
     prefill: float = 1.0
     migration: float = 1.0
+    duplication: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

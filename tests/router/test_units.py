@@ -322,3 +322,14 @@ async def test_admission_queue_bounds() -> None:
         await adm.acquire()
     adm.release()
     assert adm.inflight == 0 and adm.queued == 0
+
+
+def test_duplication_weight_keeps_prefixes_in_one_place() -> None:
+    toks = list(range(1600))  # 100 blocks on n2, whose queue is 3000 tokens long
+    picks = {}
+    for dup in (0.0, 2.0):
+        rc = core(weights={"duplication": dup}, pull_hints=False)
+        rc.index.store("n2", rc.hashes(toks, "s"), "device")
+        rc.pods["p2"].queued_tokens = 3000
+        picks[dup] = rc.decide(toks, "s").ranked[0].name
+    assert picks[0.0] != "p2" and picks[2.0] == "p2"
