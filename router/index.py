@@ -19,7 +19,7 @@ or a routing hit refreshes an entry) and the oldest is dropped first.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -186,7 +186,7 @@ class BlockIndex:
             self.evictions += over
 
     # -- queries --------------------------------------------------------------
-    def match(self, hashes: Sequence[bytes], touch: bool = True) -> PrefixMatch:
+    def match(self, hashes: Sequence[bytes], touch: bool = False) -> PrefixMatch:
         """Longest run of leading blocks each node holds (any tier)."""
         out = PrefixMatch()
         if not hashes or not self._live:
@@ -209,8 +209,16 @@ class BlockIndex:
         if self._host:
             self._count_host(hashes[:longest], out)
         if touch:
-            deque(map(self._held.move_to_end, hashes[:longest]), 0)
+            self.touch(hashes[:longest])
         return out
+
+    def touch(self, hashes: Sequence[bytes]) -> None:
+        """Refresh the LRU position of the indexed ones among ``hashes``."""
+        held = self._held
+        mte = held.move_to_end
+        for h in hashes:
+            if h in held:
+                mte(h)
 
     def _running(self, hashes: Sequence[bytes]) -> list[int]:
         """Running AND of the masks of ``hashes``, stopped soon after no live node is left.
@@ -219,7 +227,7 @@ class BlockIndex:
         done in doubling batches and stop once no node's run can grow any further."""
         get, live = self._held.get, self._live
         running: list[int] = []
-        acc, start, step = -1, 0, 4
+        acc, start, step = -1, 0, 16
         while start < len(hashes):
             part = list(
                 accumulate(map(get, hashes[start : start + step], repeat(0)), and_, initial=acc)

@@ -209,11 +209,14 @@ class RoutingCore:
         hint = PullHint(peer, agents[peer], runs[peer]) if peer else None
         return Decision([pods[t[3]] for t in scored], hashes, dict(runs), cost, hint)
 
-    def record_sent(self, node: str, hashes: Sequence[bytes]) -> None:
+    def record_sent(self, node: str, hashes: Sequence[bytes], matched: int = 0) -> None:
         """Remember that ``node`` will now hold this prefix: for a few seconds in any
         mode (until its events arrive), and in the approximate index without events."""
         if not hashes:
             return
+        # refresh the matched prefix in the index's LRU here, off the decision path
+        if matched:
+            self.index.touch(hashes[:matched])
         if self.mode != "events":
             self.approx.store(node, hashes, DEVICE)
         self.recent.store(node, hashes, DEVICE)

@@ -440,7 +440,9 @@ class Router:
     def _sent(self, pod: PodState, decision: Decision, n_tokens: int, uncached: int) -> None:
         pod.served += 1
         self._routed(pod.name).inc()
-        self.core.record_sent(pod.node, decision.hashes)
+        self.core.record_sent(
+            pod.node, decision.hashes, max(decision.cached_blocks.values(), default=0)
+        )
         self.metrics.prompt_tokens.inc(n_tokens)
         self.metrics.cached_tokens.inc(n_tokens - uncached)
 

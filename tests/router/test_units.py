@@ -167,7 +167,7 @@ def test_index_drop_node_sweep_and_slot_reuse() -> None:
 def test_index_lru_cap() -> None:
     idx = BlockIndex(10)
     idx.store("a", [H(i) for i in range(8)], "device")
-    idx.match([H(0), H(1)])  # touch: 0 and 1 become most recent
+    idx.match([H(0), H(1)], touch=True)  # 0 and 1 become most recent
     idx.store("a", [H(i) for i in range(8, 12)], "device")
     assert len(idx) == 10 and idx.evictions == 2
     assert idx.tiers(H(0)) and idx.tiers(H(1)) and not idx.tiers(H(2))
