@@ -55,23 +55,33 @@ class HashMemo:
         if self.max_chunks == 0:
             return self.contract.block_hashes(arr, self.model_identity, salt)
         parent = self._seed(salt)
-        full = (len(arr) // self.contract.block_size) * self.contract.block_size
-        out: list[bytes] = []
+        bs = self.contract.block_size
+        full = (len(arr) // bs) * bs
         step = self.chunk_tokens
         memo = self._memo
-        for start in range(0, full, step):
-            chunk = arr[start : min(start + step, full)]
-            key = parent + chunk.tobytes()
+        out: list[bytes] = []
+        start = 0
+        while start < full:  # memoized chunks, as long as they hit
+            key = parent + arr[start : min(start + step, full)].tobytes()
             got = memo.get(key)
             if got is None:
-                self.misses += 1
-                got = self.contract.block_hashes(chunk, "", parent=parent)
-                memo[key] = got
-                if len(memo) > self.max_chunks:
-                    memo.popitem(last=False)
-            else:
-                self.hits += 1
-                memo.move_to_end(key)
+                break
+            self.hits += 1
+            memo.move_to_end(key)
             out += got
             parent = got[-1]
+            start += step
+        if start >= full:
+            return out
+        # the first miss: hash the whole rest in one call, then memoize it chunk by chunk
+        rest = self.contract.block_hashes(arr[start:full], "", parent=parent)
+        per_chunk = step // bs
+        for k, pos in enumerate(range(start, full, step)):
+            got = rest[k * per_chunk : (k + 1) * per_chunk]
+            memo[parent + arr[pos : min(pos + step, full)].tobytes()] = got
+            parent = got[-1]
+            self.misses += 1
+        while len(memo) > self.max_chunks:
+            memo.popitem(last=False)
+        out += rest
         return out
