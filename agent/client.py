@@ -1,0 +1,214 @@
+"""The engine's side of the agent: register, lease, commit, lookup, release, map the region.
+
+The engine imports only this module from the agent. ``AgentClient`` talks to a
+running agent over its unix socket (blocking calls, safe from any one thread at a
+time: the engine's scheduler thread); ``LocalPool`` offers the same methods over a
+private in-process pool for ``kvmarina engine --no-agent``.
+
+The scope region arrives once, as a file descriptor on the ``register`` reply;
+afterwards everything is (page, index) slots: ``block(loc)`` is a zero-copy view
+of a block's bytes in the mapped region.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvmarina.framing import HEADER, FrameDecoder, encode_frame
+
+
+class AgentError(RuntimeError):
+    """The agent refused a request; the message is the agent's."""
+
+
+class AgentFull(AgentError):
+    """No KV room right now (budgets or every block in use): wait and retry."""
+
+
+class AgentUnavailable(AgentError):
+    """The agent is not there or went away (e.g. restarted): reconnect and re-register."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    hash: bytes
+    page: int
+    index: int
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    min_blocks: int = 0
+    max_blocks: int = 1 << 40
+    priority: int = 100
+
+    def wire(self) -> dict[str, int]:
+        return {
+            "min_blocks": self.min_blocks,
+            "max_blocks": self.max_blocks,
+            "priority": self.priority,
+        }
+
+
+class AgentClient:
+    def __init__(
+        self,
+        socket_path: str,
+        token: str,
+        block_bytes: int,
+        budget: Budget | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.socket_path, self.token, self.block_bytes = socket_path, token, block_bytes
+        self.budget, self.timeout = budget or Budget(), timeout
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._dec = FrameDecoder()
+        self.region: torch.Tensor | None = None
+        self._mm: Any = None
+        self.info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ connection
+
+    def connect(self) -> AgentClient:
+        if not os.path.exists(self.socket_path):
+            raise AgentUnavailable(
+                f"no agent socket at {self.socket_path}: is `kvmarina agent` running on this node?"
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+            sock.sendall(
+                encode_frame(
+                    {
+                        "op": "register",
+                        "token": self.token,
+                        "block_bytes": self.block_bytes,
+                        "budget": self.budget.wire(),
+                    }
+                )
+            )
+            reply, fds = self._recv_with_fds(sock)
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot reach the agent at {self.socket_path}: {exc}") from exc
+        if not reply.get("ok"):
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise AgentError(str(reply.get("error", "registration refused")))
+        if not fds:
+            sock.close()
+            raise AgentError("the agent sent no memory region with its reply")
+        self._sock, self.info = sock, reply
+        self._map(fds[0], int(reply["region_size"]), str(reply.get("backend", "cpu")))
+        return self
+
+    def _recv_with_fds(self, sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+        fds: list[int] = []
+        buf = b""
+        need = HEADER.size
+        while len(buf) < need:
+            data, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(16))
+            if not data:
+                raise OSError("the agent closed the connection")
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            buf += data
+            if len(buf) >= HEADER.size:
+                need = HEADER.size + HEADER.unpack_from(buf)[0]
+        self._dec.feed(buf)
+        return next(iter(self._dec.frames())), fds
+
+    def _map(self, fd: int, size: int, backend: str) -> None:
+        if backend != "cpu":
+            raise AgentError(f"mapping a {backend} region needs the CUDA engine path")
+        import mmap
+
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)  # the mapping keeps the memory; the fd is not needed any more
+        self.region = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    # ------------------------------------------------------------ requests
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                raise AgentUnavailable("not connected to the agent")
+            try:
+                self._sock.sendall(encode_frame(msg))
+                while True:
+                    frames = list(self._dec.frames())
+                    if frames:
+                        reply = frames[0]
+                        break
+                    data = self._sock.recv(1 << 20)
+                    if not data:
+                        raise OSError("the agent closed the connection")
+                    self._dec.feed(data)
+            except OSError as exc:
+                self._sock.close()
+                self._sock = None
+                raise AgentUnavailable(f"lost the agent: {exc}") from exc
+        if not reply.get("ok"):
+            cls = AgentFull if reply.get("code") == "full" else AgentError
+            raise cls(str(reply.get("error")))
+        return reply  # type: ignore[no-any-return]
+
+    def lease(self, n: int) -> list[tuple[int, int]]:
+        return [(p, i) for p, i in self._call({"op": "lease", "n": n})["slots"]]
+
+    def commit(self, items: list[tuple[int, int, bytes]]) -> list[Hit]:
+        reply = self._call({"op": "commit", "items": [[p, i, h] for p, i, h in items]})
+        return [Hit(h, p, i, t) for h, p, i, t in reply["locations"]]
+
+    def lookup(self, hashes: list[bytes]) -> list[Hit]:
+        return [
+            Hit(h, p, i, t) for h, p, i, t in self._call({"op": "lookup", "hashes": hashes})["hits"]
+        ]
+
+    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+        self._call({"op": "release", "hashes": list(hashes), "slots": [list(s) for s in slots]})
+
+    def stats(self) -> dict[str, Any]:
+        return self._call({"op": "stats"})
+
+    def ping(self) -> str:
+        return str(self._call({"op": "ping"})["boot_id"])
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Any other operation (e.g. ``pull``), with the same error handling."""
+        return self._call(msg)
+
+    # ------------------------------------------------------------ memory
+
+    @property
+    def page_size(self) -> int:
+        return int(self.info["page_size"])
+
+    def offset(self, page: int, index: int) -> int:
+        return page * self.page_size + index * self.block_bytes
+
+    def block(self, page: int, index: int) -> torch.Tensor:
+        """The block's bytes in the shared region (a view: no copy)."""
+        assert self.region is not None, "connect() first"
+        off = self.offset(page, index)
+        return self.region[off : off + self.block_bytes]

@@ -1,0 +1,67 @@
+"""The agent's block-event publisher (DESIGN.md "Block events").
+
+Events are numbered per boot. Each subscriber has a bounded queue; one that
+falls behind is not given a gap: its queue is replaced by a ``Resync`` marker
+followed by a fresh snapshot, and numbering continues from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvmarina.events import BlockEvent, Record, Resync, Snapshot
+
+
+@dataclass(eq=False)
+class Subscriber:
+    queue: asyncio.Queue[Record]
+    resyncs: int = 0
+
+
+@dataclass
+class EventLog:
+    """Invariant: ``seq`` is the number of the last event published this boot;
+    every subscriber's queue holds records in ``seq`` order with no gap."""
+
+    node: str
+    snapshot_fn: Callable[[], dict[bytes, str]]
+    max_queue: int = 4096
+    boot_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seq: int = 0
+    subscribers: list[Subscriber] = field(default_factory=list)
+    published: int = 0
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.boot_id, self.seq, self.node, self.snapshot_fn())
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber(asyncio.Queue())
+        sub.queue.put_nowait(self.snapshot())
+        self.subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+
+    def publish(self, kind: str, hashes: tuple[bytes, ...] = (), tier: str | None = None) -> None:
+        if kind != "cleared" and not hashes:
+            return
+        self.seq += 1
+        self.published += 1
+        event = BlockEvent(kind, self.boot_id, self.seq, hashes, tier)
+        for sub in self.subscribers:
+            if sub.queue.qsize() >= self.max_queue:
+                self._resync(sub, "subscriber fell behind")
+            else:
+                sub.queue.put_nowait(event)
+
+    def _resync(self, sub: Subscriber, reason: str) -> None:
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.resyncs += 1
+        sub.queue.put_nowait(Resync(self.boot_id, reason))
+        sub.queue.put_nowait(self.snapshot())

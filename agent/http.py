@@ -1,0 +1,111 @@
+"""The agent's HTTP side: health, readiness, Prometheus metrics, stats, the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvmarina.agent.pool import Pool
+from kvmarina.framing import encode_frame
+
+log = logging.getLogger(__name__)
+
+
+class PoolCollector(Collector):
+    """Reads the pool at scrape time: no bookkeeping on the hot path."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        p = self.pool
+        pages = GaugeMetricFamily(
+            "kvmarina_agent_pages", "Pages by tier and state", labels=["tier", "state"]
+        )
+        for tier, fp in (("device", p.device), ("host", p.host)):
+            pages.add_metric([tier, "used"], fp.used)
+            pages.add_metric([tier, "free"], fp.free)
+        yield pages
+        blocks = GaugeMetricFamily(
+            "kvmarina_agent_blocks", "Indexed blocks by tier", labels=["tier"]
+        )
+        summary = p.summary()
+        for tier, n in summary["blocks"].items():  # type: ignore[attr-defined]
+            blocks.add_metric([tier], n)
+        yield blocks
+        s = p.stats
+        for name, key, doc in (
+            ("lookups", "lookups", "Lookups served"),
+            ("hit_blocks", "hit_blocks", "Blocks found by lookups"),
+            ("miss_blocks", "miss_blocks", "Blocks asked for and not found"),
+            ("evictions", "evicted", "Blocks dropped from the node"),
+            ("offloads", "offloaded", "Blocks moved device -> host"),
+            ("promotions", "promoted", "Blocks moved host -> device"),
+            ("commits", "committed", "Blocks committed by engines"),
+        ):
+            yield CounterMetricFamily(f"kvmarina_agent_{name}", doc, value=s.get(key, 0))
+        usage = GaugeMetricFamily(
+            "kvmarina_agent_serving_blocks", "Device blocks held per serving", labels=["serving"]
+        )
+        for serving, n in p.usage.items():
+            usage.add_metric([serving], n)
+        yield usage
+        yield GaugeMetricFamily(
+            "kvmarina_agent_sessions", "Registered engines", value=len(p.sessions)
+        )
+        yield GaugeMetricFamily(
+            "kvmarina_agent_event_seq", "Last event sequence this boot", value=p.events.seq
+        )
+        yield GaugeMetricFamily(
+            "kvmarina_agent_subscribers", "Event subscribers", value=len(p.events.subscribers)
+        )
+
+
+def build_app(
+    pool: Pool, ready: asyncio.Event, extra_stats: dict[str, object] | None = None
+) -> web.Application:
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(pool))
+    app = web.Application()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "boot_id": pool.events.boot_id})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready.is_set():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), content_type="text/plain", charset="utf-8"
+        )
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({**pool.summary(), **(extra_stats or {})})
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-kvmarina-frames"})
+        await resp.prepare(request)
+        sub = pool.events.subscribe()
+        try:
+            while True:
+                record = await sub.queue.get()
+                await resp.write(encode_frame(record.to_wire()))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            pool.events.unsubscribe(sub)
+        return resp
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/v1/events", events)
+    return app

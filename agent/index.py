@@ -1,0 +1,149 @@
+"""The content index of KV blocks, with pins and an eviction order.
+
+A block is named by (scope key, contract hash): two scopes never see each
+other's blocks, even for equal hashes. Each block has one home on the node
+(a slot in the device tier, or in the host tier) and a reference count: the
+number of running requests that use it. Only unreferenced blocks are in the
+eviction order, so a block in use can never be chosen as a victim.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+Key = tuple[str, bytes]  # (scope key, block hash)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A block-sized place: page ``page``, ``index``-th block of that page."""
+
+    page: int
+    index: int
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    """Invariants: ``refs >= 0``; ``tier`` is device or host; the block is in the
+    index's eviction order exactly when ``refs == 0``."""
+
+    key: Key
+    slot: Slot
+    block_bytes: int
+    owner: str
+    tier: str = "device"
+    refs: int = 0
+    uses: int = 0
+    checksum: int = 0
+
+
+class LRUOrder:
+    """Unpinned keys, least recently used first."""
+
+    def __init__(self) -> None:
+        self._od: OrderedDict[Key, None] = OrderedDict()
+
+    def add(self, key: Key, uses: int) -> None:
+        self._od[key] = None
+        self._od.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self._od.pop(key, None)
+
+    def candidates(self) -> Iterator[Key]:
+        return iter(list(self._od))
+
+    def __len__(self) -> int:
+        return len(self._od)
+
+
+class LFUOrder:
+    """Unpinned keys, fewest uses first (ties: least recently unpinned first).
+
+    Buckets by use count; ``_min`` is a lower bound on the smallest non-empty bucket.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, OrderedDict[Key, None]] = {}
+        self._count: dict[Key, int] = {}
+
+    def add(self, key: Key, uses: int) -> None:
+        self.remove(key)
+        self._buckets.setdefault(uses, OrderedDict())[key] = None
+        self._count[key] = uses
+
+    def remove(self, key: Key) -> None:
+        uses = self._count.pop(key, None)
+        if uses is not None:
+            bucket = self._buckets[uses]
+            bucket.pop(key, None)
+            if not bucket:
+                del self._buckets[uses]
+
+    def candidates(self) -> Iterator[Key]:
+        for uses in sorted(self._buckets):
+            yield from list(self._buckets.get(uses, ()))
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+
+@dataclass
+class BlockIndex:
+    """(scope, hash) -> Block. Pins go through ``pin``/``unpin`` only."""
+
+    policy: str = "lru"
+    blocks: dict[Key, Block] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.order: LRUOrder | LFUOrder = LFUOrder() if self.policy == "lfu" else LRUOrder()
+
+    def get(self, key: Key) -> Block | None:
+        return self.blocks.get(key)
+
+    def insert(self, block: Block) -> None:
+        """A new block, pinned once by its committer."""
+        assert block.key not in self.blocks
+        block.refs = 1
+        block.uses = 1
+        self.blocks[block.key] = block
+
+    def pin(self, block: Block) -> None:
+        if block.refs == 0:
+            self.order.remove(block.key)
+        block.refs += 1
+        block.uses += 1
+
+    def unpin(self, block: Block) -> None:
+        if block.refs <= 0:
+            raise ValueError(f"block {block.key[1].hex()} is not pinned")
+        block.refs -= 1
+        if block.refs == 0 and block.key in self.blocks:
+            self.order.add(block.key, block.uses)
+
+    def remove(self, key: Key) -> Block:
+        block = self.blocks.pop(key)
+        self.order.remove(key)
+        return block
+
+    def longest_prefix(self, scope: str, hashes: list[bytes]) -> list[Block]:
+        """Consecutive hits from block 0 (not pinned here)."""
+        out = []
+        for h in hashes:
+            block = self.blocks.get((scope, h))
+            if block is None:
+                break
+            out.append(block)
+        return out
+
+    def victims(self) -> Iterator[Block]:
+        """Unpinned blocks, best victim first."""
+        for key in self.order.candidates():
+            block = self.blocks.get(key)
+            if block is not None and block.refs == 0:
+                yield block
+
+    def __len__(self) -> int:
+        return len(self.blocks)

@@ -1,0 +1,123 @@
+"""``kvmarina agent``: the node agent process.
+
+Serves the pool on a unix socket (engines) and HTTP (health, metrics, stats,
+events). On SIGTERM it stops accepting, publishes ``cleared``, and exits; a
+restarted agent has a new boot id and an empty index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from kvmarina.agent.config import AgentConfig, ConfigError, load_config
+from kvmarina.agent.credentials import CredentialError, CredentialStore
+from kvmarina.agent.http import build_app
+from kvmarina.agent.memory import RegionError
+from kvmarina.agent.pool import Pool
+from kvmarina.agent.protocol import AgentProtocol
+
+log = logging.getLogger("kvmarina.agent")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvmarina agent", description="Run the node agent.")
+    p.add_argument(
+        "--config",
+        default=os.environ.get("KVMARINA_AGENT_CONFIG"),
+        help="agent config file (YAML or JSON)",
+    )
+    p.add_argument("--node", help="node name (overrides the config)")
+    p.add_argument("--socket", dest="socket_path", help="unix socket path")
+    p.add_argument("--http-port", type=int, help="HTTP port (0 picks one)")
+    p.add_argument("--credentials", dest="credentials_file", help="serving credentials file")
+    p.add_argument("--log-level", default=os.environ.get("KVMARINA_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+async def serve(cfg: AgentConfig, ready_file: str | None = None) -> None:
+    creds = CredentialStore.load(cfg.credentials_file)
+    pool = Pool(
+        node=cfg.node,
+        backend=cfg.backend,
+        page_size=cfg.page_size,
+        device_pages=cfg.device_pages,
+        host_pages=cfg.host_pages,
+        policy=cfg.eviction,
+    )
+    pool.events.max_queue = cfg.event_queue
+    proto = AgentProtocol(pool, creds, cfg.contract().digest_bytes)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cfg.socket_path)
+    os.makedirs(os.path.dirname(cfg.socket_path) or ".", exist_ok=True)
+    unix = await asyncio.start_unix_server(proto.handle, path=cfg.socket_path)
+    os.chmod(cfg.socket_path, 0o660)
+    ready = asyncio.Event()
+    runner = web.AppRunner(build_app(pool, ready), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.http_host, cfg.http_port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    extras = await _start_extras(cfg, pool, proto)
+    ready.set()
+    log.info(
+        "agent %s ready: socket %s, http %s:%d, %d device pages, %d host pages, boot %s",
+        cfg.node,
+        cfg.socket_path,
+        cfg.http_host,
+        port,
+        cfg.device_pages,
+        cfg.host_pages,
+        pool.events.boot_id,
+    )
+    print(f"kvmarina agent {cfg.node} ready http://{cfg.http_host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("agent %s stopping", cfg.node)
+    unix.close()
+    pool.clear()
+    await asyncio.sleep(0.05)  # let subscribers receive 'cleared'
+    for extra in extras:
+        await extra()
+    await runner.cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cfg.socket_path)
+
+
+async def _start_extras(cfg: AgentConfig, pool: Pool, proto: AgentProtocol) -> list:  # type: ignore[type-arg]
+    """Optional services (peer transfers) that register their own operations."""
+    try:
+        from kvmarina.agent.transfer_service import start_transfer_service
+    except ModuleNotFoundError as exc:
+        if exc.name != "kvmarina.agent.transfer_service":
+            raise
+        return []
+    return [await start_transfer_service(cfg, pool, proto)]
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    overrides = {k: getattr(args, k) for k in ("node", "socket_path", "credentials_file")}
+    overrides["http_port"] = args.http_port
+    try:
+        cfg = load_config(args.config, overrides)
+        asyncio.run(serve(cfg))
+    except (ConfigError, CredentialError, RegionError) as exc:
+        print(f"kvmarina agent: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,391 @@
+"""The node's KV pool: regions per scope, slots, the block index, budgets, tiers, events.
+
+All state changes happen on one thread (the agent's event loop), so the pool
+needs no locks. Engines act through ``Session`` objects:
+
+* ``lease(n)`` hands out ``n`` free block slots in the session's scope region
+  (evicting unpinned blocks if it must, within budgets);
+* the engine writes KV into them and ``commit``s each full block by hash: the
+  block enters the index, pinned by the session, shareable by every engine of
+  the scope (a hash already present keeps the existing copy);
+* ``lookup`` returns the longest cached run from block 0 and pins it; host-tier
+  hits are copied back into the device tier first;
+* ``release`` unpins and frees what the session no longer needs; a session that
+  disconnects is released whole.
+
+Budgets per serving: usage = slots the serving holds (leased + blocks it
+committed). Its ``min`` is guaranteed (it may evict others' unpinned blocks to
+get back to it), its ``max`` is a hard cap, and above ``min`` it may only evict
+blocks of servings with no higher priority that are above their own minimum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import xxhash
+
+from kvmarina.agent.credentials import Identity
+from kvmarina.agent.events import EventLog
+from kvmarina.agent.index import Block, BlockIndex, Key, Slot
+from kvmarina.agent.memory import CpuRegion, Region, make_region
+from kvmarina.agent.slots import FreePages, SlotPool
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(ValueError):
+    """A request the pool refuses; the message says why."""
+
+
+class PoolFull(PoolError):
+    """No slot can be had within the budgets right now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    min_slots: int = 0
+    max_slots: int = 1 << 40
+    priority: int = 100
+
+
+@dataclass(eq=False)
+class Session:
+    """One registered engine connection.
+
+    Invariants: ``leased`` holds slots allocated to this session and not yet
+    committed or freed; ``pins`` counts this session's references per key.
+    """
+
+    id: int
+    ident: Identity
+    block_bytes: int
+    budget: Budget
+    leased: set[Slot] = field(default_factory=set)
+    pins: Counter[Key] = field(default_factory=Counter)
+
+    @property
+    def scope(self) -> str:
+        return self.ident.scope_key
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    hash: bytes
+    page: int
+    index: int
+    tier: str
+
+    def offset(self, page_size: int, block_bytes: int) -> int:
+        return self.page * page_size + self.index * block_bytes
+
+
+class Pool:
+    def __init__(
+        self,
+        *,
+        node: str,
+        backend: str,
+        page_size: int,
+        device_pages: int,
+        host_pages: int,
+        policy: str,
+        events: EventLog | None = None,
+    ) -> None:
+        self.node, self.backend, self.page_size = node, backend, page_size
+        self.device = FreePages(device_pages)
+        self.host = FreePages(host_pages)
+        self.index = BlockIndex(policy)
+        self.regions: dict[str, Region] = {}
+        self.host_region: CpuRegion | None = (
+            CpuRegion(f"{node}-host", host_pages * page_size) if host_pages else None
+        )
+        self._slot_pools: dict[tuple[str, int, str], SlotPool] = {}
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self.usage: Counter[str] = Counter()  # serving -> slots held
+        self.budgets: dict[str, Budget] = {}
+        self.events = events or EventLog(node, self.snapshot)
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------ regions and slots
+
+    def region(self, scope: str) -> Region:
+        if scope not in self.regions:
+            self.regions[scope] = make_region(
+                self.backend,
+                f"{self.node}-{scope}".replace("/", "-"),
+                self.device.n_pages * self.page_size,
+            )
+        return self.regions[scope]
+
+    def _slots(self, scope: str, block_bytes: int, tier: str) -> SlotPool:
+        key = (scope, block_bytes, tier)
+        if key not in self._slot_pools:
+            pages = self.device if tier == "device" else self.host
+            per_page = self.page_size // block_bytes
+            if per_page < 1:
+                raise PoolError(
+                    f"a block of {block_bytes} bytes does not fit a page of "
+                    f"{self.page_size} bytes; raise the pool's pageSize"
+                )
+            region = self.region(scope) if tier == "device" else self.host_region
+
+            def released(page: int, region: Region | CpuRegion | None = region) -> None:
+                if region is not None:
+                    region.release(page * self.page_size, self.page_size)
+
+            self._slot_pools[key] = SlotPool(pages, per_page, released)
+        return self._slot_pools[key]
+
+    def _bytes(self, scope: str, tier: str, slot: Slot, block_bytes: int) -> torch.Tensor:
+        region = self.region(scope) if tier == "device" else self.host_region
+        assert region is not None
+        off = slot.page * self.page_size + slot.index * block_bytes
+        return region.tensor()[off : off + block_bytes]
+
+    # ------------------------------------------------------------ sessions
+
+    def open_session(self, ident: Identity, block_bytes: int, budget: Budget) -> Session:
+        if block_bytes <= 0 or block_bytes > self.page_size:
+            raise PoolError(
+                f"block of {block_bytes} bytes does not fit a page of {self.page_size} bytes"
+            )
+        sess = Session(next(self._ids), ident, block_bytes, budget)
+        self.sessions[sess.id] = sess
+        self.budgets[ident.serving] = budget
+        self.region(sess.scope)
+        return sess
+
+    def close_session(self, sess: Session) -> None:
+        """Release everything a session holds (its connection dropped, or it said bye)."""
+        for key, n in list(sess.pins.items()):
+            block = self.index.get(key)
+            for _ in range(n):
+                if block is not None and block.refs > 0:
+                    self.index.unpin(block)
+        sess.pins.clear()
+        for slot in list(sess.leased):
+            self._free_leased(sess, slot)
+        self.sessions.pop(sess.id, None)
+
+    # ------------------------------------------------------------ lease / commit
+
+    def lease(self, sess: Session, n: int) -> list[Slot]:
+        if n < 0:
+            raise PoolError("cannot lease a negative number of blocks")
+        serving = sess.ident.serving
+        if self.usage[serving] + n > sess.budget.max_slots:
+            raise PoolFull(
+                f"serving {serving} holds {self.usage[serving]} blocks; {n} more "
+                f"would exceed its max of {sess.budget.max_slots}"
+            )
+        pool = self._slots(sess.scope, sess.block_bytes, "device")
+        got: list[Slot] = []
+        try:
+            for _ in range(n):
+                slot = pool.alloc() or self._reclaim_for(sess, pool)
+                got.append(slot)
+                sess.leased.add(slot)
+                self.usage[serving] += 1
+        except PoolFull:
+            for slot in got:
+                self._free_leased(sess, slot)
+            raise
+        self.stats["leased"] += n
+        return got
+
+    def _free_leased(self, sess: Session, slot: Slot) -> None:
+        sess.leased.discard(slot)
+        self.usage[sess.ident.serving] -= 1
+        self._slots(sess.scope, sess.block_bytes, "device").free(slot)
+
+    def check_leased(self, sess: Session, slots: Iterable[Slot]) -> None:
+        for slot in slots:
+            if slot not in sess.leased:
+                raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
+
+    def release_slots(self, sess: Session, slots: list[Slot]) -> None:
+        self.check_leased(sess, slots)
+        for slot in slots:
+            self._free_leased(sess, slot)
+
+    def commit(self, sess: Session, slot: Slot, block_hash: bytes) -> Location:
+        """Make a written block shareable; pinned by the session until it releases."""
+        if slot not in sess.leased:
+            raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
+        key = (sess.scope, block_hash)
+        existing = self.index.get(key)
+        if existing is not None:
+            # Someone committed the same prefix first: keep theirs, use it, free ours.
+            self._free_leased(sess, slot)
+            self._pin(sess, existing)
+            return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
+        sess.leased.discard(slot)
+        data = self._bytes(sess.scope, "device", slot, sess.block_bytes)
+        block = Block(
+            key,
+            slot,
+            sess.block_bytes,
+            sess.ident.serving,
+            checksum=xxhash.xxh3_64_intdigest(data.numpy().data),
+        )
+        self.index.insert(block)
+        sess.pins[key] += 1
+        self.stats["committed"] += 1
+        self.events.publish("stored", (block_hash,), "device")
+        return Location(block_hash, slot.page, slot.index, "device")
+
+    # ------------------------------------------------------------ lookup / release
+
+    def lookup(self, sess: Session, hashes: list[bytes]) -> list[Location]:
+        """Longest cached run from block 0, pinned; host hits are brought back first."""
+        blocks = self.index.longest_prefix(sess.scope, hashes)
+        out = []
+        for block in blocks:
+            if block.block_bytes != sess.block_bytes:
+                break  # same hash under another layout: never hand out mismatched bytes
+            self._pin(sess, block)
+            if block.tier == "host" and not self._promote(sess, block):
+                self._unpin(sess, block)
+                break
+            out.append(Location(block.key[1], block.slot.page, block.slot.index, block.tier))
+        hit = len(out)
+        self.stats["lookups"] += 1
+        self.stats["hit_blocks"] += hit
+        self.stats["miss_blocks"] += len(hashes) - hit
+        return out
+
+    def _pin(self, sess: Session, block: Block) -> None:
+        self.index.pin(block)
+        sess.pins[block.key] += 1
+
+    def _unpin(self, sess: Session, block: Block) -> None:
+        self.index.unpin(block)
+        sess.pins[block.key] -= 1
+        if sess.pins[block.key] <= 0:
+            del sess.pins[block.key]
+
+    def release(self, sess: Session, hashes: Iterable[bytes]) -> None:
+        for h in hashes:
+            key = (sess.scope, h)
+            if sess.pins.get(key, 0) <= 0:
+                raise PoolError(f"block {h.hex()} is not pinned by this session")
+        for h in hashes:
+            key = (sess.scope, h)
+            block = self.index.get(key)
+            if block is not None:
+                self._unpin(sess, block)
+
+    # ------------------------------------------------------------ eviction and tiers
+
+    def _may_evict(self, requester: Session, block: Block) -> bool:
+        owner, me = block.owner, requester.ident.serving
+        if owner == me:
+            return True
+        ob = self.budgets.get(owner, Budget())
+        if self.usage[owner] <= ob.min_slots:
+            return False  # the owner's guaranteed minimum
+        if self.usage[me] < requester.budget.min_slots:
+            return True  # getting back to my own guaranteed minimum
+        return ob.priority <= requester.budget.priority
+
+    def _reclaim_for(self, sess: Session, pool: SlotPool) -> Slot:
+        """Free a device slot usable by ``pool`` by moving or dropping a victim."""
+        for _ in range(64):  # each round frees one block; pages free when emptied
+            victim = next(
+                (
+                    b
+                    for b in self.index.victims()
+                    if b.tier == "device" and self._may_evict(sess, b)
+                ),
+                None,
+            )
+            if victim is None:
+                break
+            self._evict(victim)
+            slot = pool.alloc()
+            if slot is not None:
+                return slot
+        raise PoolFull(
+            f"no free KV block for serving {sess.ident.serving}: every block is "
+            "in use by running requests or protected by budgets"
+        )
+
+    def _evict(self, block: Block) -> None:
+        scope, h = block.key
+        if self.host_region is not None:
+            host = self._slots(scope, block.block_bytes, "host")
+            hslot = host.alloc()
+            if hslot is None:
+                hvictim = next((b for b in self.index.victims() if b.tier == "host"), None)
+                if hvictim is not None:
+                    self._drop(hvictim)
+                    hslot = host.alloc()
+            if hslot is not None:
+                src = self._bytes(scope, "device", block.slot, block.block_bytes)
+                self._bytes(scope, "host", hslot, block.block_bytes).copy_(src)
+                self._slots(scope, block.block_bytes, "device").free(block.slot)
+                self.usage[block.owner] -= 1  # budgets count device-tier blocks only
+                block.slot, block.tier = hslot, "host"
+                self.stats["offloaded"] += 1
+                self.events.publish("moved", (h,), "host")
+                return
+        self._drop(block)
+
+    def _drop(self, block: Block) -> None:
+        self.index.remove(block.key)
+        self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
+        if block.tier == "device":
+            self.usage[block.owner] -= 1
+        self.stats["evicted"] += 1
+        self.events.publish("evicted", (block.key[1],))
+
+    def _promote(self, sess: Session, block: Block) -> bool:
+        """Copy a (pinned) host-tier block back into the device tier."""
+        scope = block.key[0]
+        pool = self._slots(scope, block.block_bytes, "device")
+        slot = pool.alloc()
+        if slot is None:
+            try:
+                slot = self._reclaim_for(sess, pool)
+            except PoolFull:
+                return False
+        src = self._bytes(scope, "host", block.slot, block.block_bytes)
+        self._bytes(scope, "device", slot, block.block_bytes).copy_(src)
+        self._slots(scope, block.block_bytes, "host").free(block.slot)
+        block.slot, block.tier = slot, "device"
+        self.usage[block.owner] += 1
+        self.stats["promoted"] += 1
+        self.events.publish("moved", (block.key[1],), "device")
+        return True
+
+    # ------------------------------------------------------------ views
+
+    def snapshot(self) -> dict[bytes, str]:
+        return {key[1]: b.tier for key, b in self.index.blocks.items()}
+
+    def clear(self) -> None:
+        self.events.publish("cleared")
+
+    def summary(self) -> dict[str, object]:
+        tiers = Counter(b.tier for b in self.index.blocks.values())
+        return {
+            "node": self.node,
+            "boot_id": self.events.boot_id,
+            "seq": self.events.seq,
+            "pages": {
+                "device": {"total": self.device.n_pages, "used": self.device.used},
+                "host": {"total": self.host.n_pages, "used": self.host.used},
+            },
+            "blocks": {"device": tiers.get("device", 0), "host": tiers.get("host", 0)},
+            "sessions": len(self.sessions),
+            "usage": dict(self.usage),
+            "stats": dict(self.stats),
+            "subscribers": len(self.events.subscribers),
+        }

@@ -1,0 +1,220 @@
+"""The agent as a real process: shared pages across processes, isolation, faults, events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmarina.agent.client import AgentClient, AgentError, AgentFull, AgentUnavailable, Budget
+from kvmarina.events import from_wire
+from kvmarina.framing import HEADER, FrameDecoder, encode_frame
+
+from .conftest import AgentProc, agent_process
+
+WRITER = str(Path(__file__).parent / "writer.py")
+
+
+def run_writer(agent: AgentProc, token: str, n: int, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, WRITER, agent.socket, token, str(n), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    assert line.strip() == "READY", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def test_second_process_reads_first_process_blocks_without_copy(agent: AgentProc) -> None:
+    writer = run_writer(agent, "tok-chat", 5, "exit")
+    writer.wait(10)
+    reader = AgentClient(agent.socket, "tok-code", 4096).connect()  # same namespace scope
+    hashes = [bytes([i + 1]) * 16 for i in range(5)] + [b"\xee" * 16]
+    hits = reader.lookup(hashes)
+    assert [h.hash for h in hits] == hashes[:5]  # longest run from block 0
+    base = reader.region.data_ptr()  # type: ignore[union-attr]
+    for i, h in enumerate(hits):
+        view = reader.block(h.page, h.index)
+        assert int(view.min()) == int(view.max()) == i + 1
+        # a view into this process's mapping of the shared region: no copy was made
+        assert view.data_ptr() == base + reader.offset(h.page, h.index)
+    reader.release(hashes[:5])
+    reader.close()
+
+
+def test_other_scope_can_neither_find_nor_read(agent: AgentProc) -> None:
+    writer = run_writer(agent, "tok-chat", 3, "exit")
+    writer.wait(10)
+    chat = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    other = AgentClient(agent.socket, "tok-other", 4096).connect()
+    private = AgentClient(agent.socket, "tok-private", 4096).connect()
+    hashes = [bytes([i + 1]) * 16 for i in range(3)]
+    hit = chat.lookup(hashes)[0]
+    assert other.lookup(hashes) == [] and private.lookup(hashes) == []
+    # its own region at the same offset holds none of team-a's bytes
+    assert int(other.block(hit.page, hit.index).max()) == 0
+    assert other.info["scope"] == "ns/team-b" and chat.info["scope"] == "ns/team-a"
+    for c in (chat, other, private):
+        c.close()
+
+
+def test_unknown_credential_gets_nothing(agent: AgentProc) -> None:
+    with pytest.raises(AgentError, match="unknown credential"):
+        AgentClient(agent.socket, "tok-forged", 4096).connect()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(agent.socket)
+    s.sendall(encode_frame({"op": "lookup", "hashes": []}))
+    data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(16))
+    assert anc == [] and b"first request must be 'register'" in data
+    s.close()
+
+
+def test_killed_client_has_its_leases_reclaimed_and_shared_blocks_survive(agent: AgentProc) -> None:
+    writer = run_writer(agent, "tok-chat", 4, "hold")
+    holder = run_writer(agent, "tok-code", 6, "lease-only")
+    usage = agent.stats()["usage"]
+    assert usage == {"chat": 4, "code": 6}  # type: ignore[comparison-overlap]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+    deadline = time.monotonic() + 5
+    while agent.stats()["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = agent.stats()
+    assert stats["sessions"] == 0 and stats["usage"]["code"] == 0  # type: ignore[index]
+    reader = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    assert len(reader.lookup([bytes([i + 1]) * 16 for i in range(4)])) == 4
+    reader.close()
+
+
+def test_bad_requests_get_clear_errors_and_hurt_no_one(agent: AgentProc) -> None:
+    c = AgentClient(agent.socket, "tok-chat", 4096, Budget(max_blocks=4)).connect()
+    with pytest.raises(AgentError, match="every hash must be 16 bytes"):
+        c.lookup([b"short"])
+    with pytest.raises(AgentError, match="unknown op 'explode'"):
+        c.call({"op": "explode"})
+    with pytest.raises(AgentError, match="not leased by this session"):
+        c.release([], [(0, 0)])
+    with pytest.raises(AgentError, match="not pinned by this session"):
+        c.release([b"\x01" * 16])
+    with pytest.raises(AgentFull, match="exceed its max of 4"):
+        c.lease(5)
+    assert len(c.lease(4)) == 4  # nothing leaked by the refused requests
+    # an oversized frame ends that connection only
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(agent.socket)
+    s.sendall(HEADER.pack(1 << 30))
+    assert b"limit" in s.recv(4096)
+    s.close()
+    assert c.ping() == agent.stats()["boot_id"]
+    c.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    payload=st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(
+            st.sampled_from(["op", "n", "hashes", "items", "slots"]),
+            st.one_of(
+                st.none(),
+                st.integers(-5, 10),
+                st.text(max_size=5),
+                st.lists(st.binary(max_size=20), max_size=3),
+            ),
+            max_size=4,
+        ),
+    )
+)
+def test_fuzzed_requests_never_break_the_agent(agent: AgentProc, payload: object) -> None:
+    c = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    try:
+        assert c._sock is not None
+        body = payload if isinstance(payload, bytes) else encode_frame(payload)[HEADER.size :]
+        c._sock.sendall(HEADER.pack(len(body)) + body)
+        c._sock.settimeout(5)
+        dec = FrameDecoder()
+        data = c._sock.recv(65536)
+        if data:
+            dec.feed(data)
+            reply = next(iter(dec.frames()))
+            assert isinstance(reply, dict) and "ok" in reply
+    except (ConnectionError, StopIteration, OSError):
+        pass
+    finally:
+        c.close()
+    fresh = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    assert fresh.ping()
+    fresh.close()
+
+
+def test_restarted_agent_has_a_new_boot_and_clients_re_register(tmp_path: Path) -> None:
+    with agent_process(tmp_path) as a:
+        c = AgentClient(a.socket, "tok-chat", 4096).connect()
+        boot1 = c.ping()
+        slots = c.lease(1)
+        c.commit([(slots[0][0], slots[0][1], b"\x07" * 16)])
+    with agent_process(tmp_path) as b:
+        with pytest.raises(AgentUnavailable):
+            c.ping()
+        c2 = AgentClient(b.socket, "tok-chat", 4096).connect()
+        assert c2.ping() != boot1
+        assert c2.lookup([b"\x07" * 16]) == []  # a new boot starts empty
+        c2.close()
+
+
+async def test_event_stream_snapshot_then_live(agent: AgentProc) -> None:
+    writer = run_writer(agent, "tok-chat", 2, "exit")
+    writer.wait(10)
+    records = []
+    async with aiohttp.ClientSession() as s, s.get(agent.url + "/v1/events") as resp:
+        dec = FrameDecoder()
+
+        async def read_until(n: int) -> None:
+            while len(records) < n:
+                chunk = await resp.content.readany()
+                dec.feed(chunk)
+                records.extend(from_wire(f) for f in dec.frames())
+
+        await asyncio.wait_for(read_until(1), 10)
+        snap = records[0]
+        assert snap.blocks == {b"\x01" * 16: "device", b"\x02" * 16: "device"}  # type: ignore[union-attr]
+        w2 = await asyncio.to_thread(run_writer, agent, "tok-chat", 3, "exit")
+        await asyncio.to_thread(w2.wait, 10)
+        await asyncio.wait_for(read_until(2), 10)
+        live = records[1]
+        assert live.type == "stored" and live.seq == snap.seq + 1  # type: ignore[union-attr]
+    # SIGTERM: the agent publishes 'cleared' and exits cleanly
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(10) == 0
+    assert not os.path.exists(agent.socket)
+
+
+def test_metrics_and_stats(agent: AgentProc) -> None:
+    import urllib.request
+
+    text = urllib.request.urlopen(agent.url + "/metrics").read().decode()
+    for name in (
+        "kvmarina_agent_pages",
+        "kvmarina_agent_blocks",
+        "kvmarina_agent_lookups_total",
+        "kvmarina_agent_evictions_total",
+        "kvmarina_agent_event_seq",
+    ):
+        assert name in text
+    assert agent.stats()["node"] == "node-a"

@@ -1,0 +1,171 @@
+"""The pool's policies, in process: eviction order, budgets, priorities, host tier, events."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvmarina.agent.credentials import CredentialError, CredentialStore, Identity
+from kvmarina.agent.events import EventLog
+from kvmarina.agent.pool import Budget, Pool, PoolError, PoolFull, Session
+from kvmarina.events import BlockEvent, Resync, Snapshot
+
+BB = 4096  # block bytes; pages of 4 blocks
+
+
+def make_pool(device_pages: int = 2, host_pages: int = 0, policy: str = "lru") -> Pool:
+    return Pool(
+        node="n",
+        backend="cpu",
+        page_size=4 * BB,
+        device_pages=device_pages,
+        host_pages=host_pages,
+        policy=policy,
+    )
+
+
+def session(pool: Pool, serving: str, budget: Budget | None = None, ns: str = "a") -> Session:
+    return pool.open_session(Identity(serving, ns, "namespace"), BB, budget or Budget())
+
+
+def fill(pool: Pool, s: Session, tags: list[int]) -> list[bytes]:
+    """Lease, write, commit and unpin one block per tag; returns the hashes."""
+    hashes = []
+    for tag in tags:
+        (slot,) = pool.lease(s, 1)
+        off = slot.page * pool.page_size + slot.index * BB
+        pool.region(s.scope).tensor()[off : off + BB].fill_(tag)
+        h = bytes([tag]) * 16
+        pool.commit(s, slot, h)
+        pool.release(s, [h])
+        hashes.append(h)
+    return hashes
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_eviction_order(policy: str) -> None:
+    pool = make_pool(device_pages=1, policy=policy)  # room for 4 blocks
+    s = session(pool, "chat")
+    h = fill(pool, s, [1, 2, 3, 4])
+    for _ in range(3):  # block 1 is used often and recently
+        pool.lookup(s, [h[0]])
+        pool.release(s, [h[0]])
+    pool.lookup(s, [h[2]])  # block 3 is pinned: never a victim
+    fill(pool, s, [5])
+    remaining = {b.key[1][0] for b in pool.index.blocks.values()}
+    # LRU drops block 2 (least recently used); LFU drops 2 as well (fewest uses, oldest)
+    assert remaining == {1, 3, 4, 5}
+    fill(pool, s, [6])
+    remaining = {b.key[1][0] for b in pool.index.blocks.values()}
+    assert 3 in remaining and 1 in remaining and len(remaining) == 4
+
+
+def test_pinned_blocks_are_never_evicted() -> None:
+    pool = make_pool(device_pages=1)
+    s = session(pool, "chat")
+    h = fill(pool, s, [1, 2, 3, 4])
+    assert len(pool.lookup(s, h)) == 4  # all pinned
+    with pytest.raises(PoolFull, match="in use by running requests"):
+        pool.lease(s, 1)
+    assert len(pool.index) == 4
+
+
+def test_budgets_min_max_priority() -> None:
+    pool = make_pool(device_pages=2)  # 8 blocks
+    low = session(pool, "batch", Budget(min_slots=2, max_slots=8, priority=10))
+    high = session(pool, "chat", Budget(min_slots=2, max_slots=8, priority=100))
+    fill(pool, low, [1, 2, 3, 4, 5, 6])
+    fill(pool, high, [11, 12])
+    # high (priority 100) takes low's blocks above low's minimum of 2
+    fill(pool, high, [13, 14, 15, 16])
+    assert pool.usage["batch"] == 2 and pool.usage["chat"] == 6
+    # low may recycle its own cached blocks, but never take high's (higher priority)
+    assert len(pool.lease(low, 2)) == 2
+    with pytest.raises(PoolFull):
+        pool.lease(low, 1)
+    with pytest.raises(PoolFull, match="max of 1"):
+        capped = session(pool, "capped", Budget(max_slots=1))
+        pool.lease(capped, 2)
+
+
+def test_guaranteed_minimum_beats_priority() -> None:
+    pool = make_pool(device_pages=1)
+    big = session(pool, "big", Budget(priority=1000))
+    fill(pool, big, [1, 2, 3, 4])
+    small = session(pool, "small", Budget(min_slots=2, priority=1))
+    fill(pool, small, [7, 8])  # its minimum is always grantable
+    assert pool.usage["small"] == 2 and pool.usage["big"] == 2
+
+
+def test_host_tier_round_trip() -> None:
+    pool = make_pool(device_pages=1, host_pages=1)
+    s = session(pool, "chat")
+    h = fill(pool, s, [1, 2, 3, 4, 5])  # block 1 moves to host
+    assert pool.index.get((s.scope, h[0])).tier == "host"  # type: ignore[union-attr]
+    hits = pool.lookup(s, [h[0]])
+    assert hits[0].tier == "device"
+    off = hits[0].offset(pool.page_size, BB)
+    data = pool.region(s.scope).tensor()[off : off + BB]
+    assert int(data.min()) == int(data.max()) == 1  # bytes survived the round trip
+    assert pool.stats["offloaded"] >= 1 and pool.stats["promoted"] == 1
+
+
+def test_scopes_are_isolated_and_same_hash_dedupes() -> None:
+    pool = make_pool()
+    a1, a2 = session(pool, "chat", ns="a"), session(pool, "code", ns="a")
+    b = session(pool, "other", ns="b")
+    h = fill(pool, a1, [9])
+    assert len(pool.lookup(a2, h)) == 1 and pool.lookup(b, h) == []
+    (slot,) = pool.lease(a2, 1)
+    loc = pool.commit(a2, slot, h[0])  # the same block again: the first copy is kept
+    assert (loc.page, loc.index) == (
+        pool.index.get((a1.scope, h[0])).slot.page,  # type: ignore[union-attr]
+        pool.index.get((a1.scope, h[0])).slot.index,
+    )  # type: ignore[union-attr]
+
+
+def test_release_errors_change_nothing() -> None:
+    pool = make_pool()
+    s = session(pool, "chat")
+    (slot,) = pool.lease(s, 1)
+    with pytest.raises(PoolError, match="not pinned"):
+        pool.release(s, [b"\x01" * 16])
+    other = session(pool, "x")
+    with pytest.raises(PoolError, match="not leased"):
+        pool.release_slots(other, [slot])
+    assert slot in s.leased
+    pool.close_session(s)
+    assert pool.usage["chat"] == 0 and pool.device.used == 0
+
+
+async def test_event_log_resyncs_a_slow_subscriber() -> None:
+    log = EventLog("n", lambda: {b"\x01" * 16: "device"}, max_queue=3)
+    sub = log.subscribe()
+    for i in range(5):
+        log.publish("stored", (bytes([i]) * 16,), "device")
+    got = []
+    while not sub.queue.empty():
+        got.append(sub.queue.get_nowait())
+    kinds = [type(r).__name__ for r in got]
+    assert "Resync" in kinds
+    after = got[kinds.index("Resync") + 1 :]
+    assert isinstance(after[0], Snapshot)
+    # after the snapshot, numbering continues with no gap
+    seqs = [r.seq for r in after if isinstance(r, BlockEvent)]
+    assert seqs == list(range(after[0].seq + 1, after[0].seq + 1 + len(seqs)))
+    assert isinstance(got[kinds.index("Resync")], Resync)
+    await asyncio.sleep(0)
+
+
+def test_credentials_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "c.yaml"
+    p.write_text("servings:\n  - {name: a, token: x}\n  - {name: b, token: x}\n")
+    with pytest.raises(CredentialError, match="share one token"):
+        CredentialStore.load(p)
+    p.write_text("servings:\n  - {name: a, token: x, scope: world}\n")
+    with pytest.raises(CredentialError, match="scope 'world'"):
+        CredentialStore.load(p)
+    p.write_text("servings:\n  - {name: a}\n")
+    with pytest.raises(CredentialError, match="lacks"):
+        CredentialStore.load(p)
