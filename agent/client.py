@@ -181,11 +181,19 @@ class AgentClient:
         return [Hit(h, p, i, t) for h, p, i, t in reply["locations"]]
 
     def lookup(self, hashes: list[bytes]) -> list[Hit]:
+        """The longest cached run of ``hashes`` from the first, pinned until released."""
+        reply = self._call({"op": "lookup", "hashes": hashes})
+        pages, indices = array.array("I"), array.array("I")
+        pages.frombytes(reply["pages"])
+        indices.frombytes(reply["indices"])
+        tiers = reply["tiers"]
         return [
-            Hit(h, p, i, t) for h, p, i, t in self._call({"op": "lookup", "hashes": hashes})["hits"]
+            Hit(hashes[k], pages[k], indices[k], "device" if tiers[k] == 100 else "host")
+            for k in range(reply["n"])
         ]
 
-    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
+        slots = slots or []
         self._call({"op": "release", "hashes": list(hashes), "slots": [list(s) for s in slots]})
 
     def stats(self) -> dict[str, Any]:

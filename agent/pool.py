@@ -68,10 +68,10 @@ class Session:
     budget: Budget
     leased: set[Slot] = field(default_factory=set)
     pins: Counter[Key] = field(default_factory=Counter)
+    scope: str = ""
 
-    @property
-    def scope(self) -> str:
-        return self.ident.scope_key
+    def __post_init__(self) -> None:
+        self.scope = self.ident.scope_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,20 +245,33 @@ class Pool:
 
     def lookup(self, sess: Session, hashes: list[bytes]) -> list[Location]:
         """Longest cached run from block 0, pinned; host hits are brought back first."""
-        blocks = self.index.longest_prefix(sess.scope, hashes)
-        out = []
-        for block in blocks:
-            if block.block_bytes != sess.block_bytes:
-                break  # same hash under another layout: never hand out mismatched bytes
-            self._pin(sess, block)
+        return [
+            Location(b.key[1], b.slot.page, b.slot.index, b.tier)
+            for b in self.lookup_blocks(sess, hashes)
+        ]
+
+    def lookup_blocks(self, sess: Session, hashes: list[bytes]) -> list[Block]:
+        """``lookup`` without building result objects (the socket path's hot loop)."""
+        blocks, pins, scope, size = self.index.blocks, sess.pins, sess.scope, sess.block_bytes
+        order = self.index.order
+        out: list[Block] = []
+        for h in hashes:
+            key = (scope, h)
+            block = blocks.get(key)
+            if block is None or block.block_bytes != size:
+                break  # a miss, or the same hash under another layout: never mismatched bytes
+            if block.refs == 0:
+                order.remove(key)
+            block.refs += 1
+            block.uses += 1
+            pins[key] = pins.get(key, 0) + 1
             if block.tier == "host" and not self._promote(sess, block):
                 self._unpin(sess, block)
                 break
-            out.append(Location(block.key[1], block.slot.page, block.slot.index, block.tier))
-        hit = len(out)
+            out.append(block)
         self.stats["lookups"] += 1
-        self.stats["hit_blocks"] += hit
-        self.stats["miss_blocks"] += len(hashes) - hit
+        self.stats["hit_blocks"] += len(out)
+        self.stats["miss_blocks"] += len(hashes) - len(out)
         return out
 
     def _pin(self, sess: Session, block: Block) -> None:
@@ -271,16 +284,25 @@ class Pool:
         if sess.pins[block.key] <= 0:
             del sess.pins[block.key]
 
-    def release(self, sess: Session, hashes: Iterable[bytes]) -> None:
+    def release(self, sess: Session, hashes: list[bytes]) -> None:
+        """Unpin blocks this session pinned (all-or-nothing: checked first)."""
+        pins, scope = sess.pins, sess.scope
         for h in hashes:
-            key = (sess.scope, h)
-            if sess.pins.get(key, 0) <= 0:
+            if pins.get((scope, h), 0) <= 0:
                 raise PoolError(f"block {h.hex()} is not pinned by this session")
+        blocks, order = self.index.blocks, self.index.order
         for h in hashes:
-            key = (sess.scope, h)
-            block = self.index.get(key)
+            key = (scope, h)
+            n = pins[key] - 1
+            if n:
+                pins[key] = n
+            else:
+                del pins[key]
+            block = blocks.get(key)
             if block is not None:
-                self._unpin(sess, block)
+                block.refs -= 1
+                if block.refs == 0:
+                    order.add(key, block.uses)
 
     # ------------------------------------------------------------ eviction and tiers
 

@@ -10,7 +10,8 @@ slots (``[page, index]``) and hashes only.
               -> {session, node, boot_id, scope, region_size, page_size, block_bytes}
     lease     {n}                      -> {slots: [[page, index], ...]}
     commit    {items: [[page, index, hash], ...]} -> {locations: [[hash, page, index, tier]]}
-    lookup    {hashes: [...]}          -> {hits: [[hash, page, index, tier], ...]}
+    lookup    {hashes: [...]}          -> {n, pages: uint32 array, indices: uint32 array,
+                                           tiers: b"d"/b"h" per hit}  (hit i is hashes[i])
     release   {hashes: [...], slots: [[page, index], ...]} -> {}
     stats     {}                       -> the pool summary
     ping      {}                       -> {}
@@ -34,6 +35,7 @@ from kvmarina.framing import FrameError, encode_frame, read_frame, write_frame
 log = logging.getLogger(__name__)
 MAX_FRAME = 8 * 1024 * 1024
 MAX_ITEMS = 1 << 16
+TIER_CODES = {"device": ord("d"), "host": ord("h")}
 
 
 class ProtocolError(ValueError):
@@ -180,8 +182,16 @@ class AgentProtocol:
                 locs = [self.pool.commit(sess, s, h) for s, h in zip(slots, hashes, strict=True)]
                 return {"ok": True, "locations": [[x.hash, x.page, x.index, x.tier] for x in locs]}
             if op == "lookup":
-                hits = self.pool.lookup(sess, self._hashes(msg.get("hashes")))
-                return {"ok": True, "hits": [[x.hash, x.page, x.index, x.tier] for x in hits]}
+                hits = self.pool.lookup_blocks(sess, self._hashes(msg.get("hashes")))
+                # Compact reply: the client knows the hashes it asked for; hit i is
+                # hashes[i] for i < n. Pages and indices as packed uint32 arrays.
+                return {
+                    "ok": True,
+                    "n": len(hits),
+                    "pages": array.array("I", [b.slot.page for b in hits]).tobytes(),
+                    "indices": array.array("I", [b.slot.index for b in hits]).tobytes(),
+                    "tiers": bytes(TIER_CODES[b.tier] for b in hits),
+                }
             if op == "release":
                 hashes, slots = self._hashes(msg.get("hashes", [])), _slots(msg.get("slots", []))
                 self.pool.check_leased(sess, slots)  # all-or-nothing: check before changing

@@ -50,7 +50,8 @@ class SlotPool:
     """Slots of one (scope, block size) in one tier.
 
     Invariant: for each page held, ``used[page] + len(free slots of page) ==
-    slots_per_page``; a page with ``used == 0`` is returned at once.
+    slots_per_page``; ``partial`` is exactly the held pages with a free slot; a
+    page with ``used == 0`` is returned at once.
     """
 
     pages: FreePages
@@ -58,27 +59,37 @@ class SlotPool:
     on_page_freed: Callable[[int], None]
     free_slots: dict[int, list[int]] = field(default_factory=dict)
     used: dict[int, int] = field(default_factory=dict)
+    partial: set[int] = field(default_factory=set)  # pages held that have a free slot
 
     def alloc(self) -> Slot | None:
-        for page, free in self.free_slots.items():
-            if free:
-                self.used[page] += 1
-                return Slot(page, free.pop())
+        if self.partial:
+            page = next(iter(self.partial))
+            free = self.free_slots[page]
+            self.used[page] += 1
+            slot = Slot(page, free.pop())
+            if not free:
+                self.partial.discard(page)
+            return slot
         taken = self.pages.take()
         if taken is None:
             return None
         page = taken
         self.free_slots[page] = list(range(self.slots_per_page - 1, -1, -1))
         self.used[page] = 1
-        return Slot(page, self.free_slots[page].pop())
+        slot = Slot(page, self.free_slots[page].pop())
+        if self.free_slots[page]:
+            self.partial.add(page)
+        return slot
 
     def free(self, slot: Slot) -> None:
         if slot.page not in self.used or slot.index in self.free_slots[slot.page]:
             raise ValueError(f"slot {slot} is not allocated")
         self.free_slots[slot.page].append(slot.index)
+        self.partial.add(slot.page)
         self.used[slot.page] -= 1
         if self.used[slot.page] == 0:
             del self.used[slot.page], self.free_slots[slot.page]
+            self.partial.discard(slot.page)
             self.pages.give(slot.page)
             self.on_page_freed(slot.page)
 
