@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, percentile, report  # noqa: E402
+from _common import median, percentile, report
 
-from kvmarina.agent.client import AgentClient, Budget  # noqa: E402
-from kvmarina.agent.credentials import Identity  # noqa: E402
-from kvmarina.agent.pool import Budget as PoolBudget  # noqa: E402
-from kvmarina.agent.pool import Pool  # noqa: E402
-from kvmarina.framing import encode_frame  # noqa: E402
+from kvmarina.agent.client import AgentClient, Budget
+from kvmarina.agent.credentials import Identity
+from kvmarina.agent.pool import Budget as PoolBudget
+from kvmarina.agent.pool import Pool
+from kvmarina.framing import encode_frame
 
 BB = 4096
 
