@@ -220,3 +220,91 @@ class AgentClient:
         assert self.region is not None, "connect() first"
         off = self.offset(page, index)
         return self.region[off : off + self.block_bytes]
+
+
+class LocalPool:
+    """The ``AgentClient`` API over a private in-process pool (``engine --no-agent``).
+
+    Same slots, same index, same eviction; nothing is shared with other processes.
+    """
+
+    def __init__(
+        self,
+        block_bytes: int,
+        device_bytes: int,
+        page_size: int = 2 * 1024 * 1024,
+        policy: str = "lru",
+    ) -> None:
+        from kvmarina.agent.credentials import Identity
+        from kvmarina.agent.pool import Budget as PoolBudget
+        from kvmarina.agent.pool import Pool
+
+        self.block_bytes = block_bytes
+        self._pool = Pool(
+            node="local",
+            backend="cpu",
+            page_size=page_size,
+            device_pages=max(1, device_bytes // page_size),
+            host_pages=0,
+            policy=policy,
+        )
+        self._sess = self._pool.open_session(
+            Identity("engine", "local", "none"), block_bytes, PoolBudget()
+        )
+        self.region: torch.Tensor | None = self._pool.region(self._sess.scope).tensor()
+        self.info: dict[str, Any] = {
+            "page_size": page_size,
+            "node": "local",
+            "boot_id": self._pool.events.boot_id,
+        }
+
+    def connect(self) -> LocalPool:
+        return self
+
+    def close(self) -> None:
+        self._pool.close_session(self._sess)
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        from kvmarina.agent.pool import PoolError, PoolFull
+
+        try:
+            return fn(*args)
+        except PoolFull as exc:
+            raise AgentFull(str(exc)) from None
+        except PoolError as exc:
+            raise AgentError(str(exc)) from None
+
+    def lease(self, n: int) -> list[tuple[int, int]]:
+        return [(s.page, s.index) for s in self._guard(self._pool.lease, self._sess, n)]
+
+    def commit(self, items: list[tuple[int, int, bytes]]) -> list[Hit]:
+        from kvmarina.agent.index import Slot
+
+        out = []
+        for p, i, h in items:
+            loc = self._guard(self._pool.commit, self._sess, Slot(p, i), h)
+            out.append(Hit(loc.hash, loc.page, loc.index, loc.tier))
+        return out
+
+    def lookup(self, hashes: list[bytes]) -> list[Hit]:
+        locs = self._guard(self._pool.lookup, self._sess, hashes)
+        return [Hit(x.hash, x.page, x.index, x.tier) for x in locs]
+
+    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
+        from kvmarina.agent.index import Slot
+
+        self._guard(self._pool.release, self._sess, list(hashes))
+        self._guard(self._pool.release_slots, self._sess, [Slot(p, i) for p, i in slots or []])
+
+    def stats(self) -> dict[str, Any]:
+        return self._pool.summary()
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        raise AgentError(f"{msg.get('op')!r} needs a node agent (engine runs with --no-agent)")
+
+    @property
+    def page_size(self) -> int:
+        return int(self.info["page_size"])
+
+    def offset(self, page: int, index: int) -> int:
+        return page * self.page_size + index * self.block_bytes

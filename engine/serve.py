@@ -16,12 +16,15 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from kvmarina.engine.config import ModelConfigError
-from kvmarina.engine.kvstore import ContiguousStore, KVStore
+from kvmarina.agent.client import AgentClient, AgentError, Budget, LocalPool
+from kvmarina.engine.config import ModelConfig, ModelConfigError
+from kvmarina.engine.kvstore import KVStore
+from kvmarina.engine.paged import PagedStore
 from kvmarina.engine.scheduler import Scheduler
 from kvmarina.engine.server import EngineServer, Metrics, ServerConfig
 from kvmarina.engine.weights import WeightsError, load_model
 from kvmarina.hashing import HashContract
+from kvmarina.quantity import parse_size
 from kvmarina.tokenizer import load_tokenizer
 
 log = logging.getLogger("kvmarina.engine")
@@ -77,21 +80,63 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("NO_AGENT", "") == "true",
         help="use a private in-process KV pool instead of the node agent",
     )
+    p.add_argument(
+        "--agent-socket",
+        default=os.environ.get("KVMARINA_AGENT_SOCKET", "/var/run/kvmarina/agent.sock"),
+        help="the node agent's unix socket",
+    )
+    p.add_argument(
+        "--credential-file",
+        default=_env("CREDENTIAL_FILE"),
+        help="file holding this serving's registration token (mounted by the operator)",
+    )
+    p.add_argument(
+        "--kv-bytes",
+        default=_env("KV_BYTES", "256Mi"),
+        help="KV memory of the private pool (--no-agent)",
+    )
+    p.add_argument("--budget-min", default=_env("BUDGET_MIN", "0"), help="guaranteed KV bytes")
+    p.add_argument("--budget-max", default=_env("BUDGET_MAX", "1Ti"), help="most KV bytes")
+    p.add_argument("--priority", type=int, default=int(_env("PRIORITY", "100") or 100))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     return p
 
 
-def build_store(args: argparse.Namespace, num_layers: int) -> KVStore:
+def build_store(args: argparse.Namespace, model_cfg: ModelConfig) -> KVStore:
+    contract = HashContract(args.block_size, args.hash_algorithm, args.digest_bits // 8)
+    layout = model_cfg.kv_layout(args.block_size)
+    identity = model_cfg.identity(args.model, args.revision, args.block_size).canonical()
+    client: AgentClient | LocalPool
     if args.no_agent:
         log.warning(
             "--no-agent: KV lives in a private in-process pool; nothing is shared "
             "with other engines on this node"
         )
-        return ContiguousStore(num_layers, args.block_size)
-    raise SystemExit(
-        "kvmarina engine: the node agent is required (start `kvmarina agent`, or "
-        "pass --no-agent for a private pool)"
-    )
+        client = LocalPool(layout.bytes_per_block, parse_size(args.kv_bytes))
+    else:
+        token = _read_token(args.credential_file)
+        blocks = layout.bytes_per_block
+        budget = Budget(
+            parse_size(args.budget_min) // blocks,
+            max(1, parse_size(args.budget_max) // blocks),
+            args.priority,
+        )
+        client = AgentClient(args.agent_socket, token, blocks, budget).connect()
+    log.info("KV store ready: model identity %s, %s", identity, contract.describe())
+    return PagedStore(client, layout, contract, identity)
+
+
+def _read_token(path: str | None) -> str:
+    if path is None:
+        raise AgentError(
+            "no --credential-file: the engine needs its serving's token to register with "
+            "the agent (or run with --no-agent)"
+        )
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise AgentError(f"cannot read the credential file {path}: {exc.strerror}") from None
 
 
 async def _serve(server: EngineServer, host: str, port: int) -> None:
@@ -123,7 +168,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"kvmarina engine: {exc}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(args.model_dir)
-    store = build_store(args, model.config.num_layers)
+    try:
+        store = build_store(args, model.config)
+    except (AgentError, ValueError) as exc:
+        print(f"kvmarina engine: {exc}", file=sys.stderr)
+        return 2
     metrics = Metrics()
     max_len = min(args.max_model_len, model.config.max_position)
     scheduler = Scheduler(

@@ -88,27 +88,33 @@ def reshape_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     backend: str | None = None,
+    check: bool = True,
 ) -> None:
-    """Write new tokens' K and V ([T, H, D]) into the paged cache at their slots."""
-    check_cache_pair(k_cache, v_cache)
-    require(
-        k.dim() == 3 and k.shape == v.shape,
-        f"k and v must both be [T, H, D]; got {tuple(k.shape)} and {tuple(v.shape)}",
-    )
-    require(
-        k.shape[1:] == k_cache.shape[2:],
-        f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds [.., {k_cache.shape[2]}, "
-        f"{k_cache.shape[3]}] per token",
-    )
-    check_same("k", k, k_cache)
-    check_same("v", v, v_cache)
-    require(
-        slot_mapping.dim() == 1 and slot_mapping.numel() == k.shape[0],
-        f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.numel()}",
-    )
-    check_index("slot_mapping", slot_mapping, k_cache.shape[0] * k_cache.shape[1])
+    """Write new tokens' K and V ([T, H, D]) into the paged cache at their slots.
+
+    ``check=False`` skips the argument checks, for a caller that has checked the
+    same metadata already (the engine checks once per step, not once per layer).
+    """
     impl = select(k.device, backend)
-    _block_pow2(k_cache, impl)
+    if check:
+        check_cache_pair(k_cache, v_cache)
+        require(
+            k.dim() == 3 and k.shape == v.shape,
+            f"k and v must both be [T, H, D]; got {tuple(k.shape)} and {tuple(v.shape)}",
+        )
+        require(
+            k.shape[1:] == k_cache.shape[2:],
+            f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds "
+            f"[.., {k_cache.shape[2]}, {k_cache.shape[3]}] per token",
+        )
+        check_same("k", k, k_cache)
+        check_same("v", v, v_cache)
+        require(
+            slot_mapping.dim() == 1 and slot_mapping.numel() == k.shape[0],
+            f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.numel()}",
+        )
+        check_index("slot_mapping", slot_mapping, k_cache.shape[0] * k_cache.shape[1])
+        _block_pow2(k_cache, impl)
     impl.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -143,42 +149,38 @@ def paged_attention(
     ctx_lens: torch.Tensor,
     scale: float | None = None,
     backend: str | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix + themselves
     (chunked prefill and decode alike). K/V of the new tokens must already be cached."""
-    check_cache_pair(k_cache, v_cache)
-    require(
-        q.dim() == 3 and q.shape[2] == k_cache.shape[3],
-        f"q must be [T, H_q, {k_cache.shape[3]}], got {tuple(q.shape)}",
-    )
-    require(
-        q.shape[1] % k_cache.shape[2] == 0,
-        f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads",
-    )
-    check_same("q", q, k_cache)
-    _check_tables(block_tables, ctx_lens, k_cache)
-    s = block_tables.shape[0]
-    require(
-        q_starts.numel() == s and q_lens.numel() == s,
-        "q_starts and q_lens need one entry per sequence",
-    )
-    if s:
-        require(int(q_lens.min()) >= 1, "every sequence needs at least one query token")
-        require(bool((q_lens <= ctx_lens).all()), "q_lens may not exceed ctx_lens")
-        require(int((q_starts + q_lens).max()) <= q.shape[0], "q_starts + q_lens run past q")
     impl = select(q.device, backend)
-    _block_pow2(k_cache, impl)
+    if check:
+        check_cache_pair(k_cache, v_cache)
+        require(
+            q.dim() == 3 and q.shape[2] == k_cache.shape[3],
+            f"q must be [T, H_q, {k_cache.shape[3]}], got {tuple(q.shape)}",
+        )
+        require(
+            q.shape[1] % k_cache.shape[2] == 0,
+            f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads",
+        )
+        check_same("q", q, k_cache)
+        _check_tables(block_tables, ctx_lens, k_cache)
+        s = block_tables.shape[0]
+        require(
+            q_starts.numel() == s and q_lens.numel() == s,
+            "q_starts and q_lens need one entry per sequence",
+        )
+        if s:
+            require(int(q_lens.min()) >= 1, "every sequence needs at least one query token")
+            require(bool((q_lens <= ctx_lens).all()), "q_lens may not exceed ctx_lens")
+            require(int((q_starts + q_lens).max()) <= q.shape[0], "q_starts + q_lens run past q")
+        _block_pow2(k_cache, impl)
     scale = scale if scale is not None else q.shape[2] ** -0.5
-    return impl.paged_attention(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        q_starts,
-        q_lens,  # type: ignore[no-any-return]
-        ctx_lens,
-        scale,
+    out: torch.Tensor = impl.paged_attention(
+        q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens, scale
     )
+    return out
 
 
 def paged_decode(
@@ -189,23 +191,27 @@ def paged_decode(
     ctx_lens: torch.Tensor,
     scale: float | None = None,
     backend: str | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Decode attention: one query token per sequence ([S, H_q, D])."""
-    check_cache_pair(k_cache, v_cache)
-    require(
-        q.dim() == 3 and q.shape[0] == block_tables.shape[0],
-        "q must be [S, H_q, D] with one row per sequence of block_tables",
-    )
-    require(
-        q.shape[1] % k_cache.shape[2] == 0 and q.shape[2] == k_cache.shape[3],
-        f"q {tuple(q.shape)} does not fit caches of {k_cache.shape[2]} heads x {k_cache.shape[3]}",
-    )
-    check_same("q", q, k_cache)
-    _check_tables(block_tables, ctx_lens, k_cache)
     impl = select(q.device, backend)
-    _block_pow2(k_cache, impl)
+    if check:
+        check_cache_pair(k_cache, v_cache)
+        require(
+            q.dim() == 3 and q.shape[0] == block_tables.shape[0],
+            "q must be [S, H_q, D] with one row per sequence of block_tables",
+        )
+        require(
+            q.shape[1] % k_cache.shape[2] == 0 and q.shape[2] == k_cache.shape[3],
+            f"q {tuple(q.shape)} does not fit caches of {k_cache.shape[2]} heads x "
+            f"{k_cache.shape[3]}",
+        )
+        check_same("q", q, k_cache)
+        _check_tables(block_tables, ctx_lens, k_cache)
+        _block_pow2(k_cache, impl)
     scale = scale if scale is not None else q.shape[2] ** -0.5
-    return impl.paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale)  # type: ignore[no-any-return]
+    out: torch.Tensor = impl.paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale)
+    return out
 
 
 def _check_rows(name: str, t: torch.Tensor) -> None:

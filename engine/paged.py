@@ -1,0 +1,226 @@
+"""The engine's KV cache in the agent's pool: block tables over shared pages.
+
+For each sequence the store keeps a block table (block ids in the scope
+region, viewed as ``[N, L, 2, B, H, D]`` blocks — see ``kvmarina.kernels.layout``):
+
+* ``open``: hash the prompt's full blocks (the contract, with the tenant salt),
+  look up the longest cached run — this engine's, another engine's on the node,
+  or blocks just pulled from a peer — and use those blocks in place (pinned, no copy);
+* ``reserve``: lease fresh slots for the rest of the sequence;
+* ``attention``: for a step, write the new tokens' K/V into their slots
+  (reshape-and-cache) and run paged attention over the block tables;
+* ``commit``: each newly filled full block is committed by hash, so others can use it;
+* ``close``: release pins and unused slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from kvmarina.agent.client import AgentError, AgentFull, AgentUnavailable, Hit
+from kvmarina.engine.batch import StepBatch
+from kvmarina.engine.kvstore import KVFull, PullHint
+from kvmarina.engine.model import Attention
+from kvmarina.hashing import HashContract
+from kvmarina.kernels import paged_attention, paged_decode, reshape_and_cache
+from kvmarina.kernels.layout import blocks_view, layer_views
+from kvmarina.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+
+class PoolClient(Protocol):
+    """What the store needs from ``AgentClient`` / ``LocalPool``."""
+
+    region: torch.Tensor | None
+    info: dict[str, Any]
+
+    def lease(self, n: int) -> list[tuple[int, int]]: ...
+
+    def commit(self, items: list[tuple[int, int, bytes]]) -> list[Hit]: ...
+
+    def lookup(self, hashes: list[bytes]) -> list[Hit]: ...
+
+    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None: ...
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(eq=False)
+class SeqKV:
+    """Invariants: ``block_ids[i]`` holds tokens ``i*B .. (i+1)*B - 1``; blocks below
+    ``committed`` are in the index and pinned by us (``pinned``); ``leased`` maps a
+    block number to the slot we leased for it and have not committed."""
+
+    salt: str
+    hashes: list[bytes]
+    block_ids: list[int] = field(default_factory=list)
+    committed: int = 0
+    pinned: list[bytes] = field(default_factory=list)
+    leased: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class PagedStore:
+    def __init__(
+        self, client: PoolClient, layout: KVLayout, contract: HashContract, identity: str
+    ) -> None:
+        if layout.block_size != contract.block_size:
+            raise ValueError(
+                f"KV layout block size {layout.block_size} differs from the "
+                f"pool's contract ({contract.block_size})"
+            )
+        self.client, self.layout, self.contract, self.identity = client, layout, contract, identity
+        self.block_size = layout.block_size
+        self.seqs: dict[int, SeqKV] = {}
+        self.pulled_blocks = 0
+        self._map()
+
+    def _map(self) -> None:
+        page = int(self.client.info["page_size"])
+        if page % self.layout.bytes_per_block:
+            raise ValueError(
+                f"the pool's page size ({page} bytes) is not a multiple of this "
+                f"model's KV block ({self.layout.bytes_per_block} bytes, "
+                f"{self.layout.describe()}); choose a pageSize that is"
+            )
+        assert self.client.region is not None
+        self.per_page = page // self.layout.bytes_per_block
+        self.blocks = blocks_view(self.client.region, self.layout)
+
+    def _block_id(self, page: int, index: int) -> int:
+        return page * self.per_page + index
+
+    # ------------------------------------------------------------ KVStore API
+
+    def open(self, seq_id: int, prompt: list[int], salt: str, pull: PullHint | None = None) -> int:
+        hashes = self.contract.block_hashes(prompt, self.identity, salt)
+        usable = hashes[: (len(prompt) - 1) // self.block_size]  # compute >= 1 token
+        if pull is not None and usable:
+            self._pull(pull, usable[: pull.blocks])
+        try:
+            hits = self.client.lookup(usable) if usable else []
+        except AgentUnavailable:
+            raise
+        except AgentError as exc:
+            log.warning("lookup failed (%s); computing the whole prompt", exc)
+            hits = []
+        seq = SeqKV(salt, hashes)
+        seq.block_ids = [self._block_id(h.page, h.index) for h in hits]
+        seq.pinned = [h.hash for h in hits]
+        seq.committed = len(hits)
+        self.seqs[seq_id] = seq
+        return len(hits) * self.block_size
+
+    def _pull(self, hint: PullHint, hashes: list[bytes]) -> None:
+        try:
+            reply = self.client.call(
+                {"op": "pull", "peer": hint.agent, "node": hint.node, "hashes": hashes}
+            )
+            self.pulled_blocks += int(reply.get("pulled", 0))
+        except AgentError as exc:  # the pull is an optimisation: recompute instead
+            log.info(
+                "pull of %d blocks from %s failed (%s); recomputing", len(hashes), hint.node, exc
+            )
+
+    def reserve(self, seq_id: int, total_tokens: int) -> None:
+        seq = self.seqs[seq_id]
+        need = -(-total_tokens // self.block_size) - len(seq.block_ids)
+        if need <= 0:
+            return
+        try:
+            slots = self.client.lease(need)
+        except AgentFull as exc:
+            raise KVFull(str(exc)) from None
+        for page, index in slots:
+            seq.leased[len(seq.block_ids)] = (page, index)
+            seq.block_ids.append(self._block_id(page, index))
+
+    def attention(self, batch: StepBatch) -> Attention:
+        return _StepAttention(self, batch)
+
+    def commit(self, seq_id: int, tokens: list[int]) -> None:
+        seq = self.seqs[seq_id]
+        full = len(tokens) // self.block_size
+        if full <= seq.committed:
+            return
+        while len(seq.hashes) < full:  # generated tokens extend the chain
+            start = len(seq.hashes) * self.block_size
+            seq.hashes += self.contract.block_hashes(
+                tokens[start : full * self.block_size],
+                self.identity,
+                seq.salt,
+                parent=seq.hashes[-1] if seq.hashes else None,
+            )
+        items = []
+        for i in range(seq.committed, full):
+            page, index = seq.leased.pop(i)
+            items.append((page, index, seq.hashes[i]))
+        for i, hit in zip(range(seq.committed, full), self.client.commit(items), strict=True):
+            # Someone else committed the same block first: use theirs (identical bytes).
+            seq.block_ids[i] = self._block_id(hit.page, hit.index)
+            seq.pinned.append(hit.hash)
+        seq.committed = full
+
+    def close(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        try:
+            self.client.release(seq.pinned, list(seq.leased.values()))
+        except AgentError as exc:
+            log.warning("release of sequence %d failed: %s", seq_id, exc)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "sequences": len(self.seqs),
+            "blocks_held": sum(len(s.block_ids) for s in self.seqs.values()),
+            "pulled_blocks": self.pulled_blocks,
+        }
+
+
+class _StepAttention:
+    """The per-step metadata, built once; ``__call__`` runs for every layer."""
+
+    def __init__(self, store: PagedStore, batch: StepBatch) -> None:
+        bsz = store.block_size
+        self.store, self.batch = store, batch
+        seqs = [store.seqs[sid] for sid in batch.seq_ids]
+        slots = []
+        for seq, cached, n in zip(seqs, batch.cached_lens, batch.new_lens, strict=True):
+            for pos in range(cached, cached + n):
+                slots.append(seq.block_ids[pos // bsz] * bsz + pos % bsz)
+        self.slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        ctx = [c + n for c, n in zip(batch.cached_lens, batch.new_lens, strict=True)]
+        width = max(-(-c // bsz) for c in ctx)
+        table = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for i, (seq, c) in enumerate(zip(seqs, ctx, strict=True)):
+            nb = -(-c // bsz)
+            table[i, :nb] = torch.tensor(seq.block_ids[:nb], dtype=torch.int32)
+        self.block_tables = table
+        self.ctx_lens = torch.tensor(ctx, dtype=torch.int64)
+        self.q_lens = torch.tensor(batch.new_lens, dtype=torch.int64)
+        self.q_starts = torch.tensor(batch.starts, dtype=torch.int64)
+        self.decode_only = all(n == 1 for n in batch.new_lens)
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        k_cache, v_cache = layer_views(self.store.blocks, layer)
+        check = layer == 0  # the metadata is the same for every layer: check it once
+        reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check=check)
+        if self.decode_only:
+            return paged_decode(q, k_cache, v_cache, self.block_tables, self.ctx_lens, check=check)
+        return paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            self.block_tables,
+            self.q_starts,
+            self.q_lens,
+            self.ctx_lens,
+            check=check,
+        )
