@@ -140,3 +140,19 @@ class ModelIdentity:
         return (
             f"{self.name}@{self.revision}|{self.layout.describe()}|tp{self.tp_rank}of{self.tp_size}"
         )
+
+
+#: KV shape (num_layers, num_kv_heads, head_dim) of the engine's size presets, so that
+#: planners (operator, local mode) can name a preset model's identity without loading
+#: the engine. ``tests/engine`` checks the engine's presets against this table.
+PRESET_KV_SHAPES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 2, 16),
+    "small": (4, 2, 32),
+}
+
+
+def preset_identity(
+    preset: str, name: str, revision: str, dtype: str, block_size: int
+) -> ModelIdentity:
+    layers, heads, dim = PRESET_KV_SHAPES[preset]
+    return ModelIdentity(name, KVLayout(layers, heads, dim, dtype, block_size), revision)

@@ -17,26 +17,13 @@ from collections.abc import Mapping
 
 from kvmarina.router.config import SharingConfig
 from kvmarina.router.headers import SALT_HEADER
-
-
-def _part(tag: str, value: str) -> str:
-    return f"{tag}{len(value)}:{value}"
+from kvmarina.tenancy import scope_salt
 
 
 def derive_salt(
     sharing: SharingConfig, namespace: str, serving: str, headers: Mapping[str, str]
 ) -> str:
     """The salt for one request; ``headers`` are the client's (case-insensitive map)."""
-    if sharing.scope == "cluster":
-        parts = [_part("c", "")]
-    elif sharing.scope == "namespace":
-        parts = [_part("n", namespace)]
-    else:
-        parts = [_part("s", f"{namespace}/{serving}")]
-    if sharing.tenant_header:
-        parts.append(_part("t", headers.get(sharing.tenant_header, "")))
-    if sharing.allow_client_salt:
-        client = headers.get(SALT_HEADER)
-        if client:
-            parts.append(_part("x", client))
-    return "|".join(parts)
+    tenant = headers.get(sharing.tenant_header, "") if sharing.tenant_header else None
+    client = headers.get(SALT_HEADER) if sharing.allow_client_salt else None
+    return scope_salt(sharing.scope, namespace, serving, tenant=tenant, client_salt=client)

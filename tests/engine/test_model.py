@@ -136,3 +136,16 @@ def test_sampling_params_and_seeded_sampling() -> None:
     b = [Sampler(p).next_token(logits) for _ in range(3)]
     assert a == b
     assert Sampler(SamplingParams(temperature=0.0)).next_token(logits) == int(logits.argmax())
+
+
+def test_engine_presets_match_the_core_preset_table() -> None:
+    from kvmarina.engine.config import PRESETS
+    from kvmarina.layout import PRESET_KV_SHAPES, preset_identity
+
+    assert set(PRESETS) == set(PRESET_KV_SHAPES)
+    for name, cfg in PRESETS.items():
+        assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) == PRESET_KV_SHAPES[name]
+        assert (
+            cfg.identity("m", "main", 16).canonical()
+            == preset_identity(name, "m", "main", cfg.dtype, 16).canonical()
+        )
