@@ -35,7 +35,7 @@ def _pool_and_serving():  # type: ignore[no-untyped-def]
 
 
 def test_agent_config_and_credentials_load(tmp_path: Path) -> None:
-    pool, serving = _pool_and_serving()
+    pool, _serving = _pool_and_serving()
     creds = tmp_path / "creds.yaml"
     creds.write_text(yaml.safe_dump(credentials_doc([("tiny", "default", "namespace", "t0k")])))
     cfg = agent_config(
