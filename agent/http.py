@@ -103,6 +103,10 @@ def build_app(
             pool.events.unsubscribe(sub)
         return resp
 
+    async def clear(_: web.Request) -> web.Response:
+        return web.json_response({"dropped": pool.drop_unpinned()})
+
+    app.router.add_post("/admin/clear", clear)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

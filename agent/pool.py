@@ -393,7 +393,23 @@ class Pool:
         return {key[1]: b.tier for key, b in self.index.blocks.items()}
 
     def clear(self) -> None:
+        """Shutdown: subscribers learn that this boot's index is gone."""
         self.events.publish("cleared")
+
+    def drop_unpinned(self) -> int:
+        """Evict every unpinned block (an operator's or a benchmark's reset); pinned
+        blocks stay. Publishes ``cleared`` when nothing is left, else ``evicted``."""
+        victims = [b for b in self.index.blocks.values() if b.refs == 0]
+        for block in victims:
+            self.index.remove(block.key)
+            self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
+            if block.tier == "device":
+                self.usage[block.owner] -= 1
+        if not self.index.blocks:
+            self.events.publish("cleared")
+        else:
+            self.events.publish("evicted", tuple(b.key[1] for b in victims))
+        return len(victims)
 
     def summary(self) -> dict[str, object]:
         tiers = Counter(b.tier for b in self.index.blocks.values())

@@ -1,0 +1,214 @@
+"""Turn KVCachePool / ModelServing YAML into local processes, using the operator's planner.
+
+What the operator would create as a DaemonSet, Deployments and ConfigMaps becomes,
+here, one agent per simulated node, the engine replicas spread over the nodes, and
+one router per serving — configured by the same functions
+(``kvmarina.operator.components``), written to files under the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmarina.local.ports import free_ports
+from kvmarina.local.supervisor import ProcessSpec, python_cmd
+from kvmarina.operator.components import (
+    Endpoint,
+    PlanError,
+    agent_config,
+    credentials_doc,
+    effective_scope,
+    engine_env,
+    new_token,
+    router_config,
+)
+from kvmarina.validate import Issue, Resource, SpecError, load_file
+
+
+@dataclass
+class FleetPlan:
+    """Every process of a local fleet, in start order (agents, engines, routers)."""
+
+    agents: list[ProcessSpec] = field(default_factory=list)
+    engines: list[ProcessSpec] = field(default_factory=list)
+    routers: list[ProcessSpec] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[ProcessSpec]:
+        return self.agents + self.engines + self.routers
+
+
+def load_resources(paths: list[str]) -> tuple[list[Resource], list[Resource]]:
+    """Pools and servings of the files; ``SpecError`` with every problem (field paths)."""
+    pools: list[Resource] = []
+    servings: list[Resource] = []
+    problems: list[tuple[str, Issue]] = []
+    for path in paths:
+        try:
+            resources, found = load_file(path)
+        except OSError as exc:
+            raise SpecError(path, [Issue("", f"cannot read: {exc.strerror}")]) from exc
+        problems += found
+        for r in resources:
+            (pools if r.kind == "KVCachePool" else servings).append(r)
+    if problems:
+        raise SpecError(
+            ", ".join(paths), [Issue(i.path, f"{label}: {i.message}") for label, i in problems]
+        )
+    names = {p.name for p in pools}
+    for s in servings:
+        if s.spec.pool_ref.name not in names:
+            raise SpecError(
+                s.name,
+                [
+                    _issue(
+                        "spec.poolRef.name",
+                        f"pool {s.spec.pool_ref.name!r} is not defined in the given files "
+                        f"(defined: {', '.join(sorted(names)) or 'none'})",
+                    )
+                ],
+            )
+    return pools, servings
+
+
+def _issue(path: str, message: str) -> Issue:
+    return Issue(path, message)
+
+
+def plan_fleet(
+    pools: list[Resource],
+    servings: list[Resource],
+    run_dir: Path,
+    nodes: int,
+    model_dir: str | None = None,
+) -> FleetPlan:
+    plan = FleetPlan()
+    for pool in pools:
+        mine = [s for s in servings if s.spec.pool_ref.name == pool.name]
+        tokens = {s.name: new_token() for s in mine}
+        pool_dir = run_dir / f"pool-{pool.name}"
+        pool_dir.mkdir(parents=True, exist_ok=True)
+        creds_file = pool_dir / "credentials.json"
+        try:
+            creds = credentials_doc(
+                [
+                    (
+                        s.name,
+                        s.namespace or "default",
+                        effective_scope(s.spec, pool.spec),
+                        tokens[s.name],
+                    )
+                    for s in mine
+                ]
+            )
+        except PlanError as exc:
+            raise SpecError(pool.name, [_issue("spec.sharing.scope", str(exc))]) from exc
+        creds_file.write_text(json.dumps(creds))
+        creds_file.chmod(0o600)
+        node_names = [f"{pool.name}-node-{i}" for i in range(nodes)]
+        agent_urls, sockets = {}, {}
+        for node, port in zip(node_names, free_ports(len(node_names)), strict=True):
+            sock = str(pool_dir / f"{node}.sock")
+            cfg = agent_config(
+                pool.spec,
+                node=node,
+                socket_path=sock,
+                credentials_file=str(creds_file),
+                http_host="127.0.0.1",
+                http_port=port,
+                migration_port=0,
+                migration_host="127.0.0.1",
+            )
+            cfg_file = pool_dir / f"{node}.agent.json"
+            cfg_file.write_text(json.dumps(cfg, indent=2))
+            agent_urls[node], sockets[node] = f"http://127.0.0.1:{port}", sock
+            plan.agents.append(
+                ProcessSpec(
+                    f"agent-{node}",
+                    "agent",
+                    python_cmd("agent", "--config", str(cfg_file)),
+                    ready_url=f"http://127.0.0.1:{port}/readyz",
+                    node=node,
+                    info={"url": agent_urls[node], "pool": pool.name},
+                )
+            )
+        for s in mine:
+            _plan_serving(
+                plan, s, pool, node_names, agent_urls, sockets, tokens[s.name], pool_dir, model_dir
+            )
+    return plan
+
+
+def _plan_serving(
+    plan: FleetPlan,
+    s: Resource,
+    pool: Resource,
+    node_names: list[str],
+    agent_urls: dict[str, str],
+    sockets: dict[str, str],
+    token: str,
+    pool_dir: Path,
+    model_dir: str | None,
+) -> None:
+    ns = s.namespace or "default"
+    token_file = pool_dir / f"{s.name}.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    ports = free_ports(s.spec.replicas + 1)
+    endpoints = []
+    for i in range(s.spec.replicas):
+        node = node_names[i % len(node_names)]
+        env = engine_env(
+            s.name,
+            ns,
+            s.spec,
+            pool.spec,
+            port=ports[i],
+            host="127.0.0.1",
+            agent_socket=sockets[node],
+            credential_file=str(token_file),
+            model_dir=model_dir,
+        )
+        url = f"http://127.0.0.1:{ports[i]}"
+        name = f"engine-{s.name}-{i}"
+        endpoints.append(Endpoint(name, url, node, agent_urls[node]))
+        plan.engines.append(
+            ProcessSpec(
+                name,
+                "engine",
+                python_cmd("engine"),
+                ready_url=url + "/health",
+                env=env,
+                node=node,
+                info={"url": url, "serving": s.name},
+            )
+        )
+    router_port = ports[-1]
+    cfg = router_config(s.name, ns, s.spec, pool.spec, endpoints)
+    cfg_file = pool_dir / f"{s.name}.router.json"
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    url = f"http://127.0.0.1:{router_port}"
+    plan.routers.append(
+        ProcessSpec(
+            f"router-{s.name}",
+            "router",
+            python_cmd(
+                "router",
+                "--config",
+                str(cfg_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(router_port),
+            ),
+            ready_url=url + "/health",
+            info={
+                "url": url,
+                "serving": s.name,
+                "model": s.spec.model.name,
+                "config": str(cfg_file),
+            },
+        )
+    )

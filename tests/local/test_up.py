@@ -1,0 +1,155 @@
+"""`kvmarina up / status / down` as a user runs them: real processes, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kvmarina.local.supervisor import load_state
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmarina.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_up(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvmarina.cli",
+            "up",
+            "-f",
+            str(REPO / "examples" / "local.yaml"),
+            *extra,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(r"router for tiny: (http://\S+)", line)
+        if m:
+            return proc, m.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"up did not come up: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def pids(tmp_path: Path) -> list[int]:
+    return [p.pid for p in load_state(tmp_path / ".kvmarina")[1]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().split()
+    except OSError:
+        return False
+    return stat[2] != "Z"
+
+
+def complete(url: str, prompt: str) -> dict[str, object]:
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 3}).encode()
+    req = urllib.request.Request(
+        url + "/v1/completions", data=body, headers={"content-type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())  # type: ignore[no-any-return]
+
+
+def test_up_serves_status_shows_down_stops_everything(tmp_path: Path) -> None:
+    proc, url = start_up(tmp_path)
+    try:
+        started = pids(tmp_path)
+        assert len(started) == 5  # 2 agents, 2 engines, 1 router
+        prompt = "a shared system prompt for every tenant in the namespace. " * 6
+        complete(url, prompt + "first")
+        second = complete(url, prompt + "second")
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 320  # type: ignore[index]
+        status = cli("status", cwd=tmp_path)
+        assert status.returncode == 0 and "agent-local-node-0" in status.stdout
+        assert "router-tiny" in status.stdout and "up" in status.stdout
+        down = cli("down", cwd=tmp_path)
+        assert down.returncode == 0, down.stderr
+        proc.wait(30)
+        assert not any(alive(p) for p in started)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ctrl_c_on_up_stops_everything(tmp_path: Path) -> None:
+    proc, _ = start_up(tmp_path, "--nodes", "1")
+    started = pids(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    assert not any(alive(p) for p in started)
+    assert load_state(tmp_path / ".kvmarina")[1] == []
+
+
+def test_invalid_yaml_starts_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (REPO / "examples" / "local.yaml").read_text().replace("backend: cpu", "backend: rocm")
+    )
+    res = cli("up", "-f", str(bad), cwd=tmp_path)
+    assert res.returncode == 1
+    assert "spec.memory.backend" in res.stderr and "nothing was started" in res.stderr
+    assert not (tmp_path / ".kvmarina").exists()
+
+
+def test_a_part_that_fails_is_named_and_the_rest_stopped(tmp_path: Path) -> None:
+    bad = tmp_path / "huge.yaml"
+    bad.write_text(
+        (REPO / "examples" / "local.yaml").read_text().replace("preset: tiny", "pvc: weights")
+    )
+    res = cli(
+        "up", "-f", str(bad), "--model-dir", str(tmp_path / "missing"), cwd=tmp_path, timeout=120
+    )
+    assert res.returncode == 1
+    assert "engine-tiny-0" in res.stderr or "model identity" in res.stderr
+    assert "stopped" in res.stderr
+    assert not any(alive(p) for p in pids(tmp_path))
+    if os.path.exists(tmp_path / ".kvmarina" / "fleet.json"):
+        assert load_state(tmp_path / ".kvmarina")[1] == []
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_a_chart(tmp_path: Path) -> None:
+    res = cli(
+        "demo",
+        "--preset",
+        "tiny",
+        "--users",
+        "3",
+        "--turns",
+        "2",
+        "--chart",
+        str(tmp_path / "chart.png"),
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cache-aware" in res.stdout and "round-robin" in res.stdout
+    assert (tmp_path / "chart.png").stat().st_size > 1000
