@@ -23,6 +23,7 @@ from kvmarina.agent.http import build_app
 from kvmarina.agent.memory import RegionError
 from kvmarina.agent.pool import Pool
 from kvmarina.agent.protocol import AgentProtocol
+from kvmarina.agent.transfer import TransferError, start_transfer_service
 
 log = logging.getLogger("kvmarina.agent")
 
@@ -95,13 +96,7 @@ async def serve(cfg: AgentConfig, ready_file: str | None = None) -> None:
 
 
 async def _start_extras(cfg: AgentConfig, pool: Pool, proto: AgentProtocol) -> list:  # type: ignore[type-arg]
-    """Optional services (peer transfers) that register their own operations."""
-    try:
-        from kvmarina.agent.transfer_service import start_transfer_service
-    except ModuleNotFoundError as exc:
-        if exc.name != "kvmarina.agent.transfer_service":
-            raise
-        return []
+    """Services that register their own operations (peer transfers)."""
     return [await start_transfer_service(cfg, pool, proto)]
 
 
@@ -117,7 +112,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
         asyncio.run(serve(cfg))
-    except (ConfigError, CredentialError, RegionError) as exc:
+    except (ConfigError, CredentialError, RegionError, TransferError) as exc:
         print(f"kvmarina agent: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,8 +24,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import xxhash
@@ -112,6 +113,8 @@ class Pool:
         self.budgets: dict[str, Budget] = {}
         self.events = events or EventLog(node, self.snapshot)
         self.stats: Counter[str] = Counter()
+        # other services (transfers) add their figures to /stats here
+        self.extra_summary: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # ------------------------------------------------------------ regions and slots
 
@@ -426,4 +429,5 @@ class Pool:
             "usage": dict(self.usage),
             "stats": dict(self.stats),
             "subscribers": len(self.events.subscribers),
+            **{name: fn() for name, fn in self.extra_summary.items()},
         }
