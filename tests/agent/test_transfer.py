@@ -70,7 +70,7 @@ def test_pull_a_long_prefix_then_lookup_returns_the_same_bytes(two_agents) -> No
     a, b = two_agents
     hashes = fill(a)
     client = AgentClient(b.socket, "tok-code", 4096).connect()
-    reply = client.call({"op": "pull", "peer": a.url, "hashes": hashes + [b"\xfe" * 16]})
+    reply = client.call({"op": "pull", "peer": a.url, "hashes": [*hashes, b"\xfe" * 16]})
     assert reply["pulled"] == N and reply["missing"] == [b"\xfe" * 16] and reply["failed"] == []
     hits = client.lookup(hashes)
     assert len(hits) == N
