@@ -1,0 +1,280 @@
+"""ModelServing -> engines, router and what they need (pure: no API calls).
+
+Children live in the serving's namespace, owned by it: the registration token
+Secret (mounted into the engines; also listed in the pool's credentials), the
+engine Deployment and Service, the router Deployment, Service and ConfigMap
+(the endpoints come from the caller's view of the engine and agent pods), a
+PodDisruptionBudget, an HPA when asked, and NetworkPolicies unless turned off.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvmarina.operator import naming as n
+from kvmarina.operator.components import (
+    ENGINE_PORT,
+    ROUTER_PORT,
+    Endpoint,
+    engine_env,
+    router_config,
+)
+from kvmarina.operator.plan_pool import SOCKET_DIR, owner_ref
+from kvmarina.operator.settings import Settings
+from kvmarina.validate import Resource
+
+TOKEN_DIR = "/etc/kvmarina/token"
+ROUTER_DIR = "/etc/kvmarina/router"
+MODEL_DIR = "/models"
+
+
+def _meta(name: str, ns: str, component: str, inst: str, owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ns,
+        "labels": n.labels(component, inst),
+        "ownerReferences": [owner],
+    }
+
+
+def plan_serving(
+    serving: Resource,
+    uid: str,
+    pool: Resource,
+    settings: Settings,
+    token: str,
+    endpoints: list[Endpoint],
+    block_bytes: int | None = None,
+) -> list[dict[str, Any]]:
+    name, ns = serving.name, serving.namespace or "default"
+    owner = owner_ref("ModelServing", name, uid)
+    out: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": _meta(n.serving_token_name(name), ns, "engine", name, owner),
+            "stringData": {"token": token},
+        },
+        _engine_deployment(serving, pool, settings, owner),
+        _service(n.engine_name(name), ns, "engine", name, owner, ENGINE_PORT, ENGINE_PORT),
+        _router_deployment(serving, settings, owner),
+        _service(n.router_name(name), ns, "router", name, owner, 80, ROUTER_PORT),
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": n.selector("engine", name)}},
+        },
+    ]
+    if endpoints:
+        cfg = router_config(name, ns, serving.spec, pool.spec, endpoints, block_bytes=block_bytes)
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": _meta(n.router_config_name(name), ns, "router", name, owner),
+                "data": {"router.json": json.dumps(cfg, indent=2, sort_keys=True)},
+            }
+        )
+    a = serving.spec.autoscaling
+    if a.enabled:
+        out.append(
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
+                "spec": {
+                    "scaleTargetRef": {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": n.engine_name(name),
+                    },
+                    "minReplicas": a.min_replicas,
+                    "maxReplicas": a.max_replicas,
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {
+                                "name": "cpu",
+                                "target": {
+                                    "type": "Utilization",
+                                    "averageUtilization": a.target_cpu_utilization,
+                                },
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    if serving.spec.network_policy.enabled and pool.spec.network_policy.enabled:
+        out += _network_policies(name, ns, owner)
+    return out
+
+
+def _service(
+    svc: str, ns: str, component: str, inst: str, owner: dict[str, Any], port: int, target: int
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(svc, ns, component, inst, owner),
+        "spec": {
+            "selector": n.selector(component, inst),
+            "ports": [{"name": "http", "port": port, "targetPort": target}],
+        },
+    }
+
+
+def _engine_deployment(
+    serving: Resource, pool: Resource, settings: Settings, owner: dict[str, Any]
+) -> dict[str, Any]:
+    s, name, ns = serving.spec, serving.name, serving.namespace or "default"
+    env = engine_env(
+        name,
+        ns,
+        s,
+        pool.spec,
+        agent_socket=f"{SOCKET_DIR}/agent.sock",
+        credential_file=f"{TOKEN_DIR}/token",
+        model_dir=MODEL_DIR,
+    )
+    env["KVMARINA_ENGINE_LOG_LEVEL"] = settings.component_log_level
+    mounts = [
+        {"name": "agent-socket", "mountPath": SOCKET_DIR},
+        {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "agent-socket",
+            "hostPath": {"path": f"{settings.socket_host_path}/{pool.name}", "type": "Directory"},
+        },
+        {"name": "token", "secret": {"secretName": n.serving_token_name(name)}},
+    ]
+    if s.model.pvc:
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": s.model.pvc, "readOnly": True}}
+        )
+    container = {
+        "name": "engine",
+        "image": s.engine.image or settings.engine_image,
+        "imagePullPolicy": settings.pull_policy,
+        "args": ["engine", "--simulate"] if s.engine.simulate else ["engine", *s.engine.args],
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 15,
+            "failureThreshold": 4,
+        },
+        "resources": s.engine.resources.model_dump(),
+        "volumeMounts": mounts,
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "nodeSelector": dict(pool.spec.node_selector),
+        "tolerations": [
+            t.model_dump(by_alias=True, exclude_none=True) for t in pool.spec.tolerations
+        ],
+    }
+    if settings.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": p} for p in settings.pull_secrets]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
+        "spec": {
+            "replicas": s.replicas,
+            "selector": {"matchLabels": n.selector("engine", name)},
+            "template": {
+                "metadata": {"labels": n.labels("engine", name, **{"kvmarina.io/pool": pool.name})},
+                "spec": pod,
+            },
+        },
+    }
+
+
+def _router_deployment(
+    serving: Resource, settings: Settings, owner: dict[str, Any]
+) -> dict[str, Any]:
+    name, ns, r = serving.name, serving.namespace or "default", serving.spec.routing
+    container = {
+        "name": "router",
+        "image": settings.router_image,
+        "imagePullPolicy": settings.pull_policy,
+        "args": [
+            "router",
+            "--config",
+            f"{ROUTER_DIR}/router.json",
+            "--port",
+            str(ROUTER_PORT),
+            "--log-level",
+            settings.component_log_level.upper(),
+        ],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+        "volumeMounts": [{"name": "config", "mountPath": ROUTER_DIR, "readOnly": True}],
+        "securityContext": {
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(n.router_name(name), ns, "router", name, owner),
+        "spec": {
+            "replicas": r.replicas,
+            "selector": {"matchLabels": n.selector("router", name)},
+            "template": {
+                "metadata": {"labels": n.labels("router", name)},
+                "spec": {
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "config",
+                            "configMap": {"name": n.router_config_name(name), "optional": True},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _network_policies(name: str, ns: str, owner: dict[str, Any]) -> list[dict[str, Any]]:
+    """Engines take traffic only from their router (agents reach them through the
+    unix socket, not the network); the router is open to clients."""
+    return [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
+            "spec": {
+                "podSelector": {"matchLabels": n.selector("engine", name)},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": n.selector("router", name)}}],
+                        "ports": [{"port": ENGINE_PORT}],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(n.router_name(name), ns, "router", name, owner),
+            "spec": {
+                "podSelector": {"matchLabels": n.selector("router", name)},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"ports": [{"port": ROUTER_PORT}]}],
+            },
+        },
+    ]
