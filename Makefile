@@ -45,9 +45,8 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check core tests benchmarks scripts
-	$(VENV)/bin/mypy core
-	$(VENV)/bin/mypy -p kvmarina.engine
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy -p kvmarina
 	$(VENV)/bin/lint-imports
 	$(PY) scripts/check_operator_imports.py operator
 

@@ -105,13 +105,18 @@ def test_concurrent_pulls_of_the_same_blocks_fetch_once(two_agents) -> None:  # 
 def test_wrong_token_is_refused(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
-    with agent_process(
-        tmp_path / "x", node="x", migration=migration(tmp_path / "x", "the-real-token-0123456789")
-    ) as a, agent_process(
-        tmp_path / "y",
-        node="y",
-        migration=migration(tmp_path / "y", "a-forged-token-0123456789"),
-    ) as b:
+    with (
+        agent_process(
+            tmp_path / "x",
+            node="x",
+            migration=migration(tmp_path / "x", "the-real-token-0123456789"),
+        ) as a,
+        agent_process(
+            tmp_path / "y",
+            node="y",
+            migration=migration(tmp_path / "y", "a-forged-token-0123456789"),
+        ) as b,
+    ):
         hashes = fill(a, 2)
         c = AgentClient(b.socket, "tok-chat", 4096).connect()
         reply = c.call({"op": "pull", "peer": a.url, "hashes": hashes})
