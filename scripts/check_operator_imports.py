@@ -26,12 +26,19 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+# Only one module talks to the Kubernetes API (kopf's own machinery aside).
+API_CLIENTS = ("aiohttp", "kubernetes", "pykube")
+API_MODULE = "kube.py"
+
+
 def violations(folder: Path) -> list[str]:
     bad = []
     for path in sorted(folder.rglob("*.py")):
         for line, name in imports_of(path):
             if any(name == f or name.startswith(f + ".") for f in FORBIDDEN):
                 bad.append(f"{path}:{line}: the operator must not import {name}")
+            if path.name != API_MODULE and name.split(".")[0] in API_CLIENTS:
+                bad.append(f"{path}:{line}: only {API_MODULE} may talk to the API ({name})")
     return bad
 
 
