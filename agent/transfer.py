@@ -36,6 +36,8 @@ from kvmarina.framing import FrameError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 MAX_HEADER = 1 << 20
+# Large stream buffers: a 2 MiB block then arrives in a few reads, not in 32 x 64 KiB ones.
+STREAM_LIMIT = 16 * 1024 * 1024
 
 
 class TransferError(RuntimeError):
@@ -109,7 +111,9 @@ class TransferService:
     # ------------------------------------------------------------ serving peers
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=self.server_tls)
+        self._server = await asyncio.start_server(
+            self._serve, host, port, ssl=self.server_tls, limit=STREAM_LIMIT
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
