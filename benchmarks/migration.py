@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, report, time_runs  # noqa: E402
+from _common import median, report, time_runs
 
-from kvmarina.agent.client import AgentClient  # noqa: E402
+from kvmarina.agent.client import AgentClient
 
 BLOCK = 2 * 1024 * 1024
 SINK = """
