@@ -7,8 +7,16 @@ from kvmarina.operator.rbac import cluster_rules
 
 # KubeClient method -> verb; every kind in KINDS may be read, listed and applied
 USED = {"get": "get", "list": "list", "apply": "patch", "create": "create"}
-WRITTEN = {"ConfigMap", "Secret", "Service", "DaemonSet", "Deployment", "PodDisruptionBudget",
-           "HorizontalPodAutoscaler", "NetworkPolicy"}
+WRITTEN = {
+    "ConfigMap",
+    "Secret",
+    "Service",
+    "DaemonSet",
+    "Deployment",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+    "NetworkPolicy",
+}
 
 
 def allowed(resource: str, verb: str) -> bool:
