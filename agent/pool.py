@@ -218,8 +218,10 @@ class Pool:
         for slot in slots:
             self._free_leased(sess, slot)
 
-    def commit(self, sess: Session, slot: Slot, block_hash: bytes) -> Location:
-        """Make a written block shareable; pinned by the session until it releases."""
+    def commit(self, sess: Session, slot: Slot, block_hash: bytes,
+               checksum: int | None = None) -> Location:
+        """Make a written block shareable; pinned by the session until it releases.
+        ``checksum``: the block's xxh3, when the caller has just verified it."""
         if slot not in sess.leased:
             raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
         key = (sess.scope, block_hash)

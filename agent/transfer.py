@@ -328,7 +328,7 @@ class TransferService:
         self.pool._bytes(sess.scope, "device", slot, sess.block_bytes).numpy()[:] = memoryview(
             data
         ).cast("B")
-        self.pool.commit(sess, slot, h)
+        self.pool.commit(sess, slot, h, checksum)
         self.pool.release(sess, [h])  # visible and unpinned; the engine pins it on lookup
         return True
 
