@@ -178,7 +178,13 @@ class Proxy:
         await asyncio.gather(up(), down(), return_exceptions=True)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        def shutdown() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.call_later(0.1, self.loop.stop)
+
+        self.loop.call_soon_threadsafe(shutdown)
+        self.thread.join(5)
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "cut", "stall"])
