@@ -25,18 +25,18 @@ import aiohttp
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, report  # noqa: E402
+from _common import median, report
 
-from kvmarina.agent.client import LocalPool  # noqa: E402
-from kvmarina.engine.batch import StepBatch  # noqa: E402
-from kvmarina.engine.config import preset  # noqa: E402
-from kvmarina.engine.kvstore import ContiguousStore, KVStore  # noqa: E402
-from kvmarina.engine.model import build_model  # noqa: E402
-from kvmarina.engine.paged import PagedStore  # noqa: E402
-from kvmarina.hashing import HashContract  # noqa: E402
-from kvmarina.local.ports import free_ports  # noqa: E402
-from kvmarina.local.supervisor import ProcessSpec, Supervisor, python_cmd  # noqa: E402
-from kvmarina.local.workload import block_text  # noqa: E402
+from kvmarina.agent.client import LocalPool
+from kvmarina.engine.batch import StepBatch
+from kvmarina.engine.config import preset
+from kvmarina.engine.kvstore import ContiguousStore, KVStore
+from kvmarina.engine.model import build_model
+from kvmarina.engine.paged import PagedStore
+from kvmarina.hashing import HashContract
+from kvmarina.local.ports import free_ports
+from kvmarina.local.supervisor import ProcessSpec, Supervisor, python_cmd
+from kvmarina.local.workload import block_text
 
 
 async def ttft(url: str, prompt: str) -> float:
