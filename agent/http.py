@@ -40,21 +40,34 @@ class PoolCollector(Collector):
         yield blocks
         s = p.stats
         for name, key, doc in (
-            ("lookups", "lookups", "Lookups served"),
-            ("hit_blocks", "hit_blocks", "Blocks found by lookups"),
-            ("miss_blocks", "miss_blocks", "Blocks asked for and not found"),
-            ("evictions", "evicted", "Blocks dropped from the node"),
-            ("offloads", "offloaded", "Blocks moved device -> host"),
-            ("promotions", "promoted", "Blocks moved host -> device"),
-            ("commits", "committed", "Blocks committed by engines"),
+            ("kvmarina_agent_lookups", "lookups", "Lookups served"),
+            ("kvmarina_agent_hit_blocks", "hit_blocks", "Blocks found by lookups"),
+            ("kvmarina_agent_miss_blocks", "miss_blocks", "Blocks asked for and not found"),
+            ("kvmarina_agent_evictions", "evicted", "Blocks dropped from the node"),
+            ("kvmarina_agent_offloads", "offloaded", "Blocks moved device -> host"),
+            ("kvmarina_agent_promotions", "promoted", "Blocks moved host -> device"),
+            ("kvmarina_agent_commits", "committed", "Blocks committed by engines"),
         ):
-            yield CounterMetricFamily(f"kvmarina_agent_{name}", doc, value=s.get(key, 0))
+            yield CounterMetricFamily(name, doc, value=s.get(key, 0))
         usage = GaugeMetricFamily(
             "kvmarina_agent_serving_blocks", "Device blocks held per serving", labels=["serving"]
         )
         for serving, n in p.usage.items():
             usage.add_metric([serving], n)
         yield usage
+        if "transfer" in p.extra_summary:
+            t = p.extra_summary["transfer"]()
+            moved = CounterMetricFamily(
+                "kvmarina_agent_transfer_bytes", "Bytes pulled from each peer", labels=["peer"]
+            )
+            for peer, st in t["peers"].items():
+                moved.add_metric([peer], st["bytes"])
+            yield moved
+            yield CounterMetricFamily(
+                "kvmarina_agent_transfer_corrupt",
+                "Pulled blocks dropped on a checksum mismatch",
+                value=t["corrupt"],
+            )
         yield GaugeMetricFamily(
             "kvmarina_agent_sessions", "Registered engines", value=len(p.sessions)
         )
