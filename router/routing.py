@@ -79,6 +79,8 @@ class RoutingCore:
         self._recent_log: deque[tuple[float, str, Sequence[bytes]]] = deque()
         self.pods: dict[str, PodState] = {}
         self.live_nodes: set[str] = set()
+        # node -> pull bandwidth its agent measured (bytes/s); the config value until then
+        self.bandwidth: dict[str, float] = {}
         self._rr = itertools.count()
         self.apply_config(cfg)
 
@@ -199,7 +201,9 @@ class RoutingCore:
                     # leaving the holder copies its blocks here, evicting others later
                     cost += wd * extra * bs / tps
                     if pull_ok and cand in agents:
-                        saved = wp * extra * bs / tps - wm * extra * pull_s_per_block
+                        bw = self.bandwidth.get(node)
+                        per_block = r.block_bytes / bw if bw else pull_s_per_block
+                        saved = wp * extra * bs / tps - wm * extra * per_block
                         if saved > 0:
                             cost -= saved
                             peer = cand

@@ -104,7 +104,13 @@ class Router:
         self.upstream = UpstreamPool(lim.connect_timeout_s, max_idle=max(64, lim.max_inflight))
         self._events_session = aiohttp.ClientSession()
         self._sync_followers()
-        for coro in (self._health_loop(), self._sweep_loop(), self._reload_loop()):
+        loops = (
+            self._health_loop(),
+            self._sweep_loop(),
+            self._reload_loop(),
+            self._bandwidth_loop(),
+        )
+        for coro in loops:
             self._tasks.append(asyncio.create_task(coro))
 
     async def _stop(self, app: web.Application) -> None:
@@ -143,6 +149,24 @@ class Router:
                 f.start()
 
     # -- background loops -------------------------------------------------------------
+    async def _bandwidth_loop(self, interval_s: float = 10.0) -> None:
+        """Learn each node's measured pull bandwidth from its agent's /stats, so the
+        migration-vs-recompute estimate uses what transfers actually achieved."""
+        while True:
+            for node, f in list(self.followers.items()):
+                try:
+                    async with self._events_session.get(
+                        f.agent_url.rstrip("/") + "/stats", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as r:
+                        stats = await r.json()
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                    continue
+                peers = (stats.get("transfer") or {}).get("peers") or {}
+                rates = [p["gbps"] * 1e9 for p in peers.values() if p.get("gbps")]
+                if rates:
+                    self.core.bandwidth[node] = max(rates)
+            await asyncio.sleep(interval_s)
+
     async def _health_loop(self) -> None:
         while True:
             await asyncio.gather(*(self._check(p) for p in list(self.core.pods.values())))

@@ -253,6 +253,17 @@ def test_pull_hint_when_migration_is_cheaper() -> None:
     assert slow.decide(toks, "s").pull is None
 
 
+def test_measured_bandwidth_overrides_the_configured_one() -> None:
+    toks = list(range(1600))
+    rc = core(transfer_bytes_per_second=1e12)  # the config says pulls are nearly free
+    hs = rc.hashes(toks, "s")
+    rc.index.store("n0", hs, "device")
+    rc.pods["p0"].queued_tokens = 10**6
+    assert rc.decide(toks, "s").pull is not None
+    rc.bandwidth.update({"n1": 1.0, "n2": 1.0})  # but the agents measured 1 byte/s
+    assert rc.decide(toks, "s").pull is None
+
+
 def test_host_tier_hit_costs_a_load() -> None:
     rc = core(host_load_tokens_per_second=1000.0)
     toks = list(range(1600))
