@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import threading
@@ -210,3 +211,84 @@ def test_faults_on_the_wire_leave_nothing_partial_visible(two_agents, mode: str)
         c.close()
     finally:
         proxy.close()
+
+
+def _certs(d: Path, cn: str, ca_name: str = "ca") -> None:
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    d.mkdir(parents=True, exist_ok=True)
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        f"/CN={ca_name}",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        "-subj",
+        f"/CN={cn}",
+    )
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "1",
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_mutual_tls_pull_and_a_foreign_certificate_refused(tmp_path: Path) -> None:
+    good, foreign = tmp_path / "pki", tmp_path / "other-pki"
+    _certs(good, "agent")
+    _certs(foreign, "intruder", "other-ca")
+    dirs = {n: tmp_path / n for n in ("a", "b", "c")}
+    for d in dirs.values():
+        d.mkdir()
+
+    def mtls(d: Path, certs: Path) -> dict[str, object]:
+        return {
+            **migration(d, "shared-pool-token-0123456789"),
+            "auth": "mtls",
+            "cert_dir": str(certs),
+        }
+
+    with (
+        agent_process(dirs["a"], node="a", migration=mtls(dirs["a"], good)) as a,
+        agent_process(dirs["b"], node="b", migration=mtls(dirs["b"], good)) as b,
+        agent_process(dirs["c"], node="c", migration=mtls(dirs["c"], foreign)) as c,
+    ):
+        hashes = fill(a, 3)
+        ok = AgentClient(b.socket, "tok-chat", 4096).connect()
+        assert ok.call({"op": "pull", "peer": a.url, "hashes": hashes})["pulled"] == 3
+        bad = AgentClient(c.socket, "tok-chat", 4096).connect()
+        reply = bad.call({"op": "pull", "peer": a.url, "hashes": hashes})
+        assert reply["pulled"] == 0 and reply["failed"] == hashes
+        assert bad.lookup(hashes) == []
+        ok.close()
+        bad.close()
