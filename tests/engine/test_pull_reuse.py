@@ -1,0 +1,116 @@
+"""A prefix computed on node A reaches node B's engine by a pull, with identical output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kvmarina.local.ports import free_ports
+from kvmarina.local.supervisor import ProcessSpec, Supervisor, python_cmd
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path):  # type: ignore[no-untyped-def]
+    creds = tmp_path / "creds.json"
+    creds.write_text(
+        json.dumps({"servings": [{"name": "tiny", "namespace": "default", "token": "s3cret"}]})
+    )
+    (tmp_path / "token").write_text("s3cret")
+    (tmp_path / "transfer").write_text("pool-transfer-token-0123456789")
+    ha, hb, ea, eb, ep = free_ports(5)
+    sup = Supervisor(tmp_path / "run")
+    urls = {}
+    for node, http, eng in (("a", ha, ea), ("b", hb, eb)):
+        cfg = tmp_path / f"{node}.json"
+        cfg.write_text(
+            json.dumps(
+                {
+                    "node": node,
+                    "socket_path": str(tmp_path / f"{node}.sock"),
+                    "http_port": http,
+                    "device_bytes": 64 * 2**20,
+                    "credentials_file": str(creds),
+                    "migration": {
+                        "port": 0,
+                        "host": "127.0.0.1",
+                        "auth": "token",
+                        "token_file": str(tmp_path / "transfer"),
+                    },
+                }
+            )
+        )
+        sup.start(
+            ProcessSpec(
+                f"agent-{node}",
+                "agent",
+                python_cmd("agent", "--config", str(cfg)),
+                ready_url=f"http://127.0.0.1:{http}/readyz",
+            )
+        )
+        urls[f"agent-{node}"] = f"http://127.0.0.1:{http}"
+    sup.wait_ready(30)
+    common = ("--preset", "tiny", "--model", "tiny")
+    for node, port in (("a", ea), ("b", eb)):
+        sup.start(
+            ProcessSpec(
+                f"engine-{node}",
+                "engine",
+                python_cmd(
+                    "engine",
+                    *common,
+                    "--port",
+                    str(port),
+                    "--agent-socket",
+                    str(tmp_path / f"{node}.sock"),
+                    "--credential-file",
+                    str(tmp_path / "token"),
+                ),
+                ready_url=f"http://127.0.0.1:{port}/health",
+            )
+        )
+        urls[f"engine-{node}"] = f"http://127.0.0.1:{port}"
+    sup.start(
+        ProcessSpec(
+            "engine-private",
+            "engine",
+            python_cmd("engine", *common, "--port", str(ep), "--no-agent"),
+            ready_url=f"http://127.0.0.1:{ep}/health",
+        )
+    )
+    urls["private"] = f"http://127.0.0.1:{ep}"
+    sup.wait_ready(60)
+    try:
+        yield urls
+    finally:
+        sup.stop_all()
+
+
+async def complete(
+    url: str, prompt: str, headers: dict[str, str] | None = None
+) -> dict[str, object]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url + "/v1/completions", json=body, headers=headers or {}) as r,
+    ):
+        assert r.status == 200, await r.text()
+        return await r.json()  # type: ignore[no-any-return]
+
+
+async def test_pull_from_a_peer_agent_then_identical_output(two_nodes: dict[str, str]) -> None:
+    prompt = "A long shared preamble that node A computed first. " * 8 + "Then a question."
+    first = await complete(two_nodes["engine-a"], prompt)
+    blocks = (len(prompt) - 1) // 16
+    hint = f"node=a;agent={two_nodes['agent-a']};blocks={blocks}"
+    pulled = await complete(two_nodes["engine-b"], prompt, {"x-kvmarina-pull": hint})
+    alone = await complete(two_nodes["private"], prompt)
+    cached = pulled["usage"]["prompt_tokens_details"]["cached_tokens"]  # type: ignore[index]
+    assert cached == blocks * 16  # every block came over the wire and was reused
+    text = alone["choices"][0]["text"]  # type: ignore[index]
+    assert first["choices"][0]["text"] == pulled["choices"][0]["text"] == text  # type: ignore[index]
+    async with aiohttp.ClientSession() as s, s.get(two_nodes["agent-b"] + "/stats") as r:
+        stats = await r.json()
+    assert stats["transfer"]["peers"][two_nodes["agent-a"]]["blocks"] == blocks
