@@ -23,7 +23,7 @@ def two_nodes(tmp_path: Path):  # type: ignore[no-untyped-def]
     ha, hb, ea, eb, ep = free_ports(5)
     sup = Supervisor(tmp_path / "run")
     urls = {}
-    for node, http, eng in (("a", ha, ea), ("b", hb, eb)):
+    for node, http in (("a", ha), ("b", hb)):
         cfg = tmp_path / f"{node}.json"
         cfg.write_text(
             json.dumps(
