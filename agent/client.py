@@ -85,6 +85,7 @@ class AgentClient:
             )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
+        self._dec = FrameDecoder()  # a reconnect starts a fresh stream
         try:
             sock.connect(self.socket_path)
             sock.sendall(

@@ -77,6 +77,7 @@ class PagedStore:
         self.block_size = layout.block_size
         self.seqs: dict[int, SeqKV] = {}
         self.pulled_blocks = 0
+        self.reconnects = 0
         self._map()
 
     def _map(self) -> None:
@@ -96,7 +97,31 @@ class PagedStore:
 
     # ------------------------------------------------------------ KVStore API
 
+    def _reconnect(self) -> None:
+        """The agent went away (restart): register again and map the new region.
+        Sequences of the old connection are gone with it (their pins died with the
+        old agent); the scheduler fails them, so nothing served later uses stale blocks."""
+        self.seqs.clear()
+        self.client.connect()  # type: ignore[attr-defined]
+        self._map()
+        self.reconnects += 1
+        log.warning("re-registered with the agent (boot %s)", self.client.info.get("boot_id"))
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except AgentUnavailable:
+            self._reconnect()
+            raise RuntimeError("the agent restarted; in-flight requests were failed") from None
+
     def open(self, seq_id: int, prompt: list[int], salt: str, pull: PullHint | None = None) -> int:
+        try:
+            return self._open(seq_id, prompt, salt, pull)
+        except AgentUnavailable:
+            self._reconnect()  # a new request after an agent restart: register and go on
+            return self._open(seq_id, prompt, salt, pull)
+
+    def _open(self, seq_id: int, prompt: list[int], salt: str, pull: PullHint | None) -> int:
         hashes = self.contract.block_hashes(prompt, self.identity, salt)
         usable = hashes[: (len(prompt) - 1) // self.block_size]  # compute >= 1 token
         if pull is not None and usable:
@@ -132,7 +157,7 @@ class PagedStore:
         if need <= 0:
             return
         try:
-            slots = self.client.lease(need)
+            slots = self._guard(self.client.lease, need)
         except AgentFull as exc:
             raise KVFull(str(exc)) from None
         for page, index in slots:
@@ -159,7 +184,9 @@ class PagedStore:
         for i in range(seq.committed, full):
             page, index = seq.leased.pop(i)
             items.append((page, index, seq.hashes[i]))
-        for i, hit in zip(range(seq.committed, full), self.client.commit(items), strict=True):
+        for i, hit in zip(
+            range(seq.committed, full), self._guard(self.client.commit, items), strict=True
+        ):
             # Someone else committed the same block first: use theirs (identical bytes).
             seq.block_ids[i] = self._block_id(hit.page, hit.index)
             seq.pinned.append(hit.hash)
@@ -171,6 +198,8 @@ class PagedStore:
             return
         try:
             self.client.release(seq.pinned, list(seq.leased.values()))
+        except AgentUnavailable:
+            self._reconnect()
         except AgentError as exc:
             log.warning("release of sequence %d failed: %s", seq_id, exc)
 

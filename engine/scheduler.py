@@ -214,6 +214,12 @@ class Scheduler:
                     with self._cv:
                         self._waiting.popleft()
                 return
+            except Exception as exc:  # the KV store is unusable (e.g. no agent): fail this one
+                log.warning("cannot admit request %d: %s", seq.seq_id, exc)
+                seq.emit(Output(None, "error", f"KV cache unavailable: {exc}"))
+                with self._cv:
+                    self._waiting.popleft()
+                continue
             with self._cv:
                 self._waiting.popleft()
             seq.computed = seq.cached_len

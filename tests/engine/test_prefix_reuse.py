@@ -126,3 +126,72 @@ async def test_generated_tokens_are_committed_for_multi_turn(fleet: dict[str, st
     # prompt + answer = 180 tokens = 11 full blocks, all committed (the answer's too),
     # so a follow-up turn that resends the conversation finds them
     assert stats["stats"]["committed"] == (140 + 40 - 1) // 16
+
+
+async def test_agent_restart_engine_re_registers_without_stale_blocks(tmp_path: Path) -> None:
+    creds = tmp_path / "creds.json"
+    creds.write_text(
+        json.dumps({"servings": [{"name": "tiny", "namespace": "default", "token": "s3cret"}]})
+    )
+    (tmp_path / "token").write_text("s3cret")
+    http, eport = free_ports(2)
+    cfg = tmp_path / "agent.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "node": "n0",
+                "socket_path": str(tmp_path / "agent.sock"),
+                "http_port": http,
+                "device_bytes": 64 * 2**20,
+                "credentials_file": str(creds),
+            }
+        )
+    )
+    agent = ProcessSpec(
+        "agent",
+        "agent",
+        python_cmd("agent", "--config", str(cfg)),
+        ready_url=f"http://127.0.0.1:{http}/readyz",
+    )
+    sup = Supervisor(tmp_path / "run")
+    try:
+        first_agent = sup.start(agent)
+        sup.wait_ready(30)
+        sup.start(
+            ProcessSpec(
+                "engine",
+                "engine",
+                python_cmd(
+                    "engine",
+                    "--preset",
+                    "tiny",
+                    "--model",
+                    "tiny",
+                    "--port",
+                    str(eport),
+                    "--agent-socket",
+                    str(tmp_path / "agent.sock"),
+                    "--credential-file",
+                    str(tmp_path / "token"),
+                ),
+                ready_url=f"http://127.0.0.1:{eport}/health",
+            )
+        )
+        sup.wait_ready(60)
+        url = f"http://127.0.0.1:{eport}"
+        prompt = "The agent will restart under this engine. " * 6
+        before = await complete(url, prompt)
+        warm = await complete(url, prompt)
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # type: ignore[index]
+        first_agent.popen.terminate()  # type: ignore[union-attr]
+        first_agent.popen.wait(10)  # type: ignore[union-attr]
+        sup.procs.remove(first_agent)
+        sup.start(agent)
+        sup.wait_ready(30, names=["agent"])
+        after = await complete(url, prompt)  # the engine re-registers with the new agent
+        assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
+        assert after["choices"][0]["text"] == before["choices"][0]["text"]  # type: ignore[index]
+        again = await complete(url, prompt)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # type: ignore[index]
+    finally:
+        sup.stop_all()
