@@ -218,8 +218,9 @@ class Pool:
         for slot in slots:
             self._free_leased(sess, slot)
 
-    def commit(self, sess: Session, slot: Slot, block_hash: bytes,
-               checksum: int | None = None) -> Location:
+    def commit(
+        self, sess: Session, slot: Slot, block_hash: bytes, checksum: int | None = None
+    ) -> Location:
         """Make a written block shareable; pinned by the session until it releases.
         ``checksum``: the block's xxh3, when the caller has just verified it."""
         if slot not in sess.leased:
