@@ -13,15 +13,21 @@ of a block's bytes in the mapped region.
 from __future__ import annotations
 
 import array
+import logging
 import os
+import select
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
+
+log = logging.getLogger(__name__)
 
 
 class AgentError(RuntimeError):
@@ -36,11 +42,12 @@ class AgentUnavailable(AgentError):
     """The agent is not there or went away (e.g. restarted): reconnect and re-register."""
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
+    """Where one cached block lives (a tuple: thousands are built per long lookup)."""
+
     hash: bytes
     page: int
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the slot index
     tier: str
 
 
@@ -75,6 +82,10 @@ class AgentClient:
         self.region: torch.Tensor | None = None
         self._mm: Any = None
         self.info: dict[str, Any] = {}
+        self._pushes: list[dict[str, Any]] = []
+        self._on_reclaim: Callable[[int], None] | None = None
+        self._watcher: threading.Thread | None = None
+        self.reclaim_requests = 0
 
     # ------------------------------------------------------------ connection
 
@@ -134,8 +145,20 @@ class AgentClient:
         return next(iter(self._dec.frames())), fds
 
     def _map(self, fd: int, size: int, backend: str) -> None:
+        if backend == "cuda":
+            from kvmarina.agent.memory import CudaMapping, RegionError
+
+            try:
+                self._mm = CudaMapping(fd, size, int(self.info.get("device", 0)))
+            except RegionError as exc:
+                raise AgentError(f"cannot map the agent's CUDA region: {exc}") from exc
+            finally:
+                os.close(fd)  # the driver holds its own reference once imported
+            self.region = self._mm.tensor()
+            return
         if backend != "cpu":
-            raise AgentError(f"mapping a {backend} region needs the CUDA engine path")
+            os.close(fd)
+            raise AgentError(f"the agent offered a {backend!r} region; this client maps cpu/cuda")
         import mmap
 
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -143,6 +166,7 @@ class AgentClient:
         self.region = torch.frombuffer(self._mm, dtype=torch.uint8)
 
     def close(self) -> None:
+        self._on_reclaim = None  # stops the watcher thread
         with self._lock:
             if self._sock is not None:
                 self._sock.close()
@@ -156,23 +180,98 @@ class AgentClient:
                 raise AgentUnavailable("not connected to the agent")
             try:
                 self._sock.sendall(encode_frame(msg))
-                while True:
-                    frames = list(self._dec.frames())
-                    if frames:
-                        reply = frames[0]
-                        break
-                    data = self._sock.recv(1 << 20)
-                    if not data:
-                        raise OSError("the agent closed the connection")
-                    self._dec.feed(data)
+                reply = self._next_reply(self._sock)
             except OSError as exc:
                 self._sock.close()
                 self._sock = None
                 raise AgentUnavailable(f"lost the agent: {exc}") from exc
+        if self._pushes:
+            self._run_pushes()
         if not reply.get("ok"):
             cls = AgentFull if reply.get("code") == "full" else AgentError
             raise cls(str(reply.get("error")))
-        return reply  # type: ignore[no-any-return]
+        return reply
+
+    def _next_reply(self, sock: socket.socket) -> dict[str, Any]:
+        """The next reply frame; requests the agent pushed meanwhile are queued."""
+        while True:
+            for frame in self._dec.frames():
+                if isinstance(frame, dict) and "push" in frame:
+                    self._pushes.append(frame)
+                else:
+                    return frame  # type: ignore[no-any-return]
+            data = sock.recv(1 << 20)
+            if not data:
+                raise OSError("the agent closed the connection")
+            self._dec.feed(data)
+
+    # ------------------------------------------------------------ reclaim requests
+
+    def watch(self, on_reclaim: Callable[[int], None], interval: float = 0.05) -> None:
+        """Handle the agent's reclaim requests: ``on_reclaim(n)`` is asked to release
+        about ``n`` cold blocks (unpin cached prefixes, return unused leases).
+
+        Requests arriving during a call run right after it, on the caller's thread;
+        while the client is idle, a daemon thread notices them and runs the handler
+        there, so the handler must be thread-safe. The agent waits a bounded time
+        (its ``reclaim_timeout_s``) and never takes blocks that were not released.
+        """
+        self._on_reclaim = on_reclaim
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_loop, args=(interval,), name="kvmarina-agent-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def poll(self) -> int:
+        """Read and handle pushed requests without blocking; returns how many ran."""
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                return 0
+            try:
+                # select, not MSG_DONTWAIT: a socket with a timeout waits out the
+                # timeout inside recv() whatever the flags say
+                while select.select([sock], [], [], 0)[0]:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        break  # EOF: the next call reports the agent gone
+                    self._dec.feed(data)
+            except (OSError, ValueError):
+                return 0
+            for frame in self._dec.frames():
+                if isinstance(frame, dict) and "push" in frame:
+                    self._pushes.append(frame)
+        return self._run_pushes()
+
+    def _watch_loop(self, interval: float) -> None:
+        while self._on_reclaim is not None:
+            sock = self._sock
+            if sock is None:
+                time.sleep(interval)
+                continue
+            try:
+                readable, _, _ = select.select([sock], [], [], interval)
+            except (OSError, ValueError):  # closed under us: pick up the new socket
+                time.sleep(interval)
+                continue
+            # A call in flight consumes its own reply under the lock; poll() then
+            # finds only pushed requests, or nothing (or EOF: back off, the next
+            # call reports the agent gone).
+            if readable and not self.poll():
+                time.sleep(interval)
+
+    def _run_pushes(self) -> int:
+        pushes, self._pushes = self._pushes, []
+        handler = self._on_reclaim
+        for push in pushes:
+            if push.get("push") == "reclaim" and handler is not None:
+                self.reclaim_requests += 1
+                try:
+                    handler(int(push.get("n", 0)))
+                except Exception:  # the engine's handler failing must not break the client
+                    log.exception("reclaim handler failed")
+        return len(pushes)
 
     def lease(self, n: int) -> list[tuple[int, int]]:
         return [(p, i) for p, i in self._call({"op": "lease", "n": n})["slots"]]
@@ -187,11 +286,8 @@ class AgentClient:
         pages, indices = array.array("I"), array.array("I")
         pages.frombytes(reply["pages"])
         indices.frombytes(reply["indices"])
-        tiers = reply["tiers"]
-        return [
-            Hit(hashes[k], pages[k], indices[k], "device" if tiers[k] == 100 else "host")
-            for k in range(reply["n"])
-        ]
+        names = ["device" if t == 100 else "host" for t in reply["tiers"]]
+        return list(map(Hit, hashes[: reply["n"]], pages, indices, names))
 
     def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
         slots = slots or []

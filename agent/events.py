@@ -52,6 +52,8 @@ class EventLog:
             return
         self.seq += 1
         self.published += 1
+        if not self.subscribers:
+            return  # numbered all the same: a later snapshot carries this seq
         event = BlockEvent(kind, self.boot_id, self.seq, hashes, tier)
         for sub in self.subscribers:
             if sub.queue.qsize() >= self.max_queue:

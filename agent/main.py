@@ -54,7 +54,7 @@ async def serve(cfg: AgentConfig, ready_file: str | None = None) -> None:
         policy=cfg.eviction,
     )
     pool.events.max_queue = cfg.event_queue
-    proto = AgentProtocol(pool, creds, cfg.contract().digest_bytes)
+    proto = AgentProtocol(pool, creds, cfg.contract().digest_bytes, cfg.reclaim_timeout_s)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(cfg.socket_path)
     os.makedirs(os.path.dirname(cfg.socket_path) or ".", exist_ok=True)

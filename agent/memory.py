@@ -88,22 +88,10 @@ class CudaRegion:
     kind = "cuda"
 
     def __init__(self, name: str, size: int, device: int = 0) -> None:
-        try:
-            from cuda.bindings import driver as cu
-        except ImportError as exc:
-            raise RegionError(
-                "the cuda backend needs cuda-bindings (pip install 'kvmarina[gpu]') and a CUDA GPU"
-            ) from exc
+        cu = _driver(device)
         self._cu = cu
         self.name, self.device = name, device
-        _check(cu.cuInit(0))
-        prop = cu.CUmemAllocationProp()
-        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = device
-        prop.requestedHandleTypes = (
-            cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-        )
+        prop = _alloc_prop(cu, device)
         gran = _check(
             cu.cuMemGetAllocationGranularity(
                 prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
@@ -111,12 +99,7 @@ class CudaRegion:
         )
         self.size = -(-size // int(gran)) * int(gran)
         self._handle = _check(cu.cuMemCreate(self.size, prop, 0))
-        self._ptr = _check(cu.cuMemAddressReserve(self.size, 0, 0, 0))
-        _check(cu.cuMemMap(self._ptr, self.size, 0, self._handle, 0))
-        access = cu.CUmemAccessDesc()
-        access.location = prop.location
-        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        _check(cu.cuMemSetAccess(self._ptr, self.size, [access], 1))
+        self._ptr = _map_handle(cu, self._handle, self.size, device)
         self.fd = int(
             _check(
                 cu.cuMemExportToShareableHandle(
@@ -142,6 +125,64 @@ class CudaRegion:
         cu.cuMemAddressFree(self._ptr, self.size)
         cu.cuMemRelease(self._handle)
         os.close(self.fd)
+
+
+class CudaMapping:
+    """Client side of a CUDA region: the exported allocation imported from its fd
+    (``cuMemImportFromShareableHandle``) and mapped into this process once."""
+
+    def __init__(self, fd: int, size: int, device: int = 0) -> None:
+        cu = _driver(device)
+        self._cu, self.size, self.device = cu, size, device
+        kind = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        self._handle = _check(cu.cuMemImportFromShareableHandle(fd, kind))
+        self._ptr = _map_handle(cu, self._handle, size, device)
+
+    def tensor(self) -> torch.Tensor:
+        return _device_tensor(int(self._ptr), self.size, self.device)
+
+    def close(self) -> None:
+        cu = self._cu
+        cu.cuMemUnmap(self._ptr, self.size)
+        cu.cuMemAddressFree(self._ptr, self.size)
+        cu.cuMemRelease(self._handle)
+
+
+def _driver(device: int) -> Any:
+    """The CUDA driver bindings, with the device's primary context (torch's) current."""
+    try:
+        from cuda.bindings import driver as cu
+    except ImportError as exc:
+        raise RegionError(
+            "the cuda backend needs cuda-bindings (pip install 'kvmarina[gpu]') and a CUDA GPU"
+        ) from exc
+    _check(cu.cuInit(0))
+    dev = _check(cu.cuDeviceGet(device))
+    _check(cu.cuCtxSetCurrent(_check(cu.cuDevicePrimaryCtxRetain(dev))))
+    return cu
+
+
+def _alloc_prop(cu: Any, device: int) -> Any:
+    prop = cu.CUmemAllocationProp()
+    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = device
+    prop.requestedHandleTypes = (
+        cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    )
+    return prop
+
+
+def _map_handle(cu: Any, handle: Any, size: int, device: int) -> Any:
+    """Reserve a virtual range, map ``handle`` there, grant read/write to ``device``."""
+    ptr = _check(cu.cuMemAddressReserve(size, 0, 0, 0))
+    _check(cu.cuMemMap(ptr, size, 0, handle, 0))
+    access = cu.CUmemAccessDesc()
+    access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    access.location.id = device
+    access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    _check(cu.cuMemSetAccess(ptr, size, [access], 1))
+    return ptr
 
 
 def _check(result: object) -> Any:

@@ -48,6 +48,10 @@ class PoolFull(PoolError):
     """No slot can be had within the budgets right now."""
 
 
+class OverMax(PoolFull):
+    """The serving's own maximum forbids it: asking others to release cannot help."""
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
     min_slots: int = 0
@@ -184,7 +188,7 @@ class Pool:
             raise PoolError("cannot lease a negative number of blocks")
         serving = sess.ident.serving
         if self.usage[serving] + n > sess.budget.max_slots:
-            raise PoolFull(
+            raise OverMax(
                 f"serving {serving} holds {self.usage[serving]} blocks; {n} more "
                 f"would exceed its max of {sess.budget.max_slots}"
             )
@@ -313,7 +317,11 @@ class Pool:
     # ------------------------------------------------------------ eviction and tiers
 
     def _may_evict(self, requester: Session, block: Block) -> bool:
-        owner, me = block.owner, requester.ident.serving
+        return self._may_take_from(requester, block.owner)
+
+    def _may_take_from(self, requester: Session, owner: str) -> bool:
+        """May ``requester`` take a block that ``owner`` holds, by the budgets?"""
+        me = requester.ident.serving
         if owner == me:
             return True
         ob = self.budgets.get(owner, Budget())
@@ -322,6 +330,32 @@ class Pool:
         if self.usage[me] < requester.budget.min_slots:
             return True  # getting back to my own guaranteed minimum
         return ob.priority <= requester.budget.priority
+
+    def reclaim_targets(self, sess: Session, n: int) -> dict[int, int]:
+        """Sessions to ask to release blocks so that ``sess`` can lease ``n``:
+        session id -> how many to ask for. Only holders the budgets let ``sess``
+        take from, lowest priority first; blocks another session also pins are
+        not counted (releasing them would free nothing)."""
+        asked: dict[int, int] = {}
+        # Any scope: pages are shared by all scopes, and a page another scope
+        # empties comes back to the free queue for ours.
+        others = [s for s in self.sessions.values() if s.id != sess.id]
+        others.sort(key=lambda s: self.budgets.get(s.ident.serving, Budget()).priority)
+        want = n
+        for other in others:
+            if want <= 0:
+                break
+            if not self._may_take_from(sess, other.ident.serving):
+                continue
+            held = len(other.leased) + sum(
+                1
+                for key, k in other.pins.items()
+                if (b := self.index.get(key)) is not None and b.tier == "device" and b.refs == k
+            )
+            if held:
+                asked[other.id] = min(held, want)
+                want -= asked[other.id]
+        return asked
 
     def _reclaim_for(self, sess: Session, pool: SlotPool) -> Slot:
         """Free a device slot usable by ``pool`` by moving or dropping a victim."""
@@ -356,8 +390,10 @@ class Pool:
                     self._drop(hvictim)
                     hslot = host.alloc()
             if hslot is not None:
-                src = self._bytes(scope, "device", block.slot, block.block_bytes)
-                self._bytes(scope, "host", hslot, block.block_bytes).copy_(src)
+                self._copy(
+                    self._bytes(scope, "device", block.slot, block.block_bytes),
+                    self._bytes(scope, "host", hslot, block.block_bytes),
+                )
                 self._slots(scope, block.block_bytes, "device").free(block.slot)
                 self.usage[block.owner] -= 1  # budgets count device-tier blocks only
                 block.slot, block.tier = hslot, "host"
@@ -365,6 +401,17 @@ class Pool:
                 self.events.publish("moved", (h,), "host")
                 return
         self._drop(block)
+
+    def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Move one block's bytes between tiers. On CUDA through the kernels'
+        block copy (one row each side); shared RAM is a plain memory copy."""
+        if self.backend == "cuda":
+            from kvmarina.kernels.dispatch import copy_blocks
+
+            zero = torch.zeros(1, dtype=torch.int64)
+            copy_blocks(src.view(1, -1), dst.view(1, -1), zero.to(src.device), zero.to(dst.device))
+        else:
+            dst.copy_(src)
 
     def _drop(self, block: Block) -> None:
         self.index.remove(block.key)
@@ -384,8 +431,10 @@ class Pool:
                 slot = self._reclaim_for(sess, pool)
             except PoolFull:
                 return False
-        src = self._bytes(scope, "host", block.slot, block.block_bytes)
-        self._bytes(scope, "device", slot, block.block_bytes).copy_(src)
+        self._copy(
+            self._bytes(scope, "host", block.slot, block.block_bytes),
+            self._bytes(scope, "device", slot, block.block_bytes),
+        )
         self._slots(scope, block.block_bytes, "host").free(block.slot)
         block.slot, block.tier = slot, "device"
         self.usage[block.owner] += 1

@@ -9,12 +9,17 @@ slots (``[page, index]``) and hashes only.
     register  {token, block_bytes, budget: {min_blocks, max_blocks, priority}}
               -> {session, node, boot_id, scope, region_size, page_size, block_bytes}
     lease     {n}                      -> {slots: [[page, index], ...]}
+              (when the pool is full, the agent pushes {push: "reclaim", n} to holders
+              it may take from, waits up to reclaim_timeout_s for releases, retries)
     commit    {items: [[page, index, hash], ...]} -> {locations: [[hash, page, index, tier]]}
     lookup    {hashes: [...]}          -> {n, pages: uint32 array, indices: uint32 array,
                                            tiers: b"d"/b"h" per hit}  (hit i is hashes[i])
     release   {hashes: [...], slots: [[page, index], ...]} -> {}
     stats     {}                       -> the pool summary
     ping      {}                       -> {}
+
+Pushed by the agent (frames with ``push`` instead of ``ok``; may arrive before
+any reply): ``{push: "reclaim", n, serving}``: please release about ``n`` cold blocks.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 from kvmarina.agent.credentials import CredentialStore
 from kvmarina.agent.index import Slot
-from kvmarina.agent.pool import Budget, Pool, PoolError, PoolFull, Session
+from kvmarina.agent.pool import Budget, OverMax, Pool, PoolError, PoolFull, Session
 from kvmarina.framing import FrameError, encode_frame, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -61,8 +66,17 @@ class AgentProtocol:
     """Serves one pool on a unix socket. ``extra_ops`` lets other modules (migration)
     add operations without this module knowing them."""
 
-    def __init__(self, pool: Pool, creds: CredentialStore, digest_bytes: int) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        creds: CredentialStore,
+        digest_bytes: int,
+        reclaim_timeout_s: float = 5.0,
+    ) -> None:
         self.pool, self.creds, self.digest_bytes = pool, creds, digest_bytes
+        self.reclaim_timeout_s = reclaim_timeout_s
+        self.writers: dict[int, asyncio.StreamWriter] = {}  # session id -> its connection
+        self._freed = asyncio.Event()  # set (and replaced) whenever blocks may have freed
         self.extra_ops: dict[
             str, Callable[[Session, dict[str, Any]], Awaitable[dict[str, Any]]]
         ] = {}
@@ -93,16 +107,21 @@ class AgentProtocol:
                     sess = await self._register(msg, writer)
                     if sess is None:
                         return
+                    self.writers[sess.id] = writer
                     continue
                 reply = await self._dispatch(sess, msg)
                 await write_frame(writer, reply, MAX_FRAME)
+                if isinstance(msg, dict) and msg.get("op") in ("release", "commit"):
+                    self._wake()  # a lease waiting on a reclaim may now succeed
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception:  # one broken connection must never take the agent down
             log.exception("connection handler failed; dropping that connection")
         finally:
             if sess is not None:
+                self.writers.pop(sess.id, None)
                 self.pool.close_session(sess)
+                self._wake()
             writer.close()
 
     async def _register(self, msg: Any, writer: asyncio.StreamWriter) -> Session | None:
@@ -161,6 +180,61 @@ class AgentProtocol:
         )
         return sess
 
+    def _wake(self) -> None:
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+    async def _lease(self, sess: Session, n: int) -> list[Slot]:
+        """Lease ``n`` slots; when full, ask holders to release cold blocks and
+        retry as releases come in, for at most ``reclaim_timeout_s``."""
+        try:
+            return self.pool.lease(sess, n)
+        except OverMax:
+            raise
+        except PoolFull:
+            targets = self.pool.reclaim_targets(sess, n)
+            if not targets or self.reclaim_timeout_s <= 0:
+                raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reclaim_timeout_s
+        for sid, k in targets.items():
+            writer = self.writers.get(sid)
+            if writer is not None and not writer.is_closing():
+                # one write() call per frame: never interleaves with a reply
+                writer.write(
+                    encode_frame({"push": "reclaim", "n": k, "serving": sess.ident.serving})
+                )
+        self.pool.stats["reclaim_requests"] += len(targets)
+        log.info(
+            "pool full: asked %d holder(s) to release blocks for %s",
+            len(targets),
+            sess.ident.serving,
+        )
+        while True:
+            freed = self._freed
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(freed.wait(), remaining)
+            except TimeoutError:
+                break
+            try:
+                slots = self.pool.lease(sess, n)
+                self.pool.stats["reclaimed_leases"] += 1
+                return slots
+            except OverMax:
+                raise
+            except PoolFull:
+                continue
+        try:  # one last try: a release may have landed with the deadline
+            return self.pool.lease(sess, n)
+        except PoolFull as exc:
+            raise PoolFull(
+                f"{exc} (asked {len(targets)} holder(s) to release; not enough freed "
+                f"within {self.reclaim_timeout_s:g}s)"
+            ) from None
+
     async def _dispatch(self, sess: Session, msg: Any) -> dict[str, Any]:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             return {"ok": False, "error": "a request must be a map with an 'op'"}
@@ -170,7 +244,8 @@ class AgentProtocol:
                 n = msg.get("n")
                 if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_ITEMS:
                     raise ProtocolError(f"lease needs 0 <= n <= {MAX_ITEMS}")
-                return {"ok": True, "slots": [[s.page, s.index] for s in self.pool.lease(sess, n)]}
+                slots = await self._lease(sess, n)
+                return {"ok": True, "slots": [[s.page, s.index] for s in slots]}
             if op == "commit":
                 items = msg.get("items")
                 if not isinstance(items, list) or len(items) > MAX_ITEMS:

@@ -1,0 +1,106 @@
+"""Reclaim under pressure and event-stream resync, against a real agent process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kvmarina.agent.client import AgentClient, AgentFull
+from kvmarina.events import BlockEvent, Resync, Snapshot, from_wire
+from kvmarina.framing import FrameDecoder
+
+from .conftest import agent_process
+from .test_agent_process import run_writer
+
+POOL_BLOCKS = 256  # the test agent: 64 pages of 4 blocks of 4096 bytes
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_full_pool_asks_holders_to_release_and_waits_a_bounded_time(tmp_path: Path) -> None:
+    with agent_process(tmp_path, reclaim_timeout_s=1.0) as agent:
+        # A holder pins every block of the node and answers reclaim requests.
+        holder = run_writer(agent, "tok-chat", POOL_BLOCKS, "yield")
+        stubborn = None
+        try:
+            assert agent.stats()["pages"]["device"]["used"] == 64  # type: ignore[index]
+            other = AgentClient(agent.socket, "tok-code", 4096).connect()
+            assert len(other.lease(8)) == 8  # granted once the holder released 8
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "RELEASED 8"
+            assert agent.stats()["stats"]["reclaim_requests"] >= 1  # type: ignore[index]
+            # The holder dies: its pins go, its blocks stay cached (evictable).
+            _stop(holder)
+            # A holder that never answers keeps what it leased; the asker gets a
+            # clear "full" after the bounded wait, not a hang and not its blocks.
+            stubborn = run_writer(agent, "tok-other", POOL_BLOCKS - 8, "lease-only")
+            t0 = time.monotonic()
+            with pytest.raises(AgentFull, match="asked 1 holder"):
+                other.lease(1)
+            assert time.monotonic() - t0 >= 0.9
+            usage = agent.stats()["usage"]
+            assert usage["other"] == POOL_BLOCKS - 8 and usage["code"] == 8  # type: ignore[index]
+            other.close()
+        finally:
+            _stop(holder)
+            if stubborn is not None:
+                _stop(stubborn)
+
+
+class Follower:
+    """What a router does with the stream: apply records, refuse gaps."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[bytes, str] = {}
+        self.seq: int | None = None  # None: waiting for a snapshot
+        self.resyncs = 0
+        self.snapshots = 0
+
+    def apply(self, rec: BlockEvent | Snapshot | Resync) -> None:
+        if isinstance(rec, Resync):
+            self.resyncs += 1
+            self.seq = None
+        elif isinstance(rec, Snapshot):
+            self.blocks, self.seq = dict(rec.blocks), rec.seq
+            self.snapshots += 1
+        else:
+            assert self.seq is not None, "an event before the snapshot"
+            assert rec.seq == self.seq + 1, f"a gap: {self.seq} -> {rec.seq}"
+            self.seq = rec.seq
+            for h in rec.hashes:
+                if rec.type == "evicted":
+                    self.blocks.pop(h, None)
+                else:
+                    self.blocks[h] = rec.tier or ""
+
+
+async def test_a_subscriber_that_falls_behind_is_resynchronized_without_a_gap(
+    tmp_path: Path,
+) -> None:
+    with agent_process(tmp_path, event_queue=4) as agent:
+        async with aiohttp.ClientSession() as s, s.get(agent.url + "/v1/events") as resp:
+            dec, follower = FrameDecoder(), Follower()
+
+            async def follow_until(snapshots: int, blocks: int) -> None:
+                while follower.snapshots < snapshots or len(follower.blocks) < blocks:
+                    dec.feed(await resp.content.readany())
+                    for frame in dec.frames():
+                        follower.apply(from_wire(frame))
+
+            await asyncio.wait_for(follow_until(1, 0), 10)
+            # One commit of 20 blocks publishes 20 events within one loop turn:
+            # far past this subscriber's queue of 4.
+            writer = await asyncio.to_thread(run_writer, agent, "tok-chat", 20, "exit")
+            await asyncio.to_thread(writer.wait, 10)
+            await asyncio.wait_for(follow_until(2, 20), 10)
+            assert follower.resyncs >= 1
+            assert follower.blocks == {bytes([i + 1]) * 16: "device" for i in range(20)}
