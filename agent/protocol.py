@@ -133,6 +133,7 @@ class AgentProtocol:
         if not isinstance(msg, dict) or msg.get("op") != "register":
             refuse("the first request must be 'register' with a credential")
             return None
+        self.creds.refresh()  # a serving added since start has its token in the new file
         ident = self.creds.identify(str(msg.get("token", "")))
         if ident is None:
             refuse("unknown credential: this agent does not know that serving token")

@@ -218,3 +218,17 @@ def test_metrics_and_stats(agent: AgentProc) -> None:
     ):
         assert name in text
     assert agent.stats()["node"] == "node-a"
+
+
+def test_a_serving_added_after_start_can_register(agent: AgentProc) -> None:
+    import json
+
+    creds = Path(json.loads(agent.config.read_text())["credentials_file"])
+    doc = json.loads(creds.read_text())
+    with pytest.raises(AgentError, match="unknown credential"):
+        AgentClient(agent.socket, "tok-new", 4096).connect()
+    doc["servings"].append({"name": "new", "namespace": "team-c", "token": "tok-new"})
+    creds.write_text(json.dumps(doc))
+    c = AgentClient(agent.socket, "tok-new", 4096).connect()
+    assert c.info["scope"] == "ns/team-c"
+    c.close()

@@ -169,3 +169,21 @@ def test_credentials_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-d
     p.write_text("servings:\n  - {name: a}\n")
     with pytest.raises(CredentialError, match="lacks"):
         CredentialStore.load(p)
+
+
+def test_credentials_reload_when_the_mounted_file_changes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = tmp_path / "secret"
+    d.mkdir()
+    (d / "credentials.yaml").write_text("servings:\n  - {name: a, namespace: n, token: ta}\n")
+    (d / ".hidden.yaml").write_text("servings:\n  - {name: x, token: tx}\n")
+    store = CredentialStore.load(d)
+    assert store.identify("ta") == Identity("a", "n", "namespace")
+    assert store.identify("tx") is None and store.identify("tb") is None
+    assert not store.refresh()  # unchanged: nothing re-read
+    (d / "more.json").write_text('{"servings": [{"name": "b", "token": "tb", "scope": "none"}]}')
+    assert store.refresh()
+    assert store.identify("tb") == Identity("b", "default", "none")
+    # a broken update keeps the credentials that worked
+    (d / "more.json").write_text("{not json")
+    assert not store.refresh()
+    assert store.identify("ta") is not None and store.identify("tb") is not None
