@@ -49,6 +49,32 @@ class PoolCollector(Collector):
             ("kvmarina_agent_commits", "committed", "Blocks committed by engines"),
         ):
             yield CounterMetricFamily(name, doc, value=s.get(key, 0))
+        for name, key, doc in (
+            ("kvmarina_agent_hit_tokens", "hit_blocks", "Prompt tokens found cached by lookups"),
+            ("kvmarina_agent_miss_tokens", "miss_blocks", "Prompt tokens asked for, not cached"),
+        ):
+            yield CounterMetricFamily(name, doc, value=s.get(key, 0) * p.block_tokens)
+        yield CounterMetricFamily(
+            "kvmarina_agent_reclaim_requests",
+            "Requests to release blocks sent to engines under pressure",
+            value=s.get("reclaim_requests", 0),
+        )
+        leased = GaugeMetricFamily(
+            "kvmarina_agent_serving_leased",
+            "Blocks leased and not yet committed, per serving",
+            labels=["serving"],
+        )
+        per: dict[str, int] = {}
+        for sess in p.sessions.values():
+            per[sess.ident.serving] = per.get(sess.ident.serving, 0) + len(sess.leased)
+        for serving, n in per.items():
+            leased.add_metric([serving], n)
+        yield leased
+        yield GaugeMetricFamily(
+            "kvmarina_agent_scope_regions",
+            "Shared regions (one per sharing scope)",
+            value=len(p.regions),
+        )
         usage = GaugeMetricFamily(
             "kvmarina_agent_serving_blocks", "Device blocks held per serving", labels=["serving"]
         )

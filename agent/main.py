@@ -52,6 +52,7 @@ async def serve(cfg: AgentConfig, ready_file: str | None = None) -> None:
         device_pages=cfg.device_pages,
         host_pages=cfg.host_pages,
         policy=cfg.eviction,
+        block_tokens=cfg.contract().block_size,
     )
     pool.events.max_queue = cfg.event_queue
     proto = AgentProtocol(pool, creds, cfg.contract().digest_bytes, cfg.reclaim_timeout_s)

@@ -101,8 +101,10 @@ class Pool:
         host_pages: int,
         policy: str,
         events: EventLog | None = None,
+        block_tokens: int = 16,
     ) -> None:
         self.node, self.backend, self.page_size = node, backend, page_size
+        self.block_tokens = block_tokens  # tokens per block (the hashing contract's)
         self.device = FreePages(device_pages)
         self.host = FreePages(host_pages)
         self.index = BlockIndex(policy)

@@ -208,13 +208,35 @@ async def test_event_stream_snapshot_then_live(agent: AgentProc) -> None:
 def test_metrics_and_stats(agent: AgentProc) -> None:
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    (slot,) = c.lease(1)
+    c.commit([(slot[0], slot[1], b"\x01" * 16)])
+    c.lease(2)  # held, not committed
+    assert len(c.lookup([b"\x01" * 16, b"\x02" * 16])) == 1  # 1 hit, 1 miss
     text = urllib.request.urlopen(agent.url + "/metrics").read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert samples[("kvmarina_agent_hit_tokens_total", ())] == 16  # block_size tokens per block
+    assert samples[("kvmarina_agent_miss_tokens_total", ())] == 16
+    assert samples[("kvmarina_agent_serving_leased", (("serving", "chat"),))] == 2
+    assert samples[("kvmarina_agent_serving_blocks", (("serving", "chat"),))] == 3
+    assert samples[("kvmarina_agent_blocks", (("tier", "device"),))] == 1
+    c.close()
     for name in (
         "kvmarina_agent_pages",
         "kvmarina_agent_blocks",
         "kvmarina_agent_lookups_total",
         "kvmarina_agent_evictions_total",
         "kvmarina_agent_event_seq",
+        "kvmarina_agent_hit_tokens_total",
+        "kvmarina_agent_miss_tokens_total",
+        "kvmarina_agent_subscribers",
+        "kvmarina_agent_sessions",
     ):
         assert name in text
     assert agent.stats()["node"] == "node-a"
