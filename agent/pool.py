@@ -424,25 +424,45 @@ class Pool:
         self.events.publish("evicted", (block.key[1],))
 
     def _promote(self, sess: Session, block: Block) -> bool:
-        """Copy a (pinned) host-tier block back into the device tier."""
-        scope = block.key[0]
-        pool = self._slots(scope, block.block_bytes, "device")
+        """Copy a (pinned) host-tier block back into the device tier.
+
+        With the device full, a victim must move down to host memory just as
+        this block leaves it: the block's bytes are staged first so the victim
+        can take its host slot (a swap), instead of pushing a third block out."""
+        scope, size = block.key[0], block.block_bytes
+        pool, host = self._slots(scope, size, "device"), self._slots(scope, size, "host")
+        src = self._bytes(scope, "host", block.slot, size)
         slot = pool.alloc()
-        if slot is None:
+        if slot is not None:
+            self._copy(src, self._bytes(scope, "device", slot, size))
+            host.free(block.slot)
+        else:
+            staged = src.clone()
+            host.free(block.slot)
             try:
                 slot = self._reclaim_for(sess, pool)
             except PoolFull:
-                return False
-        self._copy(
-            self._bytes(scope, "host", block.slot, block.block_bytes),
-            self._bytes(scope, "device", slot, block.block_bytes),
-        )
-        self._slots(scope, block.block_bytes, "host").free(block.slot)
+                return self._back_to_host(block, staged)
+            self._copy(staged, self._bytes(scope, "device", slot, size))
         block.slot, block.tier = slot, "device"
         self.usage[block.owner] += 1
         self.stats["promoted"] += 1
         self.events.publish("moved", (block.key[1],), "device")
         return True
+
+    def _back_to_host(self, block: Block, staged: torch.Tensor) -> bool:
+        """A promotion that found no device room: put the staged bytes back in
+        host memory (or, if a victim took the last host slot, drop the block)."""
+        scope = block.key[0]
+        hslot = self._slots(scope, block.block_bytes, "host").alloc()
+        if hslot is None:
+            self.index.remove(block.key)
+            self.stats["evicted"] += 1
+            self.events.publish("evicted", (block.key[1],))
+        else:
+            self._bytes(scope, "host", hslot, block.block_bytes).copy_(staged)
+            block.slot = hslot
+        return False
 
     # ------------------------------------------------------------ views
 

@@ -187,3 +187,18 @@ def test_credentials_reload_when_the_mounted_file_changes(tmp_path) -> None:  # 
     (d / "more.json").write_text("{not json")
     assert not store.refresh()
     assert store.identify("ta") is not None and store.identify("tb") is not None
+
+
+def test_host_hit_without_device_room_stays_on_host_intact() -> None:
+    pool = make_pool(device_pages=1, host_pages=1)
+    s = session(pool, "chat")
+    h = fill(pool, s, [1, 2, 3, 4, 5])  # block 1 moved to host
+    assert len(pool.lookup(s, h[1:])) == 4  # every device block pinned
+    assert pool.lookup(s, [h[0]]) == []  # no room: a miss, not a crash or a loss
+    block = pool.index.get((s.scope, h[0]))
+    assert block is not None and block.tier == "host" and block.refs == 0
+    off = block.slot.page * pool.page_size + block.slot.index * BB
+    data = pool.host_region.tensor()[off : off + BB]  # type: ignore[union-attr]
+    assert int(data.min()) == int(data.max()) == 1
+    pool.release(s, h[1:])
+    assert pool.lookup(s, [h[0]])[0].tier == "device"  # room again: promoted

@@ -104,3 +104,25 @@ async def test_a_subscriber_that_falls_behind_is_resynchronized_without_a_gap(
             await asyncio.wait_for(follow_until(2, 20), 10)
             assert follower.resyncs >= 1
             assert follower.blocks == {bytes([i + 1]) * 16: "device" for i in range(20)}
+
+
+def test_host_tier_round_trip_across_processes(tmp_path: Path) -> None:
+    # 2 device pages (8 blocks) and 2 host pages: a second batch of 8 blocks pushes
+    # the first batch down to host memory; a lookup brings it back, bytes intact.
+    with agent_process(tmp_path, device_bytes=2 * 4 * 4096, host_bytes=2 * 4 * 4096) as agent:
+        first = run_writer(agent, "tok-chat", 8, "exit")
+        first.wait(10)
+        second = AgentClient(agent.socket, "tok-code", 4096).connect()
+        items = [(p, i, bytes([0xA0 + k]) * 16) for k, (p, i) in enumerate(second.lease(8))]
+        second.commit(items)
+        second.release([h for _, _, h in items])
+        assert agent.stats()["blocks"] == {"device": 8, "host": 8}
+        hashes = [bytes([i + 1]) * 16 for i in range(8)]
+        hits = second.lookup(hashes)
+        assert [h.hash for h in hits] == hashes and {h.tier for h in hits} == {"device"}
+        for i, hit in enumerate(hits):
+            view = second.block(hit.page, hit.index)
+            assert int(view.min()) == int(view.max()) == i + 1
+        stats = agent.stats()["stats"]
+        assert stats["offloaded"] >= 8 and stats["promoted"] == 8  # type: ignore[index]
+        second.close()
