@@ -167,6 +167,7 @@ class AgentClient:
 
     def close(self) -> None:
         self._on_reclaim = None  # stops the watcher thread
+        self._watcher = None
         with self._lock:
             if self._sock is not None:
                 self._sock.close()

@@ -36,7 +36,7 @@ class Block:
     tier: str = "device"
     refs: int = 0
     uses: int = 0
-    checksum: int = 0
+    checksum: int | None = None  # xxh3 of the bytes, computed when first needed
 
 
 class LRUOrder:

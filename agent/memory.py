@@ -177,9 +177,11 @@ def _map_handle(cu: Any, handle: Any, size: int, device: int) -> Any:
     """Reserve a virtual range, map ``handle`` there, grant read/write to ``device``."""
     ptr = _check(cu.cuMemAddressReserve(size, 0, 0, 0))
     _check(cu.cuMemMap(ptr, size, 0, handle, 0))
+    loc = cu.CUmemLocation()
+    loc.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    loc.id = device
     access = cu.CUmemAccessDesc()
-    access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    access.location.id = device
+    access.location = loc
     access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
     _check(cu.cuMemSetAccess(ptr, size, [access], 1))
     return ptr

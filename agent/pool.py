@@ -228,7 +228,8 @@ class Pool:
         self, sess: Session, slot: Slot, block_hash: bytes, checksum: int | None = None
     ) -> Location:
         """Make a written block shareable; pinned by the session until it releases.
-        ``checksum``: the block's xxh3, when the caller has just verified it."""
+        ``checksum``: the block's xxh3, when the caller has just verified it (else
+        it is computed on first need: committed bytes never change)."""
         if slot not in sess.leased:
             raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
         key = (sess.scope, block_hash)
@@ -239,14 +240,7 @@ class Pool:
             self._pin(sess, existing)
             return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
         sess.leased.discard(slot)
-        data = self._bytes(sess.scope, "device", slot, sess.block_bytes)
-        block = Block(
-            key,
-            slot,
-            sess.block_bytes,
-            sess.ident.serving,
-            checksum=xxhash.xxh3_64_intdigest(data.numpy().data),
-        )
+        block = Block(key, slot, sess.block_bytes, sess.ident.serving, checksum=checksum)
         self.index.insert(block)
         sess.pins[key] += 1
         self.stats["committed"] += 1
@@ -403,6 +397,27 @@ class Pool:
                 self.events.publish("moved", (h,), "host")
                 return
         self._drop(block)
+
+    def host_view(self, block: Block) -> memoryview:
+        """A block's bytes readable on the CPU: a view of shared RAM, or a copy
+        out of device memory on CUDA."""
+        data = self._bytes(block.key[0], block.tier, block.slot, block.block_bytes)
+        if data.device.type != "cpu":
+            data = data.cpu()
+        return data.numpy().data
+
+    def checksum(self, block: Block) -> int:
+        if block.checksum is None:
+            block.checksum = xxhash.xxh3_64_intdigest(self.host_view(block))
+        return block.checksum
+
+    def write_block(self, scope: str, slot: Slot, size: int, data: bytes) -> None:
+        """Fill a leased device slot from bytes received on the CPU (a pulled block)."""
+        dst = self._bytes(scope, "device", slot, size)
+        if dst.device.type == "cpu":
+            dst.numpy()[:] = memoryview(data).cast("B")
+        else:
+            dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move one block's bytes between tiers. On CUDA through the kernels'

@@ -170,22 +170,23 @@ class TransferService:
             return
         for h in hashes:
             block = self.pool.index.get((scope, h)) if isinstance(h, bytes) else None
-            if block is None or block.tier != "device":
+            if block is None:
                 await write_frame(writer, {"hash": h, "found": False})
                 continue
             self.pool.index.pin(block)  # not evicted while we send it
             try:
-                data = self.pool._bytes(scope, "device", block.slot, block.block_bytes)
                 await write_frame(
                     writer,
                     {
                         "hash": h,
                         "found": True,
                         "size": block.block_bytes,
-                        "checksum": block.checksum,
+                        "checksum": self.pool.checksum(block),
                     },
                 )
-                writer.write(memoryview(data.numpy()))  # type: ignore[arg-type]
+                # Taken after the await: a lookup may have moved the block between
+                # tiers meanwhile (its bytes, and so the checksum, never change).
+                writer.write(self.pool.host_view(block))
                 await writer.drain()
             finally:
                 self.pool.index.unpin(block)
@@ -325,9 +326,7 @@ class TransferService:
         except PoolError as exc:
             log.info("no room for a pulled block: %s", exc)
             return False
-        self.pool._bytes(sess.scope, "device", slot, sess.block_bytes).numpy()[:] = memoryview(
-            data
-        ).cast("B")
+        self.pool.write_block(sess.scope, slot, sess.block_bytes, data)
         self.pool.commit(sess, slot, h, checksum)
         self.pool.release(sess, [h])  # visible and unpinned; the engine pins it on lookup
         return True

@@ -26,3 +26,27 @@ def test_cuda_region_is_exportable_and_writable() -> None:
         assert region.fd >= 0  # a POSIX fd another process can import
     finally:
         region.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_cuda_pages_shared_between_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The agent's exported device memory, imported by two engine processes."""
+    from kvmarina.agent.client import AgentClient
+
+    from .conftest import agent_process
+    from .test_agent_process import run_writer
+
+    with agent_process(tmp_path, backend="cuda") as agent:
+        run_writer(agent, "tok-chat", 3, "exit").wait(30)
+        reader = AgentClient(agent.socket, "tok-code", 4096).connect()
+        assert reader.info["backend"] == "cuda" and reader.region is not None
+        assert reader.region.device.type == "cuda"
+        hashes = [bytes([i + 1]) * 16 for i in range(3)]
+        hits = reader.lookup(hashes)
+        assert len(hits) == 3
+        for i, h in enumerate(hits):
+            view = reader.block(h.page, h.index)
+            assert int(view.min()) == int(view.max()) == i + 1
+        reader.release(hashes)
+        reader.close()
