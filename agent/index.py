@@ -10,7 +10,7 @@ eviction order, so a block in use can never be chosen as a victim.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 Key = tuple[str, bytes]  # (scope key, block hash)
@@ -48,6 +48,8 @@ class LRUOrder:
 
     def __init__(self) -> None:
         self._od: dict[Key, None] = {}
+        # ``discard(key, None)``: ``remove`` without a Python-level call (hot loops)
+        self.discard: Callable[[Key, None], object] = self._od.pop
 
     def add(self, key: Key, uses: int) -> None:
         self._od.pop(key, None)
@@ -86,6 +88,9 @@ class LFUOrder:
             bucket.pop(key, None)
             if not bucket:
                 del self._buckets[uses]
+
+    def discard(self, key: Key, _default: None = None) -> None:
+        self.remove(key)
 
     def candidates(self) -> Iterator[Key]:
         for uses in sorted(self._buckets):

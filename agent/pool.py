@@ -215,9 +215,13 @@ class Pool:
         self._slots(sess.scope, sess.block_bytes, "device").free(slot)
 
     def check_leased(self, sess: Session, slots: Iterable[Slot]) -> None:
+        seen: set[Slot] = set()
         for slot in slots:
             if slot not in sess.leased:
                 raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
+            if slot in seen:
+                raise PoolError(f"slot {slot.page}/{slot.index} is named twice")
+            seen.add(slot)
 
     def release_slots(self, sess: Session, slots: list[Slot]) -> None:
         self.check_leased(sess, slots)
@@ -259,7 +263,7 @@ class Pool:
     def lookup_blocks(self, sess: Session, hashes: list[bytes]) -> list[Block]:
         """``lookup`` without building result objects (the socket path's hot loop)."""
         blocks, pins, scope, size = self.index.blocks, sess.pins, sess.scope, sess.block_bytes
-        order = self.index.order
+        discard = self.index.order.discard
         out: list[Block] = []
         for h in hashes:
             key = (scope, h)
@@ -267,7 +271,7 @@ class Pool:
             if block is None or block.block_bytes != size:
                 break  # a miss, or the same hash under another layout: never mismatched bytes
             if block.refs == 0:
-                order.remove(key)
+                discard(key, None)
             block.refs += 1
             block.uses += 1
             pins[key] = pins.get(key, 0) + 1
@@ -291,14 +295,20 @@ class Pool:
             del sess.pins[block.key]
 
     def release(self, sess: Session, hashes: list[bytes]) -> None:
-        """Unpin blocks this session pinned (all-or-nothing: checked first)."""
+        """Unpin blocks this session pinned (all-or-nothing: checked first; a hash
+        named k times releases k pins)."""
         pins, scope = sess.pins, sess.scope
-        for h in hashes:
-            if pins.get((scope, h), 0) <= 0:
-                raise PoolError(f"block {h.hex()} is not pinned by this session")
-        blocks, order = self.index.blocks, self.index.order
-        for h in hashes:
-            key = (scope, h)
+        keys = [(scope, h) for h in hashes]
+        if len(set(keys)) == len(keys):
+            for key in keys:
+                if pins.get(key, 0) <= 0:
+                    raise PoolError(f"block {key[1].hex()} is not pinned by this session")
+        else:
+            for key, k in Counter(keys).items():
+                if pins.get(key, 0) < k:
+                    raise PoolError(f"block {key[1].hex()} is not pinned {k} times by this session")
+        blocks, add = self.index.blocks, self.index.order.add
+        for key in keys:
             n = pins[key] - 1
             if n:
                 pins[key] = n
@@ -308,7 +318,7 @@ class Pool:
             if block is not None:
                 block.refs -= 1
                 if block.refs == 0:
-                    order.add(key, block.uses)
+                    add(key, block.uses)
 
     # ------------------------------------------------------------ eviction and tiers
 

@@ -202,3 +202,19 @@ def test_host_hit_without_device_room_stays_on_host_intact() -> None:
     assert int(data.min()) == int(data.max()) == 1
     pool.release(s, h[1:])
     assert pool.lookup(s, [h[0]])[0].tier == "device"  # room again: promoted
+
+
+def test_names_repeated_in_a_release_are_checked_as_a_whole() -> None:
+    pool = make_pool()
+    s = session(pool, "chat")
+    (h,) = fill(pool, s, [1])
+    a, b = pool.lease(s, 2)
+    pool.lookup(s, [h])  # one pin
+    with pytest.raises(PoolError, match="not pinned 2 times"):
+        pool.release(s, [h, h])
+    with pytest.raises(PoolError, match="named twice"):
+        pool.release_slots(s, [a, b, a])
+    assert s.pins[(s.scope, h)] == 1 and s.leased == {a, b} and pool.usage["chat"] == 3
+    pool.lookup(s, [h])
+    pool.release(s, [h, h])  # two pins, two releases
+    assert not s.pins
