@@ -83,25 +83,27 @@ def main(argv: list[str]) -> int:
         print(f"kvmarina up: {exc}", file=sys.stderr)
         print("everything that had started was stopped", file=sys.stderr)
         return 1
-    for p in sup.procs:
-        if p.spec.role == "router":
-            print(
-                f"router for {p.spec.info['serving']}: {p.spec.info['url']}  "
-                f"(model {p.spec.info['model']!r})"
-            )
-    print(
-        f"logs: {sup.run_dir / 'logs'}; `kvmarina status` for a table; Ctrl-C or "
-        "`kvmarina down` to stop",
-        flush=True,
-    )
     stop = {"sig": 0}
 
     def on_signal(sig: int, _frame: object) -> None:
         stop["sig"] = sig
 
+    # Handlers first, then tell the user: a Ctrl-C right after the URL is printed
+    # must still stop the fleet.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
+        for p in sup.procs:
+            if p.spec.role == "router":
+                print(
+                    f"router for {p.spec.info['serving']}: {p.spec.info['url']}  "
+                    f"(model {p.spec.info['model']!r})"
+                )
+        print(
+            f"logs: {sup.run_dir / 'logs'}; `kvmarina status` for a table; Ctrl-C or "
+            "`kvmarina down` to stop",
+            flush=True,
+        )
         while not stop["sig"]:
             dead = [p for p in sup.procs if not p.alive()]
             if dead:
