@@ -41,6 +41,11 @@ class Identity:
     scope: str
 
     @property
+    def key(self) -> str:
+        """The serving's node-wide name (``namespace/serving``): budgets and usage."""
+        return f"{self.namespace}/{self.serving}"
+
+    @property
     def scope_key(self) -> str:
         if self.scope == "cluster":
             return "cluster"

@@ -62,13 +62,13 @@ class PoolCollector(Collector):
         leased = GaugeMetricFamily(
             "kvmarina_agent_serving_leased",
             "Blocks leased and not yet committed, per serving",
-            labels=["serving"],
+            labels=["namespace", "serving"],
         )
         per: dict[str, int] = {}
         for sess in p.sessions.values():
-            per[sess.ident.serving] = per.get(sess.ident.serving, 0) + len(sess.leased)
-        for serving, n in per.items():
-            leased.add_metric([serving], n)
+            per[sess.ident.key] = per.get(sess.ident.key, 0) + len(sess.leased)
+        for key, n in per.items():
+            leased.add_metric(key.split("/", 1), n)
         yield leased
         yield GaugeMetricFamily(
             "kvmarina_agent_scope_regions",
@@ -76,10 +76,12 @@ class PoolCollector(Collector):
             value=len(p.regions),
         )
         usage = GaugeMetricFamily(
-            "kvmarina_agent_serving_blocks", "Device blocks held per serving", labels=["serving"]
+            "kvmarina_agent_serving_blocks",
+            "Device blocks held per serving",
+            labels=["namespace", "serving"],
         )
-        for serving, n in p.usage.items():
-            usage.add_metric([serving], n)
+        for key, n in p.usage.items():
+            usage.add_metric(key.split("/", 1), n)
         yield usage
         if "transfer" in p.extra_summary:
             t = p.extra_summary["transfer"]()

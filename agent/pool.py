@@ -115,7 +115,7 @@ class Pool:
         self._slot_pools: dict[tuple[str, int, str], SlotPool] = {}
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
-        self.usage: Counter[str] = Counter()  # serving -> slots held
+        self.usage: Counter[str] = Counter()  # namespace/serving -> device slots held
         self.budgets: dict[str, Budget] = {}
         self.events = events or EventLog(node, self.snapshot)
         self.stats: Counter[str] = Counter()
@@ -165,11 +165,39 @@ class Pool:
             raise PoolError(
                 f"block of {block_bytes} bytes does not fit a page of {self.page_size} bytes"
             )
+        if not 0 <= budget.min_slots <= budget.max_slots:
+            raise PoolError(
+                f"budget of {ident.key}: need 0 <= min ({budget.min_slots}) "
+                f"<= max ({budget.max_slots}) blocks"
+            )
         sess = Session(next(self._ids), ident, block_bytes, budget)
         self.sessions[sess.id] = sess
-        self.budgets[ident.serving] = budget
+        self.budgets[ident.key] = budget
         self.region(sess.scope)
+        self._warn_if_minimums_overcommit()
         return sess
+
+    def reserved_pages(self) -> int:
+        """Pages the guaranteed minimums of the servings connected now add up to."""
+        per: dict[str, int] = {}
+        for s in self.sessions.values():
+            slots_per_page = self.page_size // s.block_bytes
+            need = -(-self.budgets[s.ident.key].min_slots // slots_per_page)
+            per[s.ident.key] = max(per.get(s.ident.key, 0), need)
+        return sum(per.values())
+
+    def _warn_if_minimums_overcommit(self) -> None:
+        # Registration still succeeds (refusing would stop an engine from serving
+        # at all); the operator sees it in /stats and the log says which node.
+        reserved = self.reserved_pages()
+        if reserved > self.device.n_pages:
+            log.warning(
+                "guaranteed minimums add up to %d pages on node %s, which has %d: "
+                "minimums cannot all be honoured under pressure",
+                reserved,
+                self.node,
+                self.device.n_pages,
+            )
 
     def close_session(self, sess: Session) -> None:
         """Release everything a session holds (its connection dropped, or it said bye)."""
@@ -188,7 +216,7 @@ class Pool:
     def lease(self, sess: Session, n: int) -> list[Slot]:
         if n < 0:
             raise PoolError("cannot lease a negative number of blocks")
-        serving = sess.ident.serving
+        serving = sess.ident.key
         if self.usage[serving] + n > sess.budget.max_slots:
             raise OverMax(
                 f"serving {serving} holds {self.usage[serving]} blocks; {n} more "
@@ -211,7 +239,7 @@ class Pool:
 
     def _free_leased(self, sess: Session, slot: Slot) -> None:
         sess.leased.discard(slot)
-        self.usage[sess.ident.serving] -= 1
+        self.usage[sess.ident.key] -= 1
         self._slots(sess.scope, sess.block_bytes, "device").free(slot)
 
     def check_leased(self, sess: Session, slots: Iterable[Slot]) -> None:
@@ -244,7 +272,7 @@ class Pool:
             self._pin(sess, existing)
             return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
         sess.leased.discard(slot)
-        block = Block(key, slot, sess.block_bytes, sess.ident.serving, checksum=checksum)
+        block = Block(key, slot, sess.block_bytes, sess.ident.key, checksum=checksum)
         self.index.insert(block)
         sess.pins[key] += 1
         self.stats["committed"] += 1
@@ -327,7 +355,7 @@ class Pool:
 
     def _may_take_from(self, requester: Session, owner: str) -> bool:
         """May ``requester`` take a block that ``owner`` holds, by the budgets?"""
-        me = requester.ident.serving
+        me = requester.ident.key
         if owner == me:
             return True
         ob = self.budgets.get(owner, Budget())
@@ -346,12 +374,12 @@ class Pool:
         # Any scope: pages are shared by all scopes, and a page another scope
         # empties comes back to the free queue for ours.
         others = [s for s in self.sessions.values() if s.id != sess.id]
-        others.sort(key=lambda s: self.budgets.get(s.ident.serving, Budget()).priority)
+        others.sort(key=lambda s: self.budgets.get(s.ident.key, Budget()).priority)
         want = n
         for other in others:
             if want <= 0:
                 break
-            if not self._may_take_from(sess, other.ident.serving):
+            if not self._may_take_from(sess, other.ident.key):
                 continue
             held = len(other.leased) + sum(
                 1
@@ -381,7 +409,7 @@ class Pool:
             if slot is not None:
                 return slot
         raise PoolFull(
-            f"no free KV block for serving {sess.ident.serving}: every block is "
+            f"no free KV block for serving {sess.ident.key}: every block is "
             "in use by running requests or protected by budgets"
         )
 
@@ -525,6 +553,7 @@ class Pool:
             },
             "blocks": {"device": tiers.get("device", 0), "host": tiers.get("host", 0)},
             "sessions": len(self.sessions),
+            "reserved_pages": self.reserved_pages(),
             "usage": dict(self.usage),
             "stats": dict(self.stats),
             "subscribers": len(self.events.subscribers),

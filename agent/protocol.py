@@ -139,6 +139,9 @@ class AgentProtocol:
             refuse("unknown credential: this agent does not know that serving token")
             return None
         b = msg.get("budget") or {}
+        if not isinstance(b, dict):
+            refuse("bad register request: budget must be a map")
+            return None
         try:
             budget = Budget(
                 int(b.get("min_blocks", 0)),
@@ -202,9 +205,7 @@ class AgentProtocol:
             writer = self.writers.get(sid)
             if writer is not None and not writer.is_closing():
                 # one write() call per frame: never interleaves with a reply
-                writer.write(
-                    encode_frame({"push": "reclaim", "n": k, "serving": sess.ident.serving})
-                )
+                writer.write(encode_frame({"push": "reclaim", "n": k, "serving": sess.ident.key}))
         self.pool.stats["reclaim_requests"] += len(targets)
         log.info(
             "pool full: asked %d holder(s) to release blocks for %s",
@@ -255,6 +256,7 @@ class AgentProtocol:
                 hashes = self._hashes(
                     [i[2] if isinstance(i, list) and len(i) > 2 else None for i in items]
                 )
+                self.pool.check_leased(sess, slots)  # all-or-nothing: check before changing
                 locs = [self.pool.commit(sess, s, h) for s, h in zip(slots, hashes, strict=True)]
                 return {"ok": True, "locations": [[x.hash, x.page, x.index, x.tier] for x in locs]}
             if op == "lookup":

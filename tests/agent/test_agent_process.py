@@ -85,7 +85,7 @@ def test_killed_client_has_its_leases_reclaimed_and_shared_blocks_survive(agent:
     writer = run_writer(agent, "tok-chat", 4, "hold")
     holder = run_writer(agent, "tok-code", 6, "lease-only")
     usage = agent.stats()["usage"]
-    assert usage == {"chat": 4, "code": 6}  # type: ignore[comparison-overlap]
+    assert usage == {"team-a/chat": 4, "team-a/code": 6}  # type: ignore[comparison-overlap]
     holder.send_signal(signal.SIGKILL)
     holder.wait(10)
     writer.send_signal(signal.SIGKILL)
@@ -94,7 +94,7 @@ def test_killed_client_has_its_leases_reclaimed_and_shared_blocks_survive(agent:
     while agent.stats()["sessions"] and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = agent.stats()
-    assert stats["sessions"] == 0 and stats["usage"]["code"] == 0  # type: ignore[index]
+    assert stats["sessions"] == 0 and stats["usage"]["team-a/code"] == 0  # type: ignore[index]
     reader = AgentClient(agent.socket, "tok-chat", 4096).connect()
     assert len(reader.lookup([bytes([i + 1]) * 16 for i in range(4)])) == 4
     reader.close()
@@ -123,24 +123,33 @@ def test_bad_requests_get_clear_errors_and_hurt_no_one(agent: AgentProc) -> None
     c.close()
 
 
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10),
+    st.integers(-(1 << 63), (1 << 64) - 1),
+    st.text(max_size=5),
+    st.binary(min_size=16, max_size=16),
+    st.lists(st.binary(max_size=20), max_size=3),
+    st.lists(
+        st.lists(st.one_of(st.integers(-2, 70), st.binary(max_size=17)), max_size=4), max_size=3
+    ),
+    st.dictionaries(st.text(max_size=10), st.integers(-3, 3), max_size=3),
+)
+_ops = st.sampled_from(["lease", "commit", "lookup", "release", "stats", "ping", "bogus", ""])
+_requests = st.one_of(
+    st.binary(max_size=64),  # not msgpack, or msgpack of anything
+    st.fixed_dictionaries(
+        {"op": st.one_of(_ops, _values)},
+        optional={k: _values for k in ("n", "hashes", "items", "slots")},
+    ),
+)
+
+
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    payload=st.one_of(
-        st.binary(max_size=64),
-        st.dictionaries(
-            st.sampled_from(["op", "n", "hashes", "items", "slots"]),
-            st.one_of(
-                st.none(),
-                st.integers(-5, 10),
-                st.text(max_size=5),
-                st.lists(st.binary(max_size=20), max_size=3),
-            ),
-            max_size=4,
-        ),
-    )
-)
+@given(payload=_requests)
 def test_fuzzed_requests_never_break_the_agent(agent: AgentProc, payload: object) -> None:
     c = AgentClient(agent.socket, "tok-chat", 4096).connect()
     try:
@@ -158,6 +167,52 @@ def test_fuzzed_requests_never_break_the_agent(agent: AgentProc, payload: object
         pass
     finally:
         c.close()
+    fresh = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    assert fresh.ping()
+    fresh.close()
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    hello=st.fixed_dictionaries(
+        {"op": st.sampled_from(["register", "lease"])},
+        optional={
+            "token": st.one_of(st.sampled_from(["tok-chat", "tok-forged"]), _values),
+            "block_bytes": _values,
+            "budget": st.one_of(
+                _values,
+                st.fixed_dictionaries(
+                    {}, optional={k: _values for k in ("min_blocks", "max_blocks", "priority")}
+                ),
+            ),
+        },
+    )
+)
+def test_fuzzed_registrations_get_a_reply_and_no_memory_unless_valid(
+    agent: AgentProc, hello: dict[str, object]
+) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(agent.socket)
+    try:
+        s.sendall(encode_frame(hello))
+        data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(16))
+        dec = FrameDecoder()
+        dec.feed(data)
+        reply = next(iter(dec.frames()))
+        fds = [
+            int.from_bytes(d[i : i + 4], "little") for _, _, d in anc for i in range(0, len(d), 4)
+        ]
+        for fd in fds:
+            os.close(fd)
+        if reply["ok"]:  # only a known token with a usable block size gets a region
+            assert hello.get("token") == "tok-chat" and len(fds) == 1
+        else:
+            assert fds == [] and reply["error"]
+    finally:
+        s.close()
     fresh = AgentClient(agent.socket, "tok-chat", 4096).connect()
     assert fresh.ping()
     fresh.close()
@@ -223,8 +278,14 @@ def test_metrics_and_stats(agent: AgentProc) -> None:
     }
     assert samples[("kvmarina_agent_hit_tokens_total", ())] == 16  # block_size tokens per block
     assert samples[("kvmarina_agent_miss_tokens_total", ())] == 16
-    assert samples[("kvmarina_agent_serving_leased", (("serving", "chat"),))] == 2
-    assert samples[("kvmarina_agent_serving_blocks", (("serving", "chat"),))] == 3
+    assert (
+        samples[("kvmarina_agent_serving_leased", (("namespace", "team-a"), ("serving", "chat")))]
+        == 2
+    )
+    assert (
+        samples[("kvmarina_agent_serving_blocks", (("namespace", "team-a"), ("serving", "chat")))]
+        == 3
+    )
     assert samples[("kvmarina_agent_blocks", (("tier", "device"),))] == 1
     c.close()
     for name in (

@@ -79,7 +79,7 @@ def test_budgets_min_max_priority() -> None:
     fill(pool, high, [11, 12])
     # high (priority 100) takes low's blocks above low's minimum of 2
     fill(pool, high, [13, 14, 15, 16])
-    assert pool.usage["batch"] == 2 and pool.usage["chat"] == 6
+    assert pool.usage["a/batch"] == 2 and pool.usage["a/chat"] == 6
     # low may recycle its own cached blocks, but never take high's (higher priority)
     assert len(pool.lease(low, 2)) == 2
     with pytest.raises(PoolFull):
@@ -95,7 +95,7 @@ def test_guaranteed_minimum_beats_priority() -> None:
     fill(pool, big, [1, 2, 3, 4])
     small = session(pool, "small", Budget(min_slots=2, priority=1))
     fill(pool, small, [7, 8])  # its minimum is always grantable
-    assert pool.usage["small"] == 2 and pool.usage["big"] == 2
+    assert pool.usage["a/small"] == 2 and pool.usage["a/big"] == 2
 
 
 def test_host_tier_round_trip() -> None:
@@ -136,7 +136,7 @@ def test_release_errors_change_nothing() -> None:
         pool.release_slots(other, [slot])
     assert slot in s.leased
     pool.close_session(s)
-    assert pool.usage["chat"] == 0 and pool.device.used == 0
+    assert pool.usage["a/chat"] == 0 and pool.device.used == 0
 
 
 async def test_event_log_resyncs_a_slow_subscriber() -> None:
@@ -214,7 +214,17 @@ def test_names_repeated_in_a_release_are_checked_as_a_whole() -> None:
         pool.release(s, [h, h])
     with pytest.raises(PoolError, match="named twice"):
         pool.release_slots(s, [a, b, a])
-    assert s.pins[(s.scope, h)] == 1 and s.leased == {a, b} and pool.usage["chat"] == 3
+    assert s.pins[(s.scope, h)] == 1 and s.leased == {a, b} and pool.usage["a/chat"] == 3
     pool.lookup(s, [h])
     pool.release(s, [h, h])  # two pins, two releases
     assert not s.pins
+
+
+def test_budgets_are_checked_and_overcommitted_minimums_reported() -> None:
+    pool = make_pool(device_pages=2)
+    with pytest.raises(PoolError, match="need 0 <= min"):
+        session(pool, "bad", Budget(min_slots=5, max_slots=4))
+    session(pool, "one", Budget(min_slots=6))  # 2 pages of 4 blocks
+    assert pool.summary()["reserved_pages"] == 2
+    session(pool, "two", Budget(min_slots=1))  # still registers; reported
+    assert pool.summary()["reserved_pages"] == 3

@@ -48,7 +48,7 @@ def test_full_pool_asks_holders_to_release_and_waits_a_bounded_time(tmp_path: Pa
                 other.lease(1)
             assert time.monotonic() - t0 >= 0.9
             usage = agent.stats()["usage"]
-            assert usage["other"] == POOL_BLOCKS - 8 and usage["code"] == 8  # type: ignore[index]
+            assert usage["team-b/other"] == POOL_BLOCKS - 8 and usage["team-a/code"] == 8  # type: ignore[index]
             other.close()
         finally:
             _stop(holder)
