@@ -256,8 +256,25 @@ class Pool:
         for slot in slots:
             self._free_leased(sess, slot)
 
+    def commit_many(self, sess: Session, items: list[tuple[Slot, bytes]]) -> list[Location]:
+        """``commit`` each (slot, hash), all checked first; one ``stored`` event for
+        the blocks that are new (a long prompt is one event, not thousands)."""
+        self.check_leased(sess, [slot for slot, _ in items])
+        locs, new, blocks = [], [], self.index.blocks
+        for slot, h in items:
+            if (sess.scope, h) not in blocks:
+                new.append(h)
+            locs.append(self.commit(sess, slot, h, publish=False))
+        self.events.publish("stored", tuple(new), "device")
+        return locs
+
     def commit(
-        self, sess: Session, slot: Slot, block_hash: bytes, checksum: int | None = None
+        self,
+        sess: Session,
+        slot: Slot,
+        block_hash: bytes,
+        checksum: int | None = None,
+        publish: bool = True,
     ) -> Location:
         """Make a written block shareable; pinned by the session until it releases.
         ``checksum``: the block's xxh3, when the caller has just verified it (else
@@ -276,7 +293,8 @@ class Pool:
         self.index.insert(block)
         sess.pins[key] += 1
         self.stats["committed"] += 1
-        self.events.publish("stored", (block_hash,), "device")
+        if publish:
+            self.events.publish("stored", (block_hash,), "device")
         return Location(block_hash, slot.page, slot.index, "device")
 
     # ------------------------------------------------------------ lookup / release

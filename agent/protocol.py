@@ -256,8 +256,7 @@ class AgentProtocol:
                 hashes = self._hashes(
                     [i[2] if isinstance(i, list) and len(i) > 2 else None for i in items]
                 )
-                self.pool.check_leased(sess, slots)  # all-or-nothing: check before changing
-                locs = [self.pool.commit(sess, s, h) for s, h in zip(slots, hashes, strict=True)]
+                locs = self.pool.commit_many(sess, list(zip(slots, hashes, strict=True)))
                 return {"ok": True, "locations": [[x.hash, x.page, x.index, x.tier] for x in locs]}
             if op == "lookup":
                 hits = self.pool.lookup_blocks(sess, self._hashes(msg.get("hashes")))

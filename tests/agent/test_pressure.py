@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -87,23 +88,33 @@ async def test_a_subscriber_that_falls_behind_is_resynchronized_without_a_gap(
     tmp_path: Path,
 ) -> None:
     with agent_process(tmp_path, event_queue=4) as agent:
+        # Fill the node with cached (unpinned) blocks: one commit, one event.
+        await asyncio.to_thread(lambda: run_writer(agent, "tok-chat", POOL_BLOCKS, "exit").wait(30))
         async with aiohttp.ClientSession() as s, s.get(agent.url + "/v1/events") as resp:
             dec, follower = FrameDecoder(), Follower()
 
-            async def follow_until(snapshots: int, blocks: int) -> None:
-                while follower.snapshots < snapshots or len(follower.blocks) < blocks:
+            async def follow_until(done: Callable[[], bool]) -> None:
+                while not done():
                     dec.feed(await resp.content.readany())
                     for frame in dec.frames():
                         follower.apply(from_wire(frame))
 
-            await asyncio.wait_for(follow_until(1, 0), 10)
-            # One commit of 20 blocks publishes 20 events within one loop turn:
+            await asyncio.wait_for(follow_until(lambda: follower.snapshots == 1), 10)
+            assert len(follower.blocks) == POOL_BLOCKS
+            # Leasing 20 slots evicts 20 blocks within one loop turn: 20 events,
             # far past this subscriber's queue of 4.
-            writer = await asyncio.to_thread(run_writer, agent, "tok-chat", 20, "exit")
-            await asyncio.to_thread(writer.wait, 10)
-            await asyncio.wait_for(follow_until(2, 20), 10)
-            assert follower.resyncs >= 1
-            assert follower.blocks == {bytes([i + 1]) * 16: "device" for i in range(20)}
+            other = AgentClient(agent.socket, "tok-code", 4096).connect()
+            await asyncio.to_thread(other.lease, 20)
+            await asyncio.wait_for(
+                follow_until(lambda: len(follower.blocks) == POOL_BLOCKS - 20), 10
+            )
+            assert follower.resyncs >= 1 and follower.snapshots >= 2
+            cached = {
+                bytes([i + 1]) * 16 if i < 255 else (i + 1).to_bytes(16, "big")
+                for i in range(POOL_BLOCKS)
+            }
+            assert set(follower.blocks) < cached
+            other.close()
 
 
 def test_host_tier_round_trip_across_processes(tmp_path: Path) -> None:
