@@ -5,9 +5,14 @@ running agent over its unix socket (blocking calls, safe from any one thread at 
 time: the engine's scheduler thread); ``LocalPool`` offers the same methods over a
 private in-process pool for ``kvmarina engine --no-agent``.
 
-The scope region arrives once, as a file descriptor on the ``register`` reply;
-afterwards everything is (page, index) slots: ``block(loc)`` is a zero-copy view
-of a block's bytes in the mapped region.
+The scope region arrives once, as a file descriptor on the ``register`` reply
+(shared RAM is mmapped; CUDA memory is imported with the driver's VMM API);
+afterwards everything is (page, index) slots: ``block(page, index)`` is a
+zero-copy view of a block's bytes in the mapped region.
+
+Under pressure the agent may push ``reclaim`` requests on the same connection;
+``watch(on_reclaim)`` has them handled (see there). Without a handler they are
+ignored, and the agent, after a bounded wait, takes nothing that is not released.
 """
 
 from __future__ import annotations
