@@ -214,17 +214,20 @@ class AgentClient:
 
     # ------------------------------------------------------------ reclaim requests
 
-    def watch(self, on_reclaim: Callable[[int], None], interval: float = 0.05) -> None:
+    def watch(
+        self, on_reclaim: Callable[[int], None], interval: float = 0.05, background: bool = True
+    ) -> None:
         """Handle the agent's reclaim requests: ``on_reclaim(n)`` is asked to release
         about ``n`` cold blocks (unpin cached prefixes, return unused leases).
 
         Requests arriving during a call run right after it, on the caller's thread;
-        while the client is idle, a daemon thread notices them and runs the handler
-        there, so the handler must be thread-safe. The agent waits a bounded time
-        (its ``reclaim_timeout_s``) and never takes blocks that were not released.
+        while the client is idle, a daemon thread (``background``) notices them and
+        runs the handler there, so the handler must be thread-safe. Without the
+        thread, an engine's own loop calls ``poll()``. The agent waits a bounded
+        time (its ``reclaim_timeout_s``) and never takes blocks not released.
         """
         self._on_reclaim = on_reclaim
-        if self._watcher is None:
+        if background and self._watcher is None:
             self._watcher = threading.Thread(
                 target=self._watch_loop, args=(interval,), name="kvmarina-agent-watch", daemon=True
             )

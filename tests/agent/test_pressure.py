@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,3 +138,33 @@ def test_host_tier_round_trip_across_processes(tmp_path: Path) -> None:
         stats = agent.stats()["stats"]
         assert stats["offloaded"] >= 8 and stats["promoted"] == 8  # type: ignore[index]
         second.close()
+
+
+def test_reclaim_requests_reach_a_busy_client_between_its_calls(tmp_path: Path) -> None:
+    """No watcher thread: the push arrives while the holder waits for a reply to
+    its own call; it is set aside, and handled once that call returns."""
+    with agent_process(tmp_path, reclaim_timeout_s=10.0) as agent:
+        holder = AgentClient(agent.socket, "tok-chat", 4096).connect()
+        leased = holder.lease(POOL_BLOCKS)
+        asked: list[int] = []
+
+        def on_reclaim(n: int) -> None:
+            asked.append(n)
+            holder.release([], leased[-n:])
+
+        holder.watch(on_reclaim, background=False)
+        other = AgentClient(agent.socket, "tok-code", 4096).connect()
+        got: list[list[tuple[int, int]]] = []
+        waiter = threading.Thread(target=lambda: got.append(other.lease(4)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not agent.stats()["stats"].get("reclaim_requests"):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert holder.ping()  # the reply comes after the pushed request
+        assert asked == [4]
+        waiter.join(10)
+        assert len(got) == 1 and len(got[0]) == 4
+        assert holder.poll() == 0  # nothing else pending
+        holder.close()
+        other.close()
