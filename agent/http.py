@@ -144,7 +144,13 @@ def build_app(
             pool.events.unsubscribe(sub)
         return resp
 
-    async def clear(_: web.Request) -> web.Response:
+    async def clear(request: web.Request) -> web.Response:
+        # Dropping a node's cache is an operator's act: only from the node itself
+        # (local mode, kubectl exec), never from across the pod network.
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.json_response(
+                {"error": "/admin/clear is served on loopback only"}, status=403
+            )
         return web.json_response({"dropped": pool.drop_unpinned()})
 
     app.router.add_post("/admin/clear", clear)

@@ -315,3 +315,25 @@ def test_a_serving_added_after_start_can_register(agent: AgentProc) -> None:
     c = AgentClient(agent.socket, "tok-new", 4096).connect()
     assert c.info["scope"] == "ns/team-c"
     c.close()
+
+
+def test_admin_clear_drops_unpinned_blocks_from_loopback_only(agent: AgentProc) -> None:
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    run_writer(agent, "tok-chat", 2, "exit").wait(10)
+    port = urlparse(agent.url).port
+
+    def clear(source: str) -> tuple[int, dict[str, object]]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+        conn.request("POST", "/admin/clear")
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())
+        conn.close()
+        return out
+
+    assert clear("127.0.0.2")[0] == 403  # another address: refused, nothing dropped
+    assert agent.stats()["blocks"]["device"] == 2  # type: ignore[index]
+    assert clear("127.0.0.1") == (200, {"dropped": 2})
+    assert agent.stats()["blocks"]["device"] == 0  # type: ignore[index]
