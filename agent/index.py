@@ -60,7 +60,8 @@ class LRUOrder:
             del self._od[key]
 
     def candidates(self) -> Iterator[Key]:
-        return iter(list(self._od))
+        """Lazily, oldest first: the caller stops before it changes the order."""
+        return iter(self._od)
 
     def __len__(self) -> int:
         return len(self._od)
@@ -93,8 +94,9 @@ class LFUOrder:
         self.remove(key)
 
     def candidates(self) -> Iterator[Key]:
+        """Lazily, fewest uses first: the caller stops before it changes the order."""
         for uses in sorted(self._buckets):
-            yield from list(self._buckets.get(uses, ()))
+            yield from self._buckets.get(uses, ())
 
     def __len__(self) -> int:
         return len(self._count)
@@ -102,13 +104,21 @@ class LFUOrder:
 
 @dataclass
 class BlockIndex:
-    """(scope, hash) -> Block. Pins go through ``pin``/``unpin`` only."""
+    """(scope, hash) -> Block. Pins go through ``pin``/``unpin`` only.
+
+    Invariant: an unpinned block's key is in ``orders[block.tier]`` and in no
+    other order; a pinned block's key is in none. One order per tier, so picking
+    a device victim never walks past host-tier blocks.
+    """
 
     policy: str = "lru"
     blocks: dict[Key, Block] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.order: LRUOrder | LFUOrder = LFUOrder() if self.policy == "lfu" else LRUOrder()
+        def make() -> LRUOrder | LFUOrder:
+            return LFUOrder() if self.policy == "lfu" else LRUOrder()
+
+        self.orders: dict[str, LRUOrder | LFUOrder] = {"device": make(), "host": make()}
 
     def get(self, key: Key) -> Block | None:
         return self.blocks.get(key)
@@ -122,7 +132,7 @@ class BlockIndex:
 
     def pin(self, block: Block) -> None:
         if block.refs == 0:
-            self.order.remove(block.key)
+            self.orders[block.tier].remove(block.key)
         block.refs += 1
         block.uses += 1
 
@@ -131,11 +141,18 @@ class BlockIndex:
             raise ValueError(f"block {block.key[1].hex()} is not pinned")
         block.refs -= 1
         if block.refs == 0 and block.key in self.blocks:
-            self.order.add(block.key, block.uses)
+            self.orders[block.tier].add(block.key, block.uses)
+
+    def move(self, block: Block, tier: str) -> None:
+        """The block now lives in ``tier`` (its slot already changed by the caller)."""
+        if block.refs == 0:
+            self.orders[block.tier].remove(block.key)
+            self.orders[tier].add(block.key, block.uses)
+        block.tier = tier
 
     def remove(self, key: Key) -> Block:
         block = self.blocks.pop(key)
-        self.order.remove(key)
+        self.orders[block.tier].remove(key)
         return block
 
     def longest_prefix(self, scope: str, hashes: list[bytes]) -> list[Block]:
@@ -148,9 +165,10 @@ class BlockIndex:
             out.append(block)
         return out
 
-    def victims(self) -> Iterator[Block]:
-        """Unpinned blocks, best victim first."""
-        for key in self.order.candidates():
+    def victims(self, tier: str) -> Iterator[Block]:
+        """Unpinned blocks of ``tier``, best victim first. Lazy: take what you need,
+        then change the index (never while still iterating)."""
+        for key in self.orders[tier].candidates():
             block = self.blocks.get(key)
             if block is not None and block.refs == 0:
                 yield block

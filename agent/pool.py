@@ -309,7 +309,8 @@ class Pool:
     def lookup_blocks(self, sess: Session, hashes: list[bytes]) -> list[Block]:
         """``lookup`` without building result objects (the socket path's hot loop)."""
         blocks, pins, scope, size = self.index.blocks, sess.pins, sess.scope, sess.block_bytes
-        discard = self.index.order.discard
+        orders = self.index.orders
+        discard_device, discard_host = orders["device"].discard, orders["host"].discard
         out: list[Block] = []
         for h in hashes:
             key = (scope, h)
@@ -317,7 +318,7 @@ class Pool:
             if block is None or block.block_bytes != size:
                 break  # a miss, or the same hash under another layout: never mismatched bytes
             if block.refs == 0:
-                discard(key, None)
+                (discard_device if block.tier == "device" else discard_host)(key, None)
             block.refs += 1
             block.uses += 1
             pins[key] = pins.get(key, 0) + 1
@@ -353,7 +354,8 @@ class Pool:
             for key, k in Counter(keys).items():
                 if pins.get(key, 0) < k:
                     raise PoolError(f"block {key[1].hex()} is not pinned {k} times by this session")
-        blocks, add = self.index.blocks, self.index.order.add
+        blocks, orders = self.index.blocks, self.index.orders
+        add_device, add_host = orders["device"].add, orders["host"].add
         for key in keys:
             n = pins[key] - 1
             if n:
@@ -364,7 +366,7 @@ class Pool:
             if block is not None:
                 block.refs -= 1
                 if block.refs == 0:
-                    add(key, block.uses)
+                    (add_device if block.tier == "device" else add_host)(key, block.uses)
 
     # ------------------------------------------------------------ eviction and tiers
 
@@ -413,11 +415,7 @@ class Pool:
         """Free a device slot usable by ``pool`` by moving or dropping a victim."""
         for _ in range(64):  # each round frees one block; pages free when emptied
             victim = next(
-                (
-                    b
-                    for b in self.index.victims()
-                    if b.tier == "device" and self._may_evict(sess, b)
-                ),
+                (b for b in self.index.victims("device") if self._may_evict(sess, b)),
                 None,
             )
             if victim is None:
@@ -436,11 +434,14 @@ class Pool:
         if self.host_region is not None:
             host = self._slots(scope, block.block_bytes, "host")
             hslot = host.alloc()
-            if hslot is None:
-                hvictim = next((b for b in self.index.victims() if b.tier == "host"), None)
-                if hvictim is not None:
-                    self._drop(hvictim)
-                    hslot = host.alloc()
+            for _ in range(64):  # host full: drop host victims until a slot frees
+                if hslot is not None:
+                    break
+                hvictim = next(self.index.victims("host"), None)
+                if hvictim is None:
+                    break
+                self._drop(hvictim)
+                hslot = host.alloc()
             if hslot is not None:
                 self._copy(
                     self._bytes(scope, "device", block.slot, block.block_bytes),
@@ -448,7 +449,8 @@ class Pool:
                 )
                 self._slots(scope, block.block_bytes, "device").free(block.slot)
                 self.usage[block.owner] -= 1  # budgets count device-tier blocks only
-                block.slot, block.tier = hslot, "host"
+                block.slot = hslot
+                self.index.move(block, "host")
                 self.stats["offloaded"] += 1
                 self.events.publish("moved", (h,), "host")
                 return
@@ -515,7 +517,8 @@ class Pool:
             except PoolFull:
                 return self._back_to_host(block, staged)
             self._copy(staged, self._bytes(scope, "device", slot, size))
-        block.slot, block.tier = slot, "device"
+        block.slot = slot
+        self.index.move(block, "device")  # pinned by the lookup: no order to change
         self.usage[block.owner] += 1
         self.stats["promoted"] += 1
         self.events.publish("moved", (block.key[1],), "device")

@@ -8,6 +8,9 @@ Figures and their same-run baselines:
 * ``rtt_p50_us`` / ``rtt_p99_us``: one small request over the agent's unix socket, vs
   a bare echo server on the same kind of socket (``baseline_rtt_*``);
 * ``lookup_2k_blocks_p50_ms``: lookup of a 2,048-block prefix over the socket;
+* ``evict_cycles_per_s``: lease+commit+release of new blocks with the device tier full and a
+  10k-block host tier full behind it (each cycle offloads one block and drops one), vs two
+  plain OrderedDict LRUs doing the same moves (``baseline_evict_cycles_per_s``);
 * ``share_copy_bytes``: bytes copied for a second process to read a block another
   process wrote (0: it reads the shared mapping).
 Targets: index_ops_per_s >= 200,000; rtt_p50_us <= 150; lookup_2k_blocks_p50_ms <= 2.
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +74,39 @@ def index_ops(n: int) -> tuple[float, float]:
     return ours, base
 
 
+def evict_cycles(n: int) -> tuple[float, float]:
+    """Lease+commit+release with the device full and a large host tier behind it:
+    every new block moves the oldest device block to host and drops the oldest
+    host block. Baseline: the same two moves with two plain OrderedDict LRUs."""
+    pool = Pool(
+        node="b",
+        backend="cpu",
+        page_size=16 * BB,
+        device_pages=64,
+        host_pages=640,
+        policy="lru",
+    )
+    sess = pool.open_session(Identity("s", "ns", "namespace"), BB, PoolBudget())
+    t0 = time.perf_counter()
+    for i in range(n):
+        (slot,) = pool.lease(sess, 1)
+        h = i.to_bytes(16, "little")
+        pool.commit(sess, slot, h)
+        pool.release(sess, [h])
+    ours = n / (time.perf_counter() - t0)
+    dev: OrderedDict[int, None] = OrderedDict()
+    host: OrderedDict[int, None] = OrderedDict()
+    t0 = time.perf_counter()
+    for i in range(n):
+        if len(dev) >= 64 * 16:
+            old, _ = dev.popitem(last=False)
+            if len(host) >= 640 * 16:
+                host.popitem(last=False)
+            host[old] = None
+        dev[i] = None
+    return ours, n / (time.perf_counter() - t0)
+
+
 def echo_rtts(path: str, n: int) -> list[float]:
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
@@ -106,6 +143,7 @@ def main() -> int:
     runs = [index_ops(args.ops) for _ in range(3)]  # median of 3: a busy machine
     ours_ops = median([r[0] for r in runs])
     base_ops = median([r[1] for r in runs])
+    ours_evict, base_evict = evict_cycles(args.ops)
 
     tmp = Path(tempfile.mkdtemp(prefix="kvm-bench-"))
     creds = tmp / "creds.json"
@@ -173,6 +211,8 @@ def main() -> int:
     result = {
         "index_ops_per_s": round(ours_ops),
         "baseline_index_ops_per_s": round(base_ops),
+        "evict_cycles_per_s": round(ours_evict),
+        "baseline_evict_cycles_per_s": round(base_evict),
         "rtt_p50_us": round(median(rtts) * 1e6, 1),
         "rtt_p99_us": round(percentile(rtts, 99) * 1e6, 1),
         "baseline_rtt_p50_us": round(median(base_rtts) * 1e6, 1),
@@ -185,6 +225,11 @@ def main() -> int:
         [
             ("figure", "agent", "baseline"),
             ("index ops/s", f"{ours_ops:,.0f}", f"dict {base_ops:,.0f}"),
+            (
+                "block cycles/s, device+host full",
+                f"{ours_evict:,.0f}",
+                f"2 OrderedDicts {base_evict:,.0f}",
+            ),
             (
                 "rtt p50 / p99 us",
                 f"{result['rtt_p50_us']} / {result['rtt_p99_us']}",

@@ -98,8 +98,9 @@ def test_guaranteed_minimum_beats_priority() -> None:
     assert pool.usage["a/small"] == 2 and pool.usage["a/big"] == 2
 
 
-def test_host_tier_round_trip() -> None:
-    pool = make_pool(device_pages=1, host_pages=1)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_host_tier_round_trip(policy: str) -> None:
+    pool = make_pool(device_pages=1, host_pages=1, policy=policy)
     s = session(pool, "chat")
     h = fill(pool, s, [1, 2, 3, 4, 5])  # block 1 moves to host
     assert pool.index.get((s.scope, h[0])).tier == "host"  # type: ignore[union-attr]
@@ -228,3 +229,18 @@ def test_budgets_are_checked_and_overcommitted_minimums_reported() -> None:
     assert pool.summary()["reserved_pages"] == 2
     session(pool, "two", Budget(min_slots=1))  # still registers; reported
     assert pool.summary()["reserved_pages"] == 3
+
+
+def test_each_tier_keeps_its_own_eviction_order() -> None:
+    pool = make_pool(device_pages=1, host_pages=1)  # 4 + 4 blocks
+    s = session(pool, "chat")
+    h = fill(pool, s, list(range(1, 13)))  # 1-4 dropped, 5-8 on host, 9-12 on device
+    tiers = {b.key[1][0]: b.tier for b in pool.index.blocks.values()}
+    assert tiers == {**{i: "host" for i in range(5, 9)}, **{i: "device" for i in range(9, 13)}}
+    for tier in ("device", "host"):
+        keys = set(pool.index.orders[tier].candidates())
+        assert keys == {b.key for b in pool.index.blocks.values() if b.tier == tier}
+    pool.lookup(s, [h[8]])  # pinned: in no order
+    assert all(
+        (s.scope, h[8]) not in set(pool.index.orders[t].candidates()) for t in ("device", "host")
+    )
