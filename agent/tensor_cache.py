@@ -203,9 +203,12 @@ class Cache:
 
     def _open_store(self, agent: str | None) -> Store:
         if agent is not None:
-            from kvmarina.agent.shared_cache import AgentStore
-
-            return AgentStore(agent, self.namespace, self.capacity, self.policy)
+            # The agent-backed store (values as blocks in the node pool) is not built yet:
+            # say so instead of silently caching in this process.
+            raise CacheError(
+                "Cache(agent=...) is not available in this build yet; omit agent= to cache "
+                "in this process"
+            )
         if not Cache._warned_local:
             log.info("kvmarina.Cache: no agent given; values live in this process only")
             Cache._warned_local = True

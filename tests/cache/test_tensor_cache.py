@@ -118,3 +118,8 @@ def test_namespaces_do_not_collide(make_cache) -> None:  # type: ignore[no-untyp
 
     assert key_digest("a", "bc") != key_digest("ab", "c")
     assert key_digest("a", "x") != key_digest("b", "x")
+
+
+def test_agent_backed_store_is_refused_clearly() -> None:
+    with pytest.raises(CacheError, match="not available in this build yet"):
+        Cache(agent="/var/run/kvmarina/agent.sock")
