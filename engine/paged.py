@@ -62,6 +62,7 @@ class SeqKV:
     committed: int = 0
     pinned: list[bytes] = field(default_factory=list)
     leased: dict[int, tuple[int, int]] = field(default_factory=dict)
+    used_blocks: int = 0  # blocks that hold at least one written token
 
 
 class PagedStore:
@@ -78,7 +79,12 @@ class PagedStore:
         self.seqs: dict[int, SeqKV] = {}
         self.pulled_blocks = 0
         self.reconnects = 0
+        self.reclaimed = 0
         self._map()
+        watch = getattr(client, "watch", None)
+        if watch is not None:
+            # Reclaim requests run on the scheduler's thread, from poll(): no lock needed.
+            watch(self._on_reclaim, background=False)
 
     def _map(self) -> None:
         page = int(self.client.info["page_size"])
@@ -203,6 +209,31 @@ class PagedStore:
         except AgentError as exc:
             log.warning("release of sequence %d failed: %s", seq_id, exc)
 
+    def poll(self) -> None:
+        """Handle requests the agent pushed (reclaim under pressure); call between steps."""
+        poll = getattr(self.client, "poll", None)
+        if poll is not None:
+            try:
+                poll()
+            except AgentError as exc:
+                log.info("polling the agent failed: %s", exc)
+
+    def _on_reclaim(self, n: int) -> None:
+        """Give back up to ``n`` cold blocks: slots reserved for tokens not generated yet
+        (beyond one spare block per sequence). A sequence re-leases as it grows."""
+        give: list[tuple[int, int]] = []
+        for seq in self.seqs.values():
+            keep = seq.used_blocks + 1
+            for i in sorted(seq.leased, reverse=True):
+                if i < keep or len(give) >= n:
+                    break
+                give.append(seq.leased.pop(i))
+                del seq.block_ids[i:]
+        if give:
+            self.client.release([], give)
+            self.reclaimed += len(give)
+            log.info("returned %d reserved KV blocks to the agent on request", len(give))
+
     def usage(self) -> dict[str, int]:
         return {
             "sequences": len(self.seqs),
@@ -223,6 +254,8 @@ class _StepAttention:
             for pos in range(cached, cached + n):
                 slots.append(seq.block_ids[pos // bsz] * bsz + pos % bsz)
         self.slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        for seq, cached, n in zip(seqs, batch.cached_lens, batch.new_lens, strict=True):
+            seq.used_blocks = max(seq.used_blocks, (cached + n - 1) // bsz + 1)
         ctx = [c + n for c, n in zip(batch.cached_lens, batch.new_lens, strict=True)]
         width = max(-(-c // bsz) for c in ctx)
         table = torch.zeros(len(seqs), width, dtype=torch.int32)

@@ -168,12 +168,17 @@ class Scheduler:
                 self._running.clear()
 
     def step(self) -> None:
+        poll = getattr(self.store, "poll", None)
+        if poll is not None:
+            poll()  # the agent may ask for reserved-but-unused blocks back
         self._drop_cancelled()
         self._admit()
         if not self._running:
             time.sleep(0.005)  # waiting requests cannot be admitted yet (KV full)
             return
         batch, tokens, seqs = self._build_batch()
+        if not seqs:
+            return
         logits = self.model(
             torch.tensor(tokens, dtype=torch.int64),
             batch.positions(),
@@ -231,7 +236,9 @@ class Scheduler:
         ids, cached, new, tokens, seqs = [], [], [], [], []
         budget = self.step_tokens
         # decodes first: one token each, so they never starve behind a prefill
-        for seq in self._running:
+        for seq in list(self._running):
+            if not seq.prefilling and not self._grow(seq, seq.computed + 1):
+                continue
             if not seq.prefilling:
                 ids.append(seq.seq_id)
                 cached.append(seq.computed)
@@ -239,9 +246,11 @@ class Scheduler:
                 tokens.append(seq.output[-1])
                 seqs.append(seq)
                 budget -= 1
-        for seq in self._running:
+        for seq in list(self._running):
             if seq.prefilling and budget > 0:
                 n = min(len(seq.prompt) - seq.computed, max(budget, 1))
+                if not self._grow(seq, seq.computed + n):
+                    continue
                 ids.append(seq.seq_id)
                 cached.append(seq.computed)
                 new.append(n)
@@ -249,6 +258,19 @@ class Scheduler:
                 seqs.append(seq)
                 budget -= n
         return StepBatch(tuple(ids), tuple(cached), tuple(new)), tokens, seqs
+
+    def _grow(self, seq: Sequence, total_tokens: int) -> bool:
+        """Room for ``total_tokens`` (a no-op unless reserved blocks were given back under
+        pressure). A sequence that cannot get it back ends with 'length', cleanly."""
+        try:
+            self.store.reserve(seq.seq_id, total_tokens)
+            return True
+        except KVFull:
+            log.warning("sequence %d cannot grow under KV pressure; ending it", seq.seq_id)
+            seq.emit(Output(None, "length"))
+            self._running.remove(seq)
+            self._close(seq)
+            return False
 
     def _emit_next(self, seq: Sequence, logits: torch.Tensor) -> None:
         token = seq.sampler.next_token(logits)

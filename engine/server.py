@@ -73,7 +73,9 @@ class Metrics:
         self.requests = Counter(
             "kvmarina_engine_requests", "Requests by outcome", ["outcome"], registry=r
         )
-        self.kv_used = Gauge("kvmarina_engine_kv_pages_used", "KV pages held", registry=r)
+        self.kv_used = Gauge(
+            "kvmarina_engine_kv_pages_used", "KV blocks held by running sequences", registry=r
+        )
         self._last = SchedulerStats()
 
     def on_step(self, s: SchedulerStats) -> None:
@@ -133,8 +135,8 @@ class EngineServer:
 
     async def metrics_view(self, request: web.Request) -> web.Response:
         usage_now = self.store.usage()
-        if "pages_used" in usage_now:
-            self.metrics.kv_used.set(usage_now["pages_used"])
+        if "blocks_held" in usage_now:
+            self.metrics.kv_used.set(usage_now["blocks_held"])
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 

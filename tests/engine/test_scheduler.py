@@ -65,3 +65,34 @@ def test_waiting_queue_is_bounded() -> None:
         sched.submit(Sequence([1, 2], SamplingParams(), Collector()))
     with pytest.raises(QueueFull):
         sched.submit(Sequence([1, 2], SamplingParams(), Collector()))
+
+
+def test_reclaim_returns_reserved_blocks_and_decoding_goes_on() -> None:
+    """The agent asks for blocks back: the engine returns slots reserved for tokens
+    not generated yet, re-leases them as it grows, and the output is unchanged."""
+    from kvmarina.agent.client import LocalPool
+    from kvmarina.engine.paged import PagedStore
+    from kvmarina.hashing import HashContract
+
+    cfg = preset("tiny")
+    model = build_model(cfg, seed=11)
+    layout = cfg.kv_layout(16)
+
+    def run(reclaim: bool) -> list[int]:
+        pool = LocalPool(layout.bytes_per_block, 16 * 2**20)
+        store = PagedStore(pool, layout, HashContract(16), "tiny@main")
+        sched = Scheduler(model, store, eos_id=None, max_batch=2, step_tokens=64)
+        col = Collector()
+        sched.submit(Sequence(list(range(40)), SamplingParams(max_tokens=60, temperature=0.0), col))
+        steps = 0
+        while not col.done.is_set():
+            sched.step()
+            steps += 1
+            if reclaim and steps == 3:
+                held = sum(len(s.leased) for s in store.seqs.values())
+                store._on_reclaim(100)
+                assert sum(len(s.leased) for s in store.seqs.values()) < held
+                assert store.reclaimed > 0
+        return col.tokens
+
+    assert run(reclaim=True) == run(reclaim=False)
