@@ -2,7 +2,9 @@
 
 ``kopf run -m kvmarina.operator.handlers`` or ``kvmarina operator``. kopf keeps its
 bookkeeping in annotations (so the status schemas stay strict) and holds our own
-finalizer, which lets a pool refuse deletion while servings still use it.
+finalizer, which lets a pool refuse deletion while servings still use it and lets
+a deleted serving withdraw its credential from the pool's agents. Status is
+patched only where it differs from the live one.
 """
 
 from __future__ import annotations
@@ -12,27 +14,29 @@ from typing import Any
 
 import kopf
 
+from kvmarina.operator import status as st
 from kvmarina.operator.kube import KubeClient
-from kvmarina.operator.reconcile import reconcile_pool, reconcile_serving, servings_of
+from kvmarina.operator.reconcile import Reconciler
 from kvmarina.operator.settings import Settings
 from kvmarina.specs import GROUP, VERSION
 
 SETTINGS = Settings.from_env()
-_client: KubeClient | None = None
+_reconciler: Reconciler | None = None
 POOLS = (GROUP, VERSION, "kvcachepools")
 SERVINGS = (GROUP, VERSION, "modelservings")
+FINALIZER = "kvmarina.io/finalizer"
 
 
-def kube() -> KubeClient:
-    global _client
-    if _client is None:
-        _client = KubeClient.from_env()
-    return _client
+def reconciler() -> Reconciler:
+    global _reconciler
+    if _reconciler is None:
+        _reconciler = Reconciler(KubeClient.from_env(), SETTINGS)
+    return _reconciler
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = "kvmarina.io/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvmarina.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kvmarina.io", key="last-handled-configuration"
@@ -43,37 +47,43 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
-    global _client
-    if _client is not None:
-        await _client.close()
-        _client = None
+    global _reconciler
+    if _reconciler is not None:
+        await _reconciler.kube.close()
+        _reconciler = None
+
+
+def _patch_status(body: kopf.Body, patch: kopf.Patch, want: dict[str, Any]) -> None:
+    patch.status.update(st.diff(dict(body.get("status") or {}), want))
 
 
 @kopf.on.resume(*POOLS)
 @kopf.on.create(*POOLS)
 @kopf.on.update(*POOLS)
-@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=5)
+@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds / 4)
 async def pool_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    patch.status.update(await reconcile_pool(kube(), SETTINGS, dict(body)))
+    _patch_status(body, patch, await reconciler().pool(dict(body)))
 
 
 @kopf.on.delete(*POOLS)
-async def pool_deleted(name: str, patch: kopf.Patch, **_: Any) -> None:
-    users = [
-        f"{s['metadata'].get('namespace')}/{s['metadata']['name']}"
-        for s in await servings_of(kube(), name)
-    ]
-    if users:
-        message = f"still used by ModelServing {', '.join(sorted(users))}; delete those first"
-        patch.status["conditions"] = [
-            {"type": "Ready", "status": "False", "reason": "InUse", "message": message}
-        ]
-        raise kopf.TemporaryError(message, delay=10)
+async def pool_deleted(name: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    why = await reconciler().pool_deleted(name)
+    if why:
+        live = dict(body.get("status") or {})
+        conds = [c for c in live.get("conditions") or [] if c.get("type") != "Ready"]
+        conds.append(st.condition("Ready", False, "InUse", why, None))
+        _patch_status(body, patch, {**live, "conditions": conds})
+        raise kopf.TemporaryError(why, delay=max(1.0, SETTINGS.resync_seconds / 6))
 
 
 @kopf.on.resume(*SERVINGS)
 @kopf.on.create(*SERVINGS)
 @kopf.on.update(*SERVINGS)
-@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=5)
+@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds / 4)
 async def serving_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    patch.status.update(await reconcile_serving(kube(), SETTINGS, dict(body)))
+    _patch_status(body, patch, await reconciler().serving(dict(body)))
+
+
+@kopf.on.delete(*SERVINGS)
+async def serving_deleted(body: kopf.Body, **_: Any) -> None:
+    await reconciler().serving_deleted(dict(body))

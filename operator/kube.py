@@ -145,6 +145,14 @@ class KubeClient:
             )
         return result
 
+    async def merge_patch(
+        self, api_version: str, kind: str, namespace: str | None, name: str, body: dict[str, Any]
+    ) -> Any:
+        """JSON merge patch (``None`` deletes a key); ``None`` if the object is missing."""
+        url = path(api_version, kind, namespace, name)
+        params = {"fieldManager": FIELD_MANAGER}
+        return await self._req("PATCH", url, body, "application/merge-patch+json", params)
+
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         await self._req("DELETE", path(api_version, kind, namespace, name))
 

@@ -56,3 +56,10 @@ def serving_token_name(serving: str) -> str:
 
 def router_config_name(serving: str) -> str:
     return f"{serving}-router-config"
+
+
+# The operator's own pods (the chart must label them so): agents answer /stats to them.
+OPERATOR_SELECTOR = {
+    "app.kubernetes.io/name": "kvmarina",
+    "app.kubernetes.io/component": "operator",
+}

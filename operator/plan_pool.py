@@ -3,18 +3,23 @@
 Children live in the operator's namespace and are owned by the (cluster-scoped)
 pool: the agent DaemonSet, a headless Service for peer transfers, a ConfigMap
 with the agent config (the hashing contract included), the transfer Secret
-(a token, generated once by the caller and kept), and the Secret listing the
-pool's serving credentials.
+(a token and, for mutual TLS, the pool's CA and certificate; made once by the
+caller and kept), NetworkPolicies, and the Secret of serving credentials. That
+Secret is mounted as a directory: each serving adds its own key
+(``credential_key``) and removes it when deleted, so the pool's plan states only
+that the Secret exists and never touches its data.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import yaml
 
 from kvmarina.operator import naming as n
 from kvmarina.operator.components import AGENT_HTTP_PORT, agent_config, credentials_doc
+from kvmarina.operator.netpol import agent_policies
 from kvmarina.operator.settings import Settings
 from kvmarina.validate import Resource
 
@@ -46,14 +51,30 @@ def _meta(
     }
 
 
+def b64(values: dict[str, str]) -> dict[str, str]:
+    """Secret ``data`` (what the API server stores; ``stringData`` is write-only)."""
+    return {k: base64.b64encode(v.encode()).decode() for k, v in sorted(values.items())}
+
+
+def unb64(values: dict[str, str] | None) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in (values or {}).items()}
+
+
+def credential_key(serving: str, namespace: str) -> str:
+    """The serving's key (a file, once mounted) in the pool's credentials Secret."""
+    return f"{namespace}.{serving}.yaml"
+
+
+def credential_entry(serving: str, namespace: str, scope: str, token: str) -> dict[str, str]:
+    doc = credentials_doc([(serving, namespace, scope, token)])
+    return {credential_key(serving, namespace): yaml.safe_dump(doc, sort_keys=True)}
+
+
 def plan_pool(
-    pool: Resource,
-    uid: str,
-    settings: Settings,
-    transfer_token: str,
-    servings: list[tuple[str, str, str, str]],
+    pool: Resource, uid: str, settings: Settings, transfer: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """``servings``: (name, namespace, effective scope, token) of the pool's servings."""
+    """``transfer``: the transfer Secret's files (``token``; ``ca.crt``, ``tls.crt``,
+    ``tls.key`` for mutual TLS)."""
     spec, name, ns = pool.spec, pool.name, settings.namespace
     owner = owner_ref("KVCachePool", name, uid)
     inst = n.pool_instance(name)
@@ -62,11 +83,11 @@ def plan_pool(
         spec,
         node="unset",
         socket_path=f"{SOCKET_DIR}/agent.sock",
-        credentials_file=f"{CREDS_DIR}/credentials.yaml",
+        credentials_file=CREDS_DIR,
         token_file=f"{TRANSFER_DIR}/token",
         cert_dir=TRANSFER_DIR if spec.migration.auth == "mtls" else None,
     )
-    return [
+    out = [
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -78,18 +99,21 @@ def plan_pool(
             "kind": "Secret",
             "type": "Opaque",
             "metadata": _meta(n.pool_secret_name(name), ns, "agent", inst, owner),
-            "stringData": {"token": transfer_token},
+            "data": b64(transfer),
         },
         {
             "apiVersion": "v1",
             "kind": "Secret",
             "type": "Opaque",
             "metadata": _meta(n.pool_credentials_name(name), ns, "agent", inst, owner),
-            "stringData": {"credentials.yaml": yaml.safe_dump(credentials_doc(servings))},
         },
         _headless_service(name, ns, inst, owner, spec.migration.port),
         _daemonset(pool, ns, inst, owner, settings),
     ]
+    if spec.network_policy.enabled:
+        meta = _meta(n.agent_name(name), ns, "agent", inst, owner)
+        out += agent_policies(meta, name, ns, spec.migration.port, settings.monitoring_namespaces)
+    return out
 
 
 def _headless_service(

@@ -20,7 +20,8 @@ from kvmarina.operator.components import (
     engine_env,
     router_config,
 )
-from kvmarina.operator.plan_pool import SOCKET_DIR, owner_ref
+from kvmarina.operator.netpol import serving_policies
+from kvmarina.operator.plan_pool import SOCKET_DIR, b64, owner_ref
 from kvmarina.operator.settings import Settings
 from kvmarina.validate import Resource
 
@@ -55,7 +56,7 @@ def plan_serving(
             "kind": "Secret",
             "type": "Opaque",
             "metadata": _meta(n.serving_token_name(name), ns, "engine", name, owner),
-            "stringData": {"token": token},
+            "data": b64({"token": token}),
         },
         _engine_deployment(serving, pool, settings, owner),
         _service(n.engine_name(name), ns, "engine", name, owner, ENGINE_PORT, ENGINE_PORT),
@@ -109,7 +110,14 @@ def plan_serving(
             }
         )
     if serving.spec.network_policy.enabled and pool.spec.network_policy.enabled:
-        out += _network_policies(name, ns, owner)
+        out += serving_policies(
+            _meta(n.engine_name(name), ns, "engine", name, owner),
+            _meta(n.router_name(name), ns, "router", name, owner),
+            name,
+            pool.name,
+            settings.namespace,
+            settings.monitoring_namespaces,
+        )
     return out
 
 
@@ -246,35 +254,3 @@ def _router_deployment(
             },
         },
     }
-
-
-def _network_policies(name: str, ns: str, owner: dict[str, Any]) -> list[dict[str, Any]]:
-    """Engines take traffic only from their router (agents reach them through the
-    unix socket, not the network); the router is open to clients."""
-    return [
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
-            "spec": {
-                "podSelector": {"matchLabels": n.selector("engine", name)},
-                "policyTypes": ["Ingress"],
-                "ingress": [
-                    {
-                        "from": [{"podSelector": {"matchLabels": n.selector("router", name)}}],
-                        "ports": [{"port": ENGINE_PORT}],
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": _meta(n.router_name(name), ns, "router", name, owner),
-            "spec": {
-                "podSelector": {"matchLabels": n.selector("router", name)},
-                "policyTypes": ["Ingress"],
-                "ingress": [{"ports": [{"port": ROUTER_PORT}]}],
-            },
-        },
-    ]

@@ -2,17 +2,20 @@
 
 Called by the kopf layer on create, update, resume and a timer alike; it never
 looks at what changed, only at what is, so a child edited or deleted by hand is
-restored on the next pass and a restart creates no duplicates.
+restored on the next pass and a restart creates no duplicates. A child is applied
+only when the live object lacks part of the planned one, so a settled object costs
+reads only. Each function returns the *desired* status; the kopf layer patches
+the difference (``status.diff``).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvmarina.operator import naming as n
+from kvmarina.operator import status as st
 from kvmarina.operator.components import (
     AGENT_HTTP_PORT,
     ENGINE_PORT,
@@ -22,14 +25,18 @@ from kvmarina.operator.components import (
     new_token,
 )
 from kvmarina.operator.kube import KubeClient
-from kvmarina.operator.plan_pool import plan_pool
+from kvmarina.operator.pki import PKIError, make_pool_pki
+from kvmarina.operator.plan_pool import b64, credential_entry, credential_key, plan_pool, unb64
 from kvmarina.operator.plan_serving import plan_serving
+from kvmarina.operator.semantic import check_serving, overcommitted
 from kvmarina.operator.settings import Settings
 from kvmarina.specs import API_VERSION
 from kvmarina.validate import Resource, SpecError, parse_resource
 
 log = logging.getLogger(__name__)
 ROTATE = "kvmarina.io/rotate-credentials"
+PKI_FILES = ("ca.crt", "tls.crt", "tls.key")
+Key = tuple[str, str | None, str]  # kind, namespace, name
 
 
 def contains(live: Any, want: Any) -> bool:
@@ -47,39 +54,8 @@ def contains(live: Any, want: Any) -> bool:
     return bool(live == want)
 
 
-def _comparable(obj: dict[str, Any]) -> dict[str, Any]:
-    if obj.get("kind") == "Secret" and "stringData" in obj:
-        obj = dict(obj)
-        obj["data"] = {
-            k: base64.b64encode(v.encode()).decode() for k, v in obj.pop("stringData").items()
-        }
-    return obj
-
-
-async def apply_all(kube: KubeClient, manifests: list[dict[str, Any]]) -> int:
-    """Apply the manifests that differ from the live objects; the number applied."""
-    changed = 0
-    for m in manifests:
-        meta = m["metadata"]
-        live = await kube.get(m["apiVersion"], m["kind"], meta.get("namespace"), meta["name"])
-        if live is not None and contains(live, _comparable(m)):
-            continue
-        await kube.apply(m)
-        changed += 1
-    return changed
-
-
-def condition(ctype: str, ok: bool, reason: str, message: str, gen: int | None) -> dict[str, Any]:
-    cond: dict[str, Any] = {
-        "type": ctype,
-        "status": "True" if ok else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    if gen is not None:
-        cond["observedGeneration"] = gen
-    return cond
+def key_of(m: dict[str, Any]) -> Key:
+    return m["kind"], m["metadata"].get("namespace"), m["metadata"]["name"]
 
 
 def _spec_only(body: dict[str, Any]) -> dict[str, Any]:
@@ -87,189 +63,284 @@ def _spec_only(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "status"}
 
 
-def invalid_status(gen: int | None, message: str) -> dict[str, Any]:
-    return {
-        **_gen(gen),
-        "conditions": [
-            condition("InvalidSpec", True, "InvalidSpec", message, gen),
-            condition("Ready", False, "InvalidSpec", message, gen),
-        ],
-    }
-
-
-async def _secret_value(
-    kube: KubeClient, ns: str, name: str, key: str
-) -> tuple[str | None, dict[str, Any] | None]:
-    live = await kube.get("v1", "Secret", ns, name)
-    if live is None:
-        return None, None
-    raw = (live.get("data") or {}).get(key)
-    if raw is None:
-        raw_str = (live.get("stringData") or {}).get(key)  # emulators keep stringData
-        return raw_str, live
-    return base64.b64decode(raw).decode(), live
-
-
-async def servings_of(kube: KubeClient, pool: str) -> list[dict[str, Any]]:
-    items = await kube.list(API_VERSION, "ModelServing", None)
-    return [i for i in items if (i.get("spec") or {}).get("poolRef", {}).get("name") == pool]
-
-
-async def reconcile_pool(
-    kube: KubeClient, settings: Settings, body: dict[str, Any]
-) -> dict[str, Any]:
-    meta = body["metadata"]
-    gen = meta.get("generation")
-    try:
-        pool = parse_resource(_spec_only(body), f"KVCachePool/{meta['name']}")
-    except SpecError as exc:
-        return invalid_status(gen, "; ".join(map(str, exc.issues)))
-    token, live = await _secret_value(
-        kube, settings.namespace, n.pool_secret_name(pool.name), "token"
-    )
-    rotate = (meta.get("annotations") or {}).get(ROTATE)
-    seen = ((live or {}).get("metadata", {}).get("annotations") or {}).get(ROTATE)
-    if token is None or (rotate and rotate != seen):
-        token = new_token()
-    creds = await _credentials(kube, pool)
-    manifests = plan_pool(pool, meta.get("uid", ""), settings, token, creds)
-    for m in manifests:
-        if (
-            m["kind"] == "Secret"
-            and m["metadata"]["name"] == n.pool_secret_name(pool.name)
-            and rotate
-        ):
-            m["metadata"]["annotations"] = {ROTATE: rotate}
-    changed = await apply_all(kube, manifests)
-    agents = await kube.list(
-        "v1", "Pod", settings.namespace, n.selector("agent", n.pool_instance(pool.name))
-    )
-    ready = sum(1 for p in agents if _pod_ready(p))
-    ds = await kube.get("apps/v1", "DaemonSet", settings.namespace, n.agent_name(pool.name))
-    desired = int(((ds or {}).get("status") or {}).get("desiredNumberScheduled", len(agents)))
-    ok = desired > 0 and ready == desired
-    msg = f"{ready}/{desired} agents ready" + (f"; {changed} objects updated" if changed else "")
-    return {
-        **_gen(gen),
-        "nodesReady": ready,
-        "nodesDesired": desired,
-        "conditions": [
-            condition("Ready", ok, "AgentsReady" if ok else "AgentsStarting", msg, gen),
-            condition("Progressing", not ok, "Reconciled", msg, gen),
-            condition("InvalidSpec", False, "Valid", "", gen),
-        ],
-    }
-
-
-async def _credentials(kube: KubeClient, pool: Resource) -> list[tuple[str, str, str, str]]:
-    out = []
-    for item in await servings_of(kube, pool.name):
-        try:
-            s = parse_resource(_spec_only(item))
-            scope = effective_scope(s.spec, pool.spec)
-        except (SpecError, PlanError):
-            continue
-        ns = s.namespace or "default"
-        token, _ = await _secret_value(kube, ns, n.serving_token_name(s.name), "token")
-        if token:
-            out.append((s.name, ns, scope, token))
-    return out
-
-
-def _gen(gen: int | None) -> dict[str, Any]:
-    return {"observedGeneration": gen} if gen is not None else {}
-
-
 def _pod_ready(pod: dict[str, Any]) -> bool:
     conds = (pod.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
-async def reconcile_serving(
-    kube: KubeClient, settings: Settings, body: dict[str, Any]
-) -> dict[str, Any]:
-    meta = body["metadata"]
-    gen = meta.get("generation")
-    try:
-        serving = parse_resource(_spec_only(body), f"ModelServing/{meta['name']}")
-    except SpecError as exc:
-        return invalid_status(gen, "; ".join(map(str, exc.issues)))
-    pool_body = await kube.get(API_VERSION, "KVCachePool", None, serving.spec.pool_ref.name)
-    if pool_body is None:
-        return invalid_status(
-            gen,
-            f"spec.poolRef.name: KVCachePool {serving.spec.pool_ref.name!r} "
-            "does not exist; create it or fix the name",
-        )
-    try:
-        pool = parse_resource(_spec_only(pool_body))
-        effective_scope(serving.spec, pool.spec)
-    except (SpecError, PlanError) as exc:
-        return invalid_status(gen, str(exc))
-    if serving.spec.budget.max_bytes > pool.spec.memory.device_bytes:
-        return invalid_status(
-            gen,
-            f"spec.budget.max {serving.spec.budget.max} exceeds the pool's "
-            f"device memory per node ({pool.spec.memory.device}); lower it",
-        )
-    ns = serving.namespace or "default"
-    token, _ = await _secret_value(kube, ns, n.serving_token_name(serving.name), "token")
-    endpoints = await _endpoints(kube, settings, serving, pool)
-    manifests = plan_serving(
-        serving, meta.get("uid", ""), pool, settings, token or new_token(), endpoints
-    )
-    changed = await apply_all(kube, manifests)
-    if token is None:  # a new serving: the pool's agents must learn its credential
-        creds = await _credentials(kube, pool)
-        pool_uid = pool_body["metadata"].get("uid", "")
-        plan = plan_pool(pool, pool_uid, settings, "unused", creds)
-        await apply_all(
-            kube, [m for m in plan if m["metadata"]["name"] == n.pool_credentials_name(pool.name)]
-        )
-    dep = await kube.get("apps/v1", "Deployment", ns, n.engine_name(serving.name))
-    ready = int(((dep or {}).get("status") or {}).get("readyReplicas", 0) or 0)
-    ok = ready >= serving.spec.replicas and serving.spec.replicas > 0
-    msg = f"{ready}/{serving.spec.replicas} engines ready" + (
-        f"; {changed} objects updated" if changed else ""
-    )
-    return {
-        **_gen(gen),
-        "replicas": serving.spec.replicas,
-        "readyReplicas": ready,
-        "selector": ",".join(f"{k}={v}" for k, v in n.selector("engine", serving.name).items()),
-        "routerUrl": f"http://{n.router_name(serving.name)}.{ns}.svc.{settings.cluster_domain}",
-        "conditions": [
-            condition("Ready", ok, "EnginesReady" if ok else "EnginesStarting", msg, gen),
-            condition("Progressing", not ok, "Reconciled", msg, gen),
-            condition("InvalidSpec", False, "Valid", "", gen),
-        ],
-    }
+@dataclass
+class Reconciler:
+    """Reconciles both kinds through one API client.
 
+    Invariant: ``absent`` holds only optional children this process saw missing and
+    has not created since; it spares a read per pass and is safe to lose (a restart
+    re-reads once)."""
 
-async def _endpoints(
-    kube: KubeClient, settings: Settings, serving: Resource, pool: Resource
-) -> list[Endpoint]:
-    pods = await kube.list(
-        "v1", "Pod", serving.namespace or "default", n.selector("engine", serving.name)
-    )
-    agents = await kube.list(
-        "v1", "Pod", settings.namespace, n.selector("agent", n.pool_instance(pool.name))
-    )
-    agent_by_node = {
-        (a.get("spec") or {}).get("nodeName"): (a.get("status") or {}).get("podIP") for a in agents
-    }
-    out = []
-    for p in pods:
-        ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
-        if not ip or not node or not _pod_ready(p):
-            continue
-        agent_ip = agent_by_node.get(node)
-        out.append(
-            Endpoint(
-                p["metadata"]["name"],
-                f"http://{ip}:{ENGINE_PORT}",
-                node,
-                f"http://{agent_ip}:{AGENT_HTTP_PORT}" if agent_ip else None,
+    kube: KubeClient
+    settings: Settings
+    absent: set[Key] = field(default_factory=set)
+
+    async def apply_all(
+        self, manifests: list[dict[str, Any]], known: dict[Key, Any] | None = None
+    ) -> tuple[int, dict[Key, Any]]:
+        """Apply the manifests that differ from the live objects: (number applied,
+        live objects by key). ``known`` are live objects already read this pass."""
+        live_by_key = dict(known or {})
+        changed = 0
+        for m in manifests:
+            k = key_of(m)
+            if k not in live_by_key:
+                live_by_key[k] = await self.kube.get(m["apiVersion"], k[0], k[1], k[2])
+            self.absent.discard(k)
+            if live_by_key[k] is not None and contains(live_by_key[k], m):
+                continue
+            live_by_key[k] = await self.kube.apply(m)
+            changed += 1
+        return changed, live_by_key
+
+    async def prune(self, optional: list[tuple[str, str, str, str]], planned: set[Key]) -> None:
+        """Delete optional children (apiVersion, kind, namespace, name) no longer planned."""
+        for api, kind, ns, name in optional:
+            k = (kind, ns, name)
+            if k in planned or k in self.absent:
+                continue
+            live = await self.kube.get(api, kind, ns, name)
+            if (
+                live is not None
+                and n.PART_OF.items() <= (live.get("metadata", {}).get("labels") or {}).items()
+            ):
+                await self.kube.delete(api, kind, ns, name)
+            self.absent.add(k)
+
+    async def servings_of(self, pool: str) -> list[dict[str, Any]]:
+        items = await self.kube.list(API_VERSION, "ModelServing", None)
+        return [i for i in items if (i.get("spec") or {}).get("poolRef", {}).get("name") == pool]
+
+    # ------------------------------------------------------------------ pool
+
+    async def _transfer(self, pool: Resource, rotate: str | None) -> tuple[dict[str, Any], str]:
+        """The transfer Secret's files (kept; made when missing or rotated) and a
+        problem message ('' when none)."""
+        ns, name = self.settings.namespace, n.pool_secret_name(pool.name)
+        live = await self.kube.get("v1", "Secret", ns, name)
+        files = unb64((live or {}).get("data"))
+        seen = ((live or {}).get("metadata", {}).get("annotations") or {}).get(ROTATE)
+        if rotate and rotate != seen:
+            files = {}
+        problem = ""
+        if "token" not in files:
+            files["token"] = new_token()
+        if pool.spec.migration.auth == "mtls" and not all(f in files for f in PKI_FILES):
+            try:
+                files.update(await make_pool_pki(pool.name))
+            except PKIError as exc:
+                problem = str(exc)
+        return {"files": files, "live": live}, problem
+
+    async def pool(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        gen = meta.get("generation")
+        try:
+            pool = parse_resource(_spec_only(body), f"KVCachePool/{meta['name']}")
+        except SpecError as exc:
+            return st.invalid(gen, "; ".join(map(str, exc.issues)))
+        ns = self.settings.namespace
+        rotate = (meta.get("annotations") or {}).get(ROTATE)
+        transfer, problem = await self._transfer(pool, rotate)
+        manifests = plan_pool(pool, meta.get("uid", ""), self.settings, transfer["files"])
+        secret_key = ("Secret", ns, n.pool_secret_name(pool.name))
+        for m in manifests:
+            if key_of(m) == secret_key and rotate:
+                m["metadata"]["annotations"] = {ROTATE: rotate}
+        changed, live = await self.apply_all(manifests, {secret_key: transfer["live"]})
+        await self.prune(
+            [("networking.k8s.io/v1", "NetworkPolicy", ns, n.agent_name(pool.name))],
+            {key_of(m) for m in manifests},
+        )
+        users = await self.servings_of(pool.name)
+        creds = live.get(("Secret", ns, n.pool_credentials_name(pool.name)))
+        await self._forget_stale(pool.name, creds, users)
+        agents = await self.kube.list(
+            "v1", "Pod", ns, n.selector("agent", n.pool_instance(pool.name))
+        )
+        ready = sum(1 for p in agents if _pod_ready(p))
+        ds = live.get(("DaemonSet", ns, n.agent_name(pool.name))) or {}
+        desired = int((ds.get("status") or {}).get("desiredNumberScheduled", len(agents)))
+        ok = desired > 0 and ready == desired
+        msg = f"{ready}/{desired} agents ready"
+        minimums: dict[str, int] = {}
+        for u in users:
+            try:
+                minimums[u["metadata"]["name"]] = parse_resource(
+                    _spec_only(u)
+                ).spec.budget.min_bytes
+            except SpecError:
+                continue
+        problem = "; ".join(p for p in (problem, overcommitted(pool.spec, minimums)) if p)
+        if changed:
+            log.info("pool %s: %d object(s) applied", pool.name, changed)
+        return st.with_gen(
+            gen,
+            nodesReady=ready,
+            nodesDesired=desired,
+            conditions=[
+                st.condition("Ready", ok, "AgentsReady" if ok else "AgentsStarting", msg, gen),
+                st.condition("Progressing", not ok, "Rollout" if not ok else "Settled", msg, gen),
+                st.condition(
+                    "Degraded", bool(problem), "Problem" if problem else "None", problem, gen
+                ),
+                st.condition("InvalidSpec", False, "Valid", "", gen),
+            ],
+        )
+
+    async def _forget_stale(
+        self, pool: str, creds: dict[str, Any] | None, users: list[dict[str, Any]]
+    ) -> None:
+        """Remove credentials of servings that no longer use the pool (deleted while
+        the operator was down, or moved to another pool)."""
+        if creds is None:
+            return
+        wanted = {
+            credential_key(u["metadata"]["name"], u["metadata"].get("namespace") or "default")
+            for u in users
+        }
+        stale = [k for k in (creds.get("data") or {}) if k not in wanted]
+        if stale:
+            await self.kube.merge_patch(
+                "v1", "Secret", self.settings.namespace, n.pool_credentials_name(pool),
+                {"data": dict.fromkeys(stale)},
+            )  # fmt: skip
+
+    async def pool_deleted(self, name: str) -> str | None:
+        """Why the pool cannot go yet (servings still use it), or ``None``."""
+        users = sorted(
+            f"{s['metadata'].get('namespace')}/{s['metadata']['name']}"
+            for s in await self.servings_of(name)
+        )
+        if users:
+            return f"still used by ModelServing {', '.join(users)}; delete those first"
+        return None
+
+    # --------------------------------------------------------------- serving
+
+    async def serving(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        gen = meta.get("generation")
+        try:
+            serving = parse_resource(_spec_only(body), f"ModelServing/{meta['name']}")
+        except SpecError as exc:
+            return st.invalid(gen, "; ".join(map(str, exc.issues)))
+        pool_name = serving.spec.pool_ref.name
+        pool_body = await self.kube.get(API_VERSION, "KVCachePool", None, pool_name)
+        if pool_body is None:
+            return st.invalid(
+                gen,
+                f"spec.poolRef.name: KVCachePool {pool_name!r} does not exist; "
+                "create it or fix the name",
             )
+        try:
+            pool = parse_resource(_spec_only(pool_body))
+        except SpecError:
+            return st.invalid(gen, f"KVCachePool {pool_name!r} is itself invalid; see its status")
+        problems = check_serving(serving.spec, pool_name, pool.spec)
+        if problems:
+            return st.invalid(gen, "; ".join(problems))
+        ns = serving.namespace or "default"
+        token_key = ("Secret", ns, n.serving_token_name(serving.name))
+        token_live = await self.kube.get("v1", "Secret", ns, token_key[2])
+        token = unb64((token_live or {}).get("data")).get("token") or new_token()
+        endpoints = await self._endpoints(serving, pool)
+        try:
+            manifests = plan_serving(
+                serving, meta.get("uid", ""), pool, self.settings, token, endpoints
+            )
+        except PlanError as exc:
+            return st.invalid(gen, str(exc))
+        changed, live = await self.apply_all(manifests, {token_key: token_live})
+        engine, router = n.engine_name(serving.name), n.router_name(serving.name)
+        await self.prune(
+            [
+                ("autoscaling/v2", "HorizontalPodAutoscaler", ns, engine),
+                ("networking.k8s.io/v1", "NetworkPolicy", ns, engine),
+                ("networking.k8s.io/v1", "NetworkPolicy", ns, router),
+            ],
+            {key_of(m) for m in manifests},
         )
-    return sorted(out, key=lambda e: e.name)
+        registered = await self._register(serving, pool, token)
+        dep = live.get(("Deployment", ns, engine)) or {}
+        ready = int((dep.get("status") or {}).get("readyReplicas", 0) or 0)
+        want = serving.spec.replicas
+        ok = registered and ready >= want and want > 0
+        msg = f"{ready}/{want} engines ready"
+        if not registered:
+            msg += f"; waiting for KVCachePool {pool_name!r} to create its credentials Secret"
+        if changed:
+            log.info("serving %s/%s: %d object(s) applied", ns, serving.name, changed)
+        return st.with_gen(
+            gen,
+            replicas=want,
+            readyReplicas=ready,
+            selector=",".join(f"{k}={v}" for k, v in n.selector("engine", serving.name).items()),
+            routerUrl=f"http://{router}.{ns}.svc.{self.settings.cluster_domain}",
+            conditions=[
+                st.condition("Ready", ok, "EnginesReady" if ok else "EnginesStarting", msg, gen),
+                st.condition("Progressing", not ok, "Rollout" if not ok else "Settled", msg, gen),
+                st.condition("Degraded", False, "None", "", gen),
+                st.condition("InvalidSpec", False, "Valid", "", gen),
+            ],
+        )
+
+    async def _register(self, serving: Resource, pool: Resource, token: str) -> bool:
+        """Make the serving's credential known to the pool's agents (its own key in the
+        pool's credentials Secret); ``False`` while that Secret does not exist yet."""
+        ns, secret = self.settings.namespace, n.pool_credentials_name(pool.name)
+        live = await self.kube.get("v1", "Secret", ns, secret)
+        if live is None:
+            return False
+        s_ns = serving.namespace or "default"
+        entry = credential_entry(
+            serving.name, s_ns, effective_scope(serving.spec, pool.spec), token
+        )
+        if unb64({k: v for k, v in (live.get("data") or {}).items() if k in entry}) != entry:
+            await self.kube.merge_patch("v1", "Secret", ns, secret, {"data": b64(entry)})
+        return True
+
+    async def serving_deleted(self, body: dict[str, Any]) -> None:
+        """Withdraw the serving's credential from its pool's agents."""
+        meta, spec = body["metadata"], body.get("spec") or {}
+        pool = (spec.get("poolRef") or {}).get("name")
+        if not pool:
+            return
+        k = credential_key(meta["name"], meta.get("namespace") or "default")
+        await self.kube.merge_patch(
+            "v1", "Secret", self.settings.namespace, n.pool_credentials_name(pool),
+            {"data": {k: None}},
+        )  # fmt: skip
+
+    async def _endpoints(self, serving: Resource, pool: Resource) -> list[Endpoint]:
+        ns = serving.namespace or "default"
+        pods = await self.kube.list("v1", "Pod", ns, n.selector("engine", serving.name))
+        if not any(_pod_ready(p) for p in pods):
+            return []  # no engine to route to yet: the agents' pods are not needed
+        agents = await self.kube.list(
+            "v1", "Pod", self.settings.namespace, n.selector("agent", n.pool_instance(pool.name))
+        )
+        agent_by_node = {
+            (a.get("spec") or {}).get("nodeName"): (a.get("status") or {}).get("podIP")
+            for a in agents
+        }
+        out = []
+        for p in pods:
+            ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
+            if not ip or not node or not _pod_ready(p):
+                continue
+            agent_ip = agent_by_node.get(node)
+            out.append(
+                Endpoint(
+                    p["metadata"]["name"],
+                    f"http://{ip}:{ENGINE_PORT}",
+                    node,
+                    f"http://{agent_ip}:{AGENT_HTTP_PORT}" if agent_ip else None,
+                )
+            )
+        return sorted(out, key=lambda e: e.name)

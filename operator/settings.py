@@ -25,6 +25,8 @@ class Settings:
     component_log_level: str = "info"
     health_port: int = 8080
     resync_seconds: float = 60.0
+    # namespaces (e.g. Prometheus') allowed through the NetworkPolicies to metrics ports
+    monitoring_namespaces: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -45,4 +47,5 @@ class Settings:
             component_log_level=e.get("KVMARINA_COMPONENT_LOG_LEVEL", d.component_log_level),
             health_port=int(e.get("KVMARINA_HEALTH_PORT", d.health_port)),
             resync_seconds=float(e.get("KVMARINA_RESYNC_SECONDS", d.resync_seconds)),
+            monitoring_namespaces=_list(e.get("KVMARINA_MONITORING_NAMESPACES")),
         )

@@ -1,0 +1,98 @@
+"""NetworkPolicies for what the operator creates (pure).
+
+* agent: its transfer port only from the pool's own agents; its HTTP port (events,
+  stats, metrics) only from kvmarina routers (any namespace), the operator, and the
+  monitoring namespaces the operator is told about;
+* engine: only from its serving's router and the pool's agents (and monitoring);
+* router: open to clients on its port.
+
+Engines and agents also talk over the node-local unix socket, which no policy sees.
+A pool's or serving's ``networkPolicy.enabled: false`` turns its policies off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmarina.operator import naming as n
+from kvmarina.operator.components import AGENT_HTTP_PORT, ENGINE_PORT, ROUTER_PORT
+
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
+
+
+def _policy(meta: dict[str, Any], pods: dict[str, str], ingress: list[Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": pods},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }
+
+
+def _in_namespaces(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    if not names:
+        return []
+    sel = {"matchExpressions": [{"key": NAMESPACE_LABEL, "operator": "In", "values": list(names)}]}
+    return [{"namespaceSelector": sel}]
+
+
+def _agents(pool: str, operator_ns: str) -> dict[str, Any]:
+    return {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: operator_ns}},
+        "podSelector": {"matchLabels": n.selector("agent", n.pool_instance(pool))},
+    }
+
+
+def agent_policies(
+    meta: dict[str, Any],
+    pool: str,
+    operator_ns: str,
+    transfer_port: int,
+    monitoring: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    routers = {
+        "namespaceSelector": {},
+        "podSelector": {"matchLabels": {**n.PART_OF, "app.kubernetes.io/component": "router"}},
+    }
+    operator = {"podSelector": {"matchLabels": n.OPERATOR_SELECTOR}}
+    return [
+        _policy(
+            meta,
+            n.selector("agent", n.pool_instance(pool)),
+            [
+                {"from": [_agents(pool, operator_ns)], "ports": [{"port": transfer_port}]},
+                {
+                    "from": [routers, operator, *_in_namespaces(monitoring)],
+                    "ports": [{"port": AGENT_HTTP_PORT}],
+                },
+            ],
+        )
+    ]
+
+
+def serving_policies(
+    engine_meta: dict[str, Any],
+    router_meta: dict[str, Any],
+    serving: str,
+    pool: str,
+    operator_ns: str,
+    monitoring: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    router_pods = {"podSelector": {"matchLabels": n.selector("router", serving)}}
+    return [
+        _policy(
+            engine_meta,
+            n.selector("engine", serving),
+            [
+                {
+                    "from": [router_pods, _agents(pool, operator_ns), *_in_namespaces(monitoring)],
+                    "ports": [{"port": ENGINE_PORT}],
+                }
+            ],
+        ),
+        _policy(router_meta, n.selector("router", serving), [{"ports": [{"port": ROUTER_PORT}]}]),
+    ]
