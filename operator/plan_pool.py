@@ -13,6 +13,8 @@ that the Secret exists and never touches its data.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from typing import Any
 
 import yaml
@@ -87,12 +89,16 @@ def plan_pool(
         token_file=f"{TRANSFER_DIR}/token",
         cert_dir=TRANSFER_DIR if spec.migration.auth == "mtls" else None,
     )
+    config = {"agent.yaml": yaml.safe_dump(cfg, sort_keys=True)}
+    # Agents read their config and transfer credentials at start: a change of either
+    # changes the pod template, which rolls the DaemonSet.
+    rollout = hashlib.sha256(json.dumps([config, transfer], sort_keys=True).encode()).hexdigest()
     out = [
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _meta(n.pool_config_name(name), ns, "agent", inst, owner),
-            "data": {"agent.yaml": yaml.safe_dump(cfg, sort_keys=True)},
+            "data": config,
         },
         {
             "apiVersion": "v1",
@@ -108,7 +114,7 @@ def plan_pool(
             "metadata": _meta(n.pool_credentials_name(name), ns, "agent", inst, owner),
         },
         _headless_service(name, ns, inst, owner, spec.migration.port),
-        _daemonset(pool, ns, inst, owner, settings),
+        _daemonset(pool, ns, inst, owner, settings, rollout[:16]),
     ]
     if spec.network_policy.enabled:
         meta = _meta(n.agent_name(name), ns, "agent", inst, owner)
@@ -136,7 +142,7 @@ def _headless_service(
 
 
 def _daemonset(
-    pool: Resource, ns: str, inst: str, owner: dict[str, Any], settings: Settings
+    pool: Resource, ns: str, inst: str, owner: dict[str, Any], settings: Settings, rollout: str
 ) -> dict[str, Any]:
     spec = pool.spec
     env = [
@@ -195,6 +201,12 @@ def _daemonset(
         "spec": {
             "selector": {"matchLabels": n.selector("agent", inst)},
             "updateStrategy": {"type": "RollingUpdate"},
-            "template": {"metadata": {"labels": n.labels("agent", inst)}, "spec": pod},
+            "template": {
+                "metadata": {
+                    "labels": n.labels("agent", inst),
+                    "annotations": {"kvmarina.io/config-hash": rollout},
+                },
+                "spec": pod,
+            },
         },
     }

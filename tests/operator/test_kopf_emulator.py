@@ -52,23 +52,21 @@ class Cluster:
     def __init__(self, kmock: Any, url: str) -> None:
         self.kmock, self.url = kmock, url
         self._task: asyncio.Task[Any] | None = None
-        self._stop: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         settings = kopf.OperatorSettings()
         settings.scanning.disabled = True
-        self._stop = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(
-            kopf.operator(
-                settings=settings, clusterwide=True, stop_flag=self._stop, standalone=True
-            )
+            kopf.operator(settings=settings, clusterwide=True, standalone=True)
         )
         handlers._reconciler = None
 
     async def stop(self) -> None:
-        if self._task is None or self._stop is None:
+        """Cancel the operator, as a killed pod would stop (a graceful stop waits 5 s
+        for the emulator's own never-ending watch handlers, which kopf counts as its)."""
+        if self._task is None:
             return
-        self._stop.set_result(None)
+        self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(self._task, 10)
         self._task = None
