@@ -25,6 +25,9 @@ _reconciler: Reconciler | None = None
 POOLS = (GROUP, VERSION, "kvcachepools")
 SERVINGS = (GROUP, VERSION, "modelservings")
 FINALIZER = "kvmarina.io/finalizer"
+# An API error retries soon (kopf's default waits 60 s); the next pass is level-based.
+RETRY = min(5.0, max(0.5, SETTINGS.resync_seconds / 4))
+IDLE = SETTINGS.resync_seconds / 4  # a timer waits for an object to stop changing
 
 
 def reconciler() -> Reconciler:
@@ -43,6 +46,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # On deletion kopf waits for the object's running timer pass to end; by default it
+    # re-checks only every 60 s, which would hold a deleted object that long.
+    settings.background.cancellation_polling = 1.0
 
 
 @kopf.on.cleanup()
@@ -57,10 +63,10 @@ def _patch_status(body: kopf.Body, patch: kopf.Patch, want: dict[str, Any]) -> N
     patch.status.update(st.diff(dict(body.get("status") or {}), want))
 
 
-@kopf.on.resume(*POOLS)
-@kopf.on.create(*POOLS)
-@kopf.on.update(*POOLS)
-@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds / 4)
+@kopf.on.resume(*POOLS, backoff=RETRY)
+@kopf.on.create(*POOLS, backoff=RETRY)
+@kopf.on.update(*POOLS, backoff=RETRY)
+@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
 async def pool_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().pool(dict(body)))
 
@@ -76,14 +82,14 @@ async def pool_deleted(name: str, body: kopf.Body, patch: kopf.Patch, **_: Any) 
         raise kopf.TemporaryError(why, delay=max(1.0, SETTINGS.resync_seconds / 6))
 
 
-@kopf.on.resume(*SERVINGS)
-@kopf.on.create(*SERVINGS)
-@kopf.on.update(*SERVINGS)
-@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds / 4)
+@kopf.on.resume(*SERVINGS, backoff=RETRY)
+@kopf.on.create(*SERVINGS, backoff=RETRY)
+@kopf.on.update(*SERVINGS, backoff=RETRY)
+@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
 async def serving_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().serving(dict(body)))
 
 
-@kopf.on.delete(*SERVINGS)
+@kopf.on.delete(*SERVINGS, backoff=RETRY)
 async def serving_deleted(body: kopf.Body, **_: Any) -> None:
     await reconciler().serving_deleted(dict(body))

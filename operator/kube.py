@@ -57,6 +57,9 @@ class KubeClient:
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
     requests: int = 0
+    # Whether apply creates missing objects (a real API server does; the test emulator
+    # answers 404). Learnt on the first 404: then a known-missing object is POSTed.
+    apply_creates: bool = True
     _session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -131,18 +134,29 @@ class KubeClient:
             ]
         return items  # type: ignore[no-any-return]
 
-    async def apply(self, obj: dict[str, Any]) -> Any:
+    async def apply(self, obj: dict[str, Any], missing: bool = False) -> Any:
+        """Server-side apply; ``missing``: the caller just saw the object absent."""
         meta = obj["metadata"]
         url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         params = {"fieldManager": FIELD_MANAGER, "force": "true"}
-        result = await self._req("PATCH", url, obj, "application/apply-patch+yaml", params)
+        result = None
+        if not missing or self.apply_creates:
+            result = await self._req("PATCH", url, obj, "application/apply-patch+yaml", params)
+            if result is None:
+                self.apply_creates = False
         if result is None:  # no such object and no apply-create: create it
-            result = await self._req(
-                "POST",
-                path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
-                obj,
-                params={"fieldManager": FIELD_MANAGER},
-            )
+            try:
+                result = await self._req(
+                    "POST",
+                    path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
+                    obj,
+                    params={"fieldManager": FIELD_MANAGER},
+                )
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+                # created meanwhile by someone else: apply over it
+                result = await self._req("PATCH", url, obj, "application/apply-patch+yaml", params)
         return result
 
     async def merge_patch(

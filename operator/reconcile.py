@@ -10,7 +10,9 @@ the difference (``status.diff``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,22 +81,30 @@ class Reconciler:
     kube: KubeClient
     settings: Settings
     absent: set[Key] = field(default_factory=set)
+    # kopf runs a timer beside an object's change handlers: one pass at a time per object
+    locks: defaultdict[Key, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
     async def apply_all(
-        self, manifests: list[dict[str, Any]], known: dict[Key, Any] | None = None
+        self,
+        manifests: list[dict[str, Any]],
+        known: dict[Key, Any] | None = None,
+        new: bool = False,
     ) -> tuple[int, dict[Key, Any]]:
         """Apply the manifests that differ from the live objects: (number applied,
-        live objects by key). ``known`` are live objects already read this pass."""
+        live objects by key). ``known`` are live objects already read this pass;
+        ``new``: the owner was just created, so its children are applied unread."""
         live_by_key = dict(known or {})
         changed = 0
         for m in manifests:
             k = key_of(m)
+            if new and k not in live_by_key:
+                live_by_key[k] = None
             if k not in live_by_key:
                 live_by_key[k] = await self.kube.get(m["apiVersion"], k[0], k[1], k[2])
             self.absent.discard(k)
             if live_by_key[k] is not None and contains(live_by_key[k], m):
                 continue
-            live_by_key[k] = await self.kube.apply(m)
+            live_by_key[k] = await self.kube.apply(m, missing=live_by_key[k] is None)
             changed += 1
         return changed, live_by_key
 
@@ -138,6 +148,10 @@ class Reconciler:
         return {"files": files, "live": live}, problem
 
     async def pool(self, body: dict[str, Any]) -> dict[str, Any]:
+        async with self.locks[("KVCachePool", None, body["metadata"]["name"])]:
+            return await self._pool(body)
+
+    async def _pool(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]
         gen = meta.get("generation")
         try:
@@ -225,6 +239,11 @@ class Reconciler:
 
     async def serving(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]
+        async with self.locks[("ModelServing", meta.get("namespace"), meta["name"])]:
+            return await self._serving(body)
+
+    async def _serving(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
         gen = meta.get("generation")
         try:
             serving = parse_resource(_spec_only(body), f"ModelServing/{meta['name']}")
@@ -256,16 +275,19 @@ class Reconciler:
             )
         except PlanError as exc:
             return st.invalid(gen, str(exc))
-        changed, live = await self.apply_all(manifests, {token_key: token_live})
+        # No token Secret yet: a new serving, whose children are created unread.
+        changed, live = await self.apply_all(manifests, {token_key: token_live}, token_live is None)
         engine, router = n.engine_name(serving.name), n.router_name(serving.name)
-        await self.prune(
-            [
-                ("autoscaling/v2", "HorizontalPodAutoscaler", ns, engine),
-                ("networking.k8s.io/v1", "NetworkPolicy", ns, engine),
-                ("networking.k8s.io/v1", "NetworkPolicy", ns, router),
-            ],
-            {key_of(m) for m in manifests},
-        )
+        optional = [
+            ("autoscaling/v2", "HorizontalPodAutoscaler", ns, engine),
+            ("networking.k8s.io/v1", "NetworkPolicy", ns, engine),
+            ("networking.k8s.io/v1", "NetworkPolicy", ns, router),
+        ]
+        planned = {key_of(m) for m in manifests}
+        if token_live is None:  # a new serving (no token yet) has no other children
+            keys: list[Key] = [(kind, o_ns, o_name) for _, kind, o_ns, o_name in optional]
+            self.absent.update(k for k in keys if k not in planned)
+        await self.prune(optional, planned)
         registered = await self._register(serving, pool, token)
         dep = live.get(("Deployment", ns, engine)) or {}
         ready = int((dep.get("status") or {}).get("readyReplicas", 0) or 0)
@@ -308,6 +330,7 @@ class Reconciler:
     async def serving_deleted(self, body: dict[str, Any]) -> None:
         """Withdraw the serving's credential from its pool's agents."""
         meta, spec = body["metadata"], body.get("spec") or {}
+        self.locks.pop(("ModelServing", meta.get("namespace"), meta["name"]), None)
         pool = (spec.get("poolRef") or {}).get("name")
         if not pool:
             return
