@@ -264,7 +264,10 @@ def copy_blocks(
     dst_ids: torch.Tensor,
     backend: str | None = None,
 ) -> None:
-    """``dst[dst_ids[i]] = src[src_ids[i]]``: block moves between regions or tiers."""
+    """``dst[dst_ids[i]] = src[src_ids[i]]``: block moves between regions or tiers.
+
+    Every read happens before any write: src and dst may be views of one region
+    with ``src_ids`` and ``dst_ids`` overlapping (e.g. compacting a page)."""
     _check_rows("src", src)
     _check_rows("dst", dst)
     require(
@@ -274,10 +277,13 @@ def copy_blocks(
     require(src_ids.numel() == dst_ids.numel(), "src_ids and dst_ids differ in length")
     check_index("src_ids", src_ids, src.shape[0])
     check_index("dst_ids", dst_ids, dst.shape[0])
-    device = dst.device if dst.device.type == "cuda" else src.device
     if src.device != dst.device:
-        reference.copy_blocks(
-            src, dst, src_ids, dst_ids
-        )  # cross-device: torch handles the transfer
+        # cross-device (device <-> host tier): torch handles the transfer
+        reference.copy_blocks(src, dst, src_ids, dst_ids)
         return
-    select(device, backend).copy_blocks(src, dst, src_ids, dst_ids)
+    impl = select(dst.device, backend)
+    if reference.same_memory(src, dst) and set(src_ids.tolist()) & set(dst_ids.tolist()):
+        # a block both read and written (moves within one region): read all first
+        impl.scatter_blocks(impl.gather_blocks(src, src_ids, None), dst, dst_ids)
+        return
+    impl.copy_blocks(src, dst, src_ids, dst_ids)

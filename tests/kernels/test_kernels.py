@@ -144,6 +144,27 @@ def test_block_copy_gather_scatter(backend: str) -> None:
     torch.testing.assert_close(gather_blocks(per_layer, ids, backend=backend), per_layer[ids])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row_bytes", [256, 128 * 1024])  # below / above the row-loop size
+def test_block_copy_within_one_region_reads_before_writing(backend: str, row_bytes: int) -> None:
+    if backend == "triton" and row_bytes > 256:
+        pytest.skip("big rows only take a different path in the torch backend")
+    gen = torch.Generator().manual_seed(5)
+    region = torch.randint(0, 255, (6, row_bytes), dtype=torch.uint8, generator=gen)
+    before = region.clone()
+    # a chain: 0 -> 1 -> 2 -> 3; each destination must get the *old* source bytes
+    copy_blocks(region, region, torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]), backend=backend)
+    assert torch.equal(region[1:4], before[0:3])
+    assert torch.equal(region[0], before[0]) and torch.equal(region[4:], before[4:])
+    # disjoint moves in one region, and big rows through gather/scatter
+    copy_blocks(region, region, torch.tensor([5]), torch.tensor([0]), backend=backend)
+    assert torch.equal(region[0], before[5])
+    staging = gather_blocks(region, torch.tensor([3, 5]), backend=backend)
+    assert torch.equal(staging, region[[3, 5]])
+    scatter_blocks(staging, region, torch.tensor([4, 1]), backend=backend)
+    assert torch.equal(region[4], before[2]) and torch.equal(region[1], before[5])
+
+
 def test_bad_arguments_fail_before_touching_memory() -> None:
     kc, vc = make_cache(4, 8, 2, 16, torch.float32, torch.Generator().manual_seed(0))
     before = kc.clone()
