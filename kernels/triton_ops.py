@@ -279,6 +279,140 @@ def paged_attention(
     return out
 
 
+@triton.jit
+def _decode_split_kernel(
+    q,
+    kc,
+    vc,
+    tables,
+    ctx_lens,
+    part_m,
+    part_l,
+    part_acc,
+    scale,
+    s_qs,
+    s_qh,
+    s_cn,
+    s_cb,
+    s_ch,
+    s_vn,
+    s_vb,
+    s_vh,
+    s_bt,
+    groups,
+    head_dim,
+    blocks_per_split,
+    BLOCK_SIZE: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """One (sequence, KV head, split): attention over its share of the blocks,
+    left unnormalised as (running max m, sum l, weighted values acc)."""
+    seq = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    n_sp = tl.num_programs(2)
+    ctx = tl.load(ctx_lens + seq).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    gm = g < groups
+    dm = d < head_dim
+    heads = h * groups + g
+    qv = tl.load(
+        q + seq * s_qs + heads[:, None] * s_qh + d[None, :],
+        mask=gm[:, None] & dm[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    b = tl.arange(0, BLOCK_SIZE)
+    n_blocks = (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE
+    first = sp * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, n_blocks)
+    for j in range(first, last):
+        blk = tl.load(tables + seq * s_bt + j).to(tl.int64)
+        kpos = j * BLOCK_SIZE + b
+        km = kpos < ctx
+        kv_mask = km[:, None] & dm[None, :]
+        kt = tl.load(
+            kc + blk * s_cn + b[:, None] * s_cb + h * s_ch + d[None, :], mask=kv_mask, other=0.0
+        ).to(tl.float32)
+        vt = tl.load(
+            vc + blk * s_vn + b[:, None] * s_vb + h * s_vh + d[None, :], mask=kv_mask, other=0.0
+        ).to(tl.float32)
+        sc = tl.sum(qv[:, None, :] * kt[None, :, :], 2) * scale
+        sc = tl.where(km[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], 1)
+        m_i = m_new
+    row = (seq * n_kv + h) * n_sp + sp
+    tl.store(part_m + row * G_PAD + g, m_i)
+    tl.store(part_l + row * G_PAD + g, l_i)
+    tl.store(part_acc + (row * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_m,
+    part_l,
+    part_acc,
+    out,
+    s_os,
+    s_oh,
+    groups,
+    head_dim,
+    n_splits,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    SP_PAD: tl.constexpr,
+):
+    """Merge the splits of one (sequence, KV head): rescale each to the common max."""
+    seq = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    n_kv = tl.num_programs(1)
+    sp = tl.arange(0, SP_PAD)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    spm = sp < n_splits
+    rows = (seq * n_kv + h) * n_splits + sp
+    ms = tl.load(
+        part_m + rows[:, None] * G_PAD + g[None, :], mask=spm[:, None], other=float("-inf")
+    )
+    ls = tl.load(part_l + rows[:, None] * G_PAD + g[None, :], mask=spm[:, None], other=0.0)
+    m = tl.max(ms, 0)
+    # an empty split has m = -inf: weight 0 (every sequence has >= 1 token, so m is finite)
+    w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m[None, :]))
+    l_tot = tl.sum(w * ls, 0)
+    accs = tl.load(
+        part_acc + (rows[:, None, None] * G_PAD + g[None, :, None]) * D_PAD + d[None, None, :],
+        mask=spm[:, None, None],
+        other=0.0,
+    )
+    o = tl.sum(w[:, :, None] * accs, 0) / l_tot[:, None]
+    heads = h * groups + g
+    tl.store(
+        out + seq * s_os + heads[:, None] * s_oh + d[None, :],
+        o.to(out.dtype.element_ty),
+        mask=(g < groups)[:, None] & (d < head_dim)[None, :],
+    )
+
+
+def _num_splits(seqs: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Split each sequence's blocks so the grid has a few programs per SM (long
+    contexts at small batch would otherwise leave most of the GPU idle)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 8  # the interpreter: small shapes still get split (the tests cover it)
+    want = -(-4 * sms // max(1, seqs * kv_heads))
+    return max(1, min(want, max_blocks, 64))
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -287,8 +421,61 @@ def paged_decode(
     ctx_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    s = q.shape[0]
-    ones = torch.ones(s, dtype=torch.int64)
-    return paged_attention(
-        q, k_cache, v_cache, block_tables, torch.arange(s), ones, ctx_lens, scale
+    """Split-KV decode: per (sequence, KV head, split) partial softmax, then a merge."""
+    s, h_q, d = q.shape
+    out = torch.empty_like(q)
+    if s == 0:
+        return out
+    h_kv = k_cache.shape[2]
+    groups = h_q // h_kv
+    bsz = k_cache.shape[1]
+    tables = block_tables.to(torch.int32).contiguous()
+    max_blocks = max(1, -(-int(ctx_lens.max()) // bsz))
+    splits = _num_splits(s, h_kv, max_blocks, q.device)
+    per_split = -(-max_blocks // splits)
+    splits = -(-max_blocks // per_split)  # no split left with nothing to do at the longest
+    g_pad, d_pad = max(2, triton.next_power_of_2(groups)), triton.next_power_of_2(d)
+    part_m = torch.empty(s * h_kv * splits * g_pad, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(s * h_kv * splits * g_pad * d_pad, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(s, h_kv, splits)](
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        ctx_lens.to(device=q.device, dtype=torch.int32),
+        part_m,
+        part_l,
+        part_acc,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        tables.stride(0),
+        groups,
+        d,
+        per_split,
+        BLOCK_SIZE=bsz,
+        G_PAD=g_pad,
+        D_PAD=d_pad,
     )
+    _decode_reduce_kernel[(s, h_kv)](
+        part_m,
+        part_l,
+        part_acc,
+        out,
+        out.stride(0),
+        out.stride(1),
+        groups,
+        d,
+        splits,
+        G_PAD=g_pad,
+        D_PAD=d_pad,
+        SP_PAD=max(2, triton.next_power_of_2(splits)),
+    )
+    return out

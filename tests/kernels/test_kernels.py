@@ -105,6 +105,26 @@ def test_paged_decode_matches_reference(backend: str, dtype: torch.dtype) -> Non
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_long_ragged_contexts_on_layer_views(backend: str) -> None:
+    """Long contexts at small batch: the triton decode splits each sequence's blocks
+    over several programs and merges them; the caches are strided cross-layer views."""
+    lay = KVLayout(2, 2, 16, "float16", 8)
+    gen = torch.Generator().manual_seed(6)
+    blocks = blocks_view(
+        torch.randn(lay.bytes_per_block * 90 // 2, generator=gen).half().view(torch.uint8), lay
+    )
+    kc, vc = layer_views(blocks, 1)
+    ctx = torch.tensor([300, 9, 1])
+    perm = torch.randperm(blocks.shape[0], generator=gen)[:45].to(torch.int32)
+    tables = torch.stack([perm[:38], perm[38:45].repeat(6)[:38], perm[:38].flip(0)])
+    q = torch.randn(3, 6, 16, generator=gen).half()
+    got = paged_decode(q, kc, vc, tables, ctx, backend=backend)
+    ones = torch.ones(3, dtype=torch.int64)
+    want = oracle(q, kc, vc, tables, torch.arange(3), ones, ctx)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reshape_and_cache_writes_slots(backend: str, dtype: torch.dtype) -> None:
     lay = KVLayout(3, 2, 16, "float32" if dtype == torch.float32 else "bfloat16", 8)
@@ -211,3 +231,9 @@ def test_triton_on_cuda_matches_reference() -> None:
     got = paged_attention(*case, backend="triton")
     want = paged_attention(*case, backend="torch")
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    q, kc, vc, tables, _, _, ctx = case
+    q1 = q[:3].contiguous()  # one query token per sequence: the split decode kernel
+    got = paged_decode(q1, kc, vc, tables, ctx, backend="triton")
+    torch.testing.assert_close(
+        got, paged_decode(q1, kc, vc, tables, ctx, backend="torch"), atol=2e-3, rtol=2e-3
+    )
