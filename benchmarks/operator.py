@@ -16,8 +16,9 @@ servings POSTed at once.
 
 kmock 0.8 keeps every request it served and re-filters that whole log on each new
 request (a GET costs ~0.1 ms per earlier request), which would make any client look
-quadratic. A ``Counter`` task therefore drains the emulator's log every 0.2 s
-(``_requests``, a private list) and counts what it drained, for both runs.
+quadratic. A ``Counter`` task therefore drains the emulator's logs every 0.2 s
+(``_requests`` of the root and of each reaction: private lists) and counts what it
+drained, for both runs.
 
 Targets: <= 60 s for 200, <= 15 requests per serving at steady state.
 
@@ -108,6 +109,8 @@ class Counter:
     def take(self) -> int:
         log: list[Any] = self.emu._requests
         drained, log[:] = list(log), []
+        for reaction in self.emu._payloads:  # each reaction keeps its own log as well
+            reaction._requests.clear()
         self.count += sum(1 for r in drained if r.headers.get("User-Agent") != UA["User-Agent"])
         return self.count
 
@@ -228,11 +231,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(args.steady)
                 steady = counter.take() - mark
         finally:
-            counter.close()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await handlers.close()
+            counter.close()
     passes = args.steady / args.resync
     return {
         "servings": args.servings,
