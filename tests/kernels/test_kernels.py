@@ -185,6 +185,20 @@ def test_block_copy_within_one_region_reads_before_writing(backend: str, row_byt
     assert torch.equal(region[4], before[2]) and torch.equal(region[1], before[5])
 
 
+def test_big_row_copies_shared_over_workers() -> None:
+    """Enough big rows that the CPU copy splits them over worker threads."""
+    gen = torch.Generator().manual_seed(7)
+    src = torch.randint(0, 255, (20, 64 * 1024), dtype=torch.uint8, generator=gen)
+    ids = torch.randperm(20, generator=gen)[:12]
+    staging = gather_blocks(src, ids, backend="torch")
+    assert torch.equal(staging, src[ids])
+    dst = torch.zeros(16, 64 * 1024, dtype=torch.uint8)
+    scatter_blocks(staging, dst, torch.arange(15, 3, -1), backend="torch")
+    assert torch.equal(dst[4:].flip(0), src[ids]) and dst[:4].sum() == 0
+    copy_blocks(src, dst, ids[:10], torch.arange(10), backend="torch")
+    assert torch.equal(dst[:10], src[ids[:10]])
+
+
 def test_bad_arguments_fail_before_touching_memory() -> None:
     kc, vc = make_cache(4, 8, 2, 16, torch.float32, torch.Generator().manual_seed(0))
     before = kc.clone()
