@@ -11,21 +11,14 @@ Targets: CPU gather >= 50% of memcpy; CUDA gather >= 80% of d2d, decode_ratio <=
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-# Python puts this script's folder first on sys.path, where a sibling script
-# named like a stdlib module (benchmarks/operator.py) would shadow it. Take the
-# folder off until the stdlib is in, then add it last, for _common only.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import torch
+from torch.nn.functional import scaled_dot_product_attention
 
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-from torch.nn.functional import scaled_dot_product_attention  # noqa: E402
-
-sys.path.append(_HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import median, report, time_runs  # noqa: E402
 
 from kvmarina.kernels import gather_blocks, paged_decode  # noqa: E402

@@ -22,26 +22,18 @@ drained, for both runs.
 
 Targets: <= 60 s for 200, <= 15 requests per serving at steady state.
 
-    python benchmarks/operator.py [--servings 200] [--resync 10] [--steady 20]
+    python benchmarks/operator_reconcile.py [--servings 200] [--resync 10] [--steady 20]
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import sys
-
-# This file's name shadows the standard library's ``operator`` for anything imported
-# from its folder: take the folder off the path first, and load ``_common`` by path.
-_HERE = __file__.rsplit("/", 1)[0] or "."
-sys.path[:] = [p for p in sys.path if p not in (_HERE, "")] if sys.path[0] == _HERE else sys.path
 
 import argparse
 import asyncio
 import contextlib
 import copy
-import importlib.util
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,11 +41,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-_spec = importlib.util.spec_from_file_location("_common", Path(_HERE) / "_common.py")
-assert _spec and _spec.loader
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-report = _common.report
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import report
 
 REPO = Path(__file__).resolve().parent.parent
 NS = "kvmarina-system"
