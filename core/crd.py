@@ -144,6 +144,11 @@ def _condition_column(name: str) -> dict[str, Any]:
     }
 
 
+def _wide(name: str, type_: str, path: str) -> dict[str, Any]:
+    """A column shown by ``kubectl get -o wide`` only."""
+    return {"name": name, "type": type_, "jsonPath": path, "priority": 1}
+
+
 def pool_crd() -> dict[str, Any]:
     schema = _root(
         specs.KVCachePoolSpec,
@@ -159,12 +164,14 @@ def pool_crd() -> dict[str, Any]:
         short_names=["kvpool"],
         schema=schema,
         columns=[
-            {"name": "Backend", "type": "string", "jsonPath": ".spec.memory.backend"},
-            {"name": "Device", "type": "string", "jsonPath": ".spec.memory.device"},
-            {"name": "Host", "type": "string", "jsonPath": ".spec.memory.host"},
-            {"name": "Block", "type": "integer", "jsonPath": ".spec.hashing.blockSize"},
-            {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodesReady"},
             _condition_column("Ready"),
+            {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodesReady"},
+            {"name": "Blocks", "type": "integer", "jsonPath": ".status.blocks"},
+            {"name": "HitRate", "type": "number", "jsonPath": ".status.hitRate"},
+            _wide("Servings", "integer", ".status.servings"),
+            _wide("Backend", "string", ".spec.memory.backend"),
+            _wide("Device", "string", ".spec.memory.device"),
+            _wide("Host", "string", ".spec.memory.host"),
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         scale=False,
@@ -187,11 +194,13 @@ def serving_crd() -> dict[str, Any]:
         schema=schema,
         columns=[
             {"name": "Pool", "type": "string", "jsonPath": ".spec.poolRef.name"},
-            {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
             {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
-            {"name": "Available", "type": "integer", "jsonPath": ".status.readyReplicas"},
-            {"name": "Policy", "type": "string", "jsonPath": ".spec.routing.policy"},
-            _condition_column("Ready"),
+            {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "HitRate", "type": "number", "jsonPath": ".status.prefixHitRate"},
+            {"name": "URL", "type": "string", "jsonPath": ".status.routerUrl"},
+            _wide("Model", "string", ".spec.model.name"),
+            _wide("Policy", "string", ".spec.routing.policy"),
+            {**_condition_column("Ready"), "name": "Status", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         scale=True,

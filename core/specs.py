@@ -385,7 +385,7 @@ class ModelServingSpec(Spec):
     )
 
 
-# ---------------------------------------------------------------- status (first cut)
+# ---------------------------------------------------------------- status
 
 
 class Condition(Spec):
@@ -399,29 +399,99 @@ class Condition(Spec):
     observed_generation: int | None = Field(None, description="Generation the condition saw.")
 
 
-class KVCachePoolStatus(Spec):
-    """Observed state of the pool (written by the operator)."""
-
-    observed_generation: int | None = Field(None, description="Last generation reconciled.")
-    conditions: list[Condition] = Field(
+def _conditions() -> list[Condition]:
+    return Field(  # type: ignore[no-any-return]
         default_factory=list,
         description="Current conditions.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
+
+
+HitRate = Annotated[float, Field(ge=0, le=1)]
+
+
+class TierStatus(Spec):
+    """One memory tier of one node's agent, as its ``/stats`` reported it."""
+
+    capacity_bytes: int = Field(0, ge=0, description="Bytes the agent owns in this tier.")
+    used_bytes: int = Field(0, ge=0, description="Bytes of this tier lent or holding blocks.")
+    blocks: int = Field(0, ge=0, description="Indexed KV blocks whose home is this tier.")
+
+
+class IndexHealth(Spec):
+    """Health of the agent's block index and its event stream (DESIGN.md "Block events")."""
+
+    boot_id: str | None = Field(
+        None, description="The agent's boot id; a change means its index restarted empty."
+    )
+    last_event_seq: int | None = Field(
+        None, ge=0, description="Number of the last block event published this boot."
+    )
+    event_lag: int | None = Field(
+        None,
+        ge=0,
+        description="Events published but not yet delivered to the slowest subscriber "
+        "(empty when the agent does not report it).",
+    )
+    resyncs: int | None = Field(
+        None,
+        ge=0,
+        description="Snapshots re-sent to subscribers that fell behind, this boot "
+        "(empty when the agent does not report it).",
+    )
+    subscribers: int | None = Field(None, ge=0, description="Event subscribers (routers).")
+
+
+class AgentNodeStatus(Spec):
+    """One node's agent of the pool: readiness, memory per tier, blocks, hits, index health."""
+
+    node: str = Field(description="Node the agent runs on.")
+    pod: str = Field("", description="The agent pod.")
+    ready: bool = Field(False, description="The pod is Ready and answered /stats.")
+    reason: str = Field(
+        "", description="Why the agent is not ready (e.g. Unreachable, PodNotReady)."
+    )
+    message: str = Field("", description="Details of the reason, and what to do.")
+    device: TierStatus = Field(default_factory=TierStatus, description="Device tier.")
+    host: TierStatus = Field(default_factory=TierStatus, description="Host (offload) tier.")
+    blocks: int = Field(0, ge=0, description="Indexed KV blocks on the node, all tiers.")
+    hit_rate: HitRate | None = Field(
+        None, description="Blocks found / blocks asked for by lookups since the agent started."
+    )
+    sessions: int = Field(0, ge=0, description="Engines registered with the agent.")
+    index: IndexHealth = Field(default_factory=IndexHealth, description=IndexHealth.__doc__)
+
+
+class KVCachePoolStatus(Spec):
+    """Observed state of the pool (written by the operator)."""
+
+    observed_generation: int | None = Field(None, description="Last generation reconciled.")
+    conditions: list[Condition] = _conditions()
     nodes_ready: int | None = Field(None, description="Agents ready.")
     nodes_desired: int | None = Field(None, description="Agents scheduled.")
+    nodes: list[AgentNodeStatus] = Field(
+        default_factory=list,
+        description="Per-node agents, from their /stats (refreshed by the operator's timer).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["node"]},
+    )
+    blocks: int | None = Field(None, ge=0, description="Indexed KV blocks, all nodes and tiers.")
+    hit_rate: HitRate | None = Field(
+        None, description="Blocks found / blocks asked for, over every agent that answered."
+    )
+    servings: int | None = Field(None, ge=0, description="ModelServings using the pool.")
 
 
 class ModelServingStatus(Spec):
     """Observed state of the serving (written by the operator)."""
 
     observed_generation: int | None = Field(None, description="Last generation reconciled.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        description="Current conditions.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
+    conditions: list[Condition] = _conditions()
     replicas: int | None = Field(None, description="Engine pods.")
     ready_replicas: int | None = Field(None, description="Engine pods ready.")
     selector: str | None = Field(None, description="Label selector of the engine pods (scale).")
     router_url: str | None = Field(None, description="In-cluster URL of the router Service.")
+    prefix_hit_rate: HitRate | None = Field(
+        None,
+        description="Prompt tokens served from the KV cache / prompt tokens, summed over the "
+        "ready engines since they started (from their /metrics).",
+    )

@@ -5,6 +5,10 @@ bookkeeping in annotations (so the status schemas stay strict) and holds our own
 finalizer, which lets a pool refuse deletion while servings still use it and lets
 a deleted serving withdraw its credential from the pool's agents. Status is
 patched only where it differs from the live one.
+
+Only the timer reads the pods' own figures (agents' ``/stats``, engines'
+``/metrics``): a change is answered without waiting on pods, and the figures are
+refreshed once per resync interval whatever happens.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 async def close(**_: Any) -> None:
     global _reconciler
     if _reconciler is not None:
-        await _reconciler.kube.close()
+        await _reconciler.close()
         _reconciler = None
 
 
@@ -66,9 +70,13 @@ def _patch_status(body: kopf.Body, patch: kopf.Patch, want: dict[str, Any]) -> N
 @kopf.on.resume(*POOLS, backoff=RETRY)
 @kopf.on.create(*POOLS, backoff=RETRY)
 @kopf.on.update(*POOLS, backoff=RETRY)
-@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
 async def pool_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().pool(dict(body)))
+
+
+@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
+async def pool_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    _patch_status(body, patch, await reconciler().pool(dict(body), observe=True))
 
 
 @kopf.on.delete(*POOLS)
@@ -85,9 +93,13 @@ async def pool_deleted(name: str, body: kopf.Body, patch: kopf.Patch, **_: Any) 
 @kopf.on.resume(*SERVINGS, backoff=RETRY)
 @kopf.on.create(*SERVINGS, backoff=RETRY)
 @kopf.on.update(*SERVINGS, backoff=RETRY)
-@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
 async def serving_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().serving(dict(body)))
+
+
+@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
+async def serving_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    _patch_status(body, patch, await reconciler().serving(dict(body), observe=True))
 
 
 @kopf.on.delete(*SERVINGS, backoff=RETRY)

@@ -58,8 +58,9 @@ def router_config_name(serving: str) -> str:
     return f"{serving}-router-config"
 
 
-# The operator's own pods (the chart must label them so): agents answer /stats to them.
+# The operator's own pods (the chart labels them so, whatever its nameOverride): the
+# NetworkPolicies let them read agents' /stats and engines' /metrics.
 OPERATOR_SELECTOR = {
-    "app.kubernetes.io/name": "kvmarina",
+    "app.kubernetes.io/part-of": "kvmarina",
     "app.kubernetes.io/component": "operator",
 }

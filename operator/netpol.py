@@ -3,7 +3,8 @@
 * agent: its transfer port only from the pool's own agents; its HTTP port (events,
   stats, metrics) only from kvmarina routers (any namespace), the operator, and the
   monitoring namespaces the operator is told about;
-* engine: only from its serving's router and the pool's agents (and monitoring);
+* engine: only from its serving's router, the pool's agents, the operator (its
+  /metrics give the serving's prefix hit rate) and monitoring;
 * router: open to clients on its port.
 
 Engines and agents also talk over the node-local unix socket, which no policy sees.
@@ -47,18 +48,26 @@ def _agents(pool: str, operator_ns: str) -> dict[str, Any]:
     }
 
 
+def _operator(operator_ns: str) -> dict[str, Any]:
+    """The operator's pods: they read agents' /stats and engines' /metrics for status."""
+    return {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: operator_ns}},
+        "podSelector": {"matchLabels": n.OPERATOR_SELECTOR},
+    }
+
+
 def agent_policies(
     meta: dict[str, Any],
     pool: str,
     operator_ns: str,
     transfer_port: int,
     monitoring: tuple[str, ...],
+    http_port: int = AGENT_HTTP_PORT,
 ) -> list[dict[str, Any]]:
     routers = {
         "namespaceSelector": {},
         "podSelector": {"matchLabels": {**n.PART_OF, "app.kubernetes.io/component": "router"}},
     }
-    operator = {"podSelector": {"matchLabels": n.OPERATOR_SELECTOR}}
     return [
         _policy(
             meta,
@@ -66,8 +75,8 @@ def agent_policies(
             [
                 {"from": [_agents(pool, operator_ns)], "ports": [{"port": transfer_port}]},
                 {
-                    "from": [routers, operator, *_in_namespaces(monitoring)],
-                    "ports": [{"port": AGENT_HTTP_PORT}],
+                    "from": [routers, _operator(operator_ns), *_in_namespaces(monitoring)],
+                    "ports": [{"port": http_port}],
                 },
             ],
         )
@@ -89,7 +98,12 @@ def serving_policies(
             n.selector("engine", serving),
             [
                 {
-                    "from": [router_pods, _agents(pool, operator_ns), *_in_namespaces(monitoring)],
+                    "from": [
+                        router_pods,
+                        _agents(pool, operator_ns),
+                        _operator(operator_ns),
+                        *_in_namespaces(monitoring),
+                    ],
                     "ports": [{"port": ENGINE_PORT}],
                 }
             ],

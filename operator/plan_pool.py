@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from kvmarina.operator import naming as n
-from kvmarina.operator.components import AGENT_HTTP_PORT, agent_config, credentials_doc
+from kvmarina.operator.components import agent_config, credentials_doc
 from kvmarina.operator.netpol import agent_policies
 from kvmarina.operator.settings import Settings
 from kvmarina.validate import Resource
@@ -86,6 +86,7 @@ def plan_pool(
         node="unset",
         socket_path=f"{SOCKET_DIR}/agent.sock",
         credentials_file=CREDS_DIR,
+        http_port=spec.agent.http_port,
         token_file=f"{TRANSFER_DIR}/token",
         cert_dir=TRANSFER_DIR if spec.migration.auth == "mtls" else None,
     )
@@ -113,17 +114,20 @@ def plan_pool(
             "type": "Opaque",
             "metadata": _meta(n.pool_credentials_name(name), ns, "agent", inst, owner),
         },
-        _headless_service(name, ns, inst, owner, spec.migration.port),
+        _headless_service(name, ns, inst, owner, spec.migration.port, spec.agent.http_port),
         _daemonset(pool, ns, inst, owner, settings, rollout[:16]),
     ]
     if spec.network_policy.enabled:
         meta = _meta(n.agent_name(name), ns, "agent", inst, owner)
-        out += agent_policies(meta, name, ns, spec.migration.port, settings.monitoring_namespaces)
+        out += agent_policies(
+            meta, name, ns, spec.migration.port, settings.monitoring_namespaces,
+            http_port=spec.agent.http_port,
+        )  # fmt: skip
     return out
 
 
 def _headless_service(
-    name: str, ns: str, inst: str, owner: dict[str, Any], transfer_port: int
+    name: str, ns: str, inst: str, owner: dict[str, Any], transfer_port: int, http_port: int
 ) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -134,7 +138,7 @@ def _headless_service(
             "selector": n.selector("agent", inst),
             "publishNotReadyAddresses": False,
             "ports": [
-                {"name": "metrics", "port": AGENT_HTTP_PORT, "targetPort": "metrics"},
+                {"name": "metrics", "port": http_port, "targetPort": "metrics"},
                 {"name": "transfer", "port": transfer_port, "targetPort": "transfer"},
             ],
         },
@@ -160,7 +164,7 @@ def _daemonset(
         "args": ["agent"],
         "env": env,
         "ports": [
-            {"name": "metrics", "containerPort": AGENT_HTTP_PORT},
+            {"name": "metrics", "containerPort": spec.agent.http_port},
             {"name": "transfer", "containerPort": spec.migration.port},
         ],
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},

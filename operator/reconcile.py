@@ -19,7 +19,6 @@ from typing import Any
 from kvmarina.operator import naming as n
 from kvmarina.operator import status as st
 from kvmarina.operator.components import (
-    AGENT_HTTP_PORT,
     ENGINE_PORT,
     Endpoint,
     PlanError,
@@ -30,6 +29,7 @@ from kvmarina.operator.kube import KubeClient
 from kvmarina.operator.pki import PKIError, make_pool_pki
 from kvmarina.operator.plan_pool import b64, credential_entry, credential_key, plan_pool, unb64
 from kvmarina.operator.plan_serving import plan_serving
+from kvmarina.operator.scrape import Scraper
 from kvmarina.operator.semantic import check_serving, overcommitted
 from kvmarina.operator.settings import Settings
 from kvmarina.specs import API_VERSION
@@ -70,6 +70,32 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
+def pod_port(pod: dict[str, Any], name: str, default: int) -> int:
+    """The pod's container port called ``name``: the live pod, not the plan, says where
+    it listens (during a rollout that changes the port, old pods keep the old one)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == name and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    return default
+
+
+def _pod_ip(pod: dict[str, Any]) -> str | None:
+    ip = (pod.get("status") or {}).get("podIP")
+    return str(ip) if ip else None
+
+
+def _carried(body: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Figures a pass that does not read the pods keeps from the live status (only
+    the timer refreshes them, so change handlers neither wait on pods nor drop them)."""
+    live = body.get("status") or {}
+    return {k: live.get(k) for k in keys}
+
+
+POOL_FIGURES = ("nodes", "blocks", "hitRate")
+SERVING_FIGURES = ("prefixHitRate",)
+
+
 @dataclass
 class Reconciler:
     """Reconciles both kinds through one API client.
@@ -83,6 +109,11 @@ class Reconciler:
     absent: set[Key] = field(default_factory=set)
     # kopf runs a timer beside an object's change handlers: one pass at a time per object
     locks: defaultdict[Key, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    scrape: Scraper = field(default_factory=Scraper)
+
+    async def close(self) -> None:
+        await self.kube.close()
+        await self.scrape.close()
 
     async def apply_all(
         self,
@@ -147,11 +178,35 @@ class Reconciler:
                 problem = str(exc)
         return {"files": files, "live": live}, problem
 
-    async def pool(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def pool(self, body: dict[str, Any], observe: bool = False) -> dict[str, Any]:
+        """The pool's desired status; ``observe``: also read every agent's ``/stats``
+        (the timer's passes), else the live status's figures are kept."""
         async with self.locks[("KVCachePool", None, body["metadata"]["name"])]:
-            return await self._pool(body)
+            return await self._pool(body, observe)
 
-    async def _pool(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _observe_agents(self, pool: Resource, agents: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per-node figures from the agents' ``/stats``, read concurrently."""
+        targets = []
+        for a in agents:
+            node = (a.get("spec") or {}).get("nodeName")
+            if not node:
+                continue  # not scheduled: counted in nodesDesired, no node to report
+            ip = _pod_ip(a)
+            port = pod_port(a, "metrics", pool.spec.agent.http_port)
+            targets.append((a, node, f"http://{ip}:{port}/stats" if ip else None))
+        fetched = iter(await self.scrape.fetch_all([u for _, _, u in targets if u]))
+        samples = []
+        for a, node, url in targets:
+            got = next(fetched) if url else None
+            samples.append(
+                st.AgentSample(
+                    node, a["metadata"]["name"], _pod_ready(a), url,
+                    got.body if got else None, got.error if got else None,
+                )
+            )  # fmt: skip
+        return st.pool_figures(samples, pool.spec.memory.page_bytes)
+
+    async def _pool(self, body: dict[str, Any], observe: bool) -> dict[str, Any]:
         meta = body["metadata"]
         gen = meta.get("generation")
         try:
@@ -178,6 +233,9 @@ class Reconciler:
             "v1", "Pod", ns, n.selector("agent", n.pool_instance(pool.name))
         )
         ready = sum(1 for p in agents if _pod_ready(p))
+        figures = (
+            await self._observe_agents(pool, agents) if observe else _carried(body, POOL_FIGURES)
+        )
         ds = live.get(("DaemonSet", ns, n.agent_name(pool.name))) or {}
         desired = int((ds.get("status") or {}).get("desiredNumberScheduled", len(agents)))
         ok = desired > 0 and ready == desired
@@ -190,13 +248,20 @@ class Reconciler:
                 ).spec.budget.min_bytes
             except SpecError:
                 continue
-        problem = "; ".join(p for p in (problem, overcommitted(pool.spec, minimums)) if p)
+        unhealthy = st.unhealthy_agents(figures.get("nodes") or [])
+        problem = "; ".join(
+            p for p in (problem, overcommitted(pool.spec, minimums), unhealthy) if p
+        )
         if changed:
             log.info("pool %s: %d object(s) applied", pool.name, changed)
         return st.with_gen(
             gen,
             nodesReady=ready,
             nodesDesired=desired,
+            nodes=figures.get("nodes") or None,
+            blocks=figures.get("blocks"),
+            hitRate=figures.get("hitRate"),
+            servings=len(users),
             conditions=[
                 st.condition("Ready", ok, "AgentsReady" if ok else "AgentsStarting", msg, gen),
                 st.condition("Progressing", not ok, "Rollout" if not ok else "Settled", msg, gen),
@@ -237,12 +302,23 @@ class Reconciler:
 
     # --------------------------------------------------------------- serving
 
-    async def serving(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def serving(self, body: dict[str, Any], observe: bool = False) -> dict[str, Any]:
+        """The serving's desired status; ``observe``: also read the ready engines'
+        ``/metrics`` for the prefix hit rate, else the live status's is kept."""
         meta = body["metadata"]
         async with self.locks[("ModelServing", meta.get("namespace"), meta["name"])]:
-            return await self._serving(body)
+            return await self._serving(body, observe)
 
-    async def _serving(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _hit_rate(self, engines: list[dict[str, Any]]) -> float | None:
+        urls = [
+            f"http://{_pod_ip(p)}:{pod_port(p, 'http', ENGINE_PORT)}/metrics"
+            for p in engines
+            if _pod_ip(p) and _pod_ready(p)
+        ]
+        fetched = await self.scrape.fetch_all(urls)
+        return st.prefix_hit_rate([f.body for f in fetched if f.body is not None])
+
+    async def _serving(self, body: dict[str, Any], observe: bool) -> dict[str, Any]:
         meta = body["metadata"]
         gen = meta.get("generation")
         try:
@@ -268,7 +344,8 @@ class Reconciler:
         token_key = ("Secret", ns, n.serving_token_name(serving.name))
         token_live = await self.kube.get("v1", "Secret", ns, token_key[2])
         token = unb64((token_live or {}).get("data")).get("token") or new_token()
-        endpoints = await self._endpoints(serving, pool)
+        engines = await self.kube.list("v1", "Pod", ns, n.selector("engine", serving.name))
+        endpoints = await self._endpoints(pool, engines)
         try:
             manifests = plan_serving(
                 serving, meta.get("uid", ""), pool, self.settings, token, endpoints
@@ -298,12 +375,18 @@ class Reconciler:
             msg += f"; waiting for KVCachePool {pool_name!r} to create its credentials Secret"
         if changed:
             log.info("serving %s/%s: %d object(s) applied", ns, serving.name, changed)
+        figures = (
+            {"prefixHitRate": await self._hit_rate(engines)}
+            if observe
+            else _carried(body, SERVING_FIGURES)
+        )
         return st.with_gen(
             gen,
             replicas=want,
             readyReplicas=ready,
             selector=",".join(f"{k}={v}" for k, v in n.selector("engine", serving.name).items()),
             routerUrl=f"http://{router}.{ns}.svc.{self.settings.cluster_domain}",
+            prefixHitRate=figures["prefixHitRate"],
             conditions=[
                 st.condition("Ready", ok, "EnginesReady" if ok else "EnginesStarting", msg, gen),
                 st.condition("Progressing", not ok, "Rollout" if not ok else "Settled", msg, gen),
@@ -340,30 +423,30 @@ class Reconciler:
             {"data": {k: None}},
         )  # fmt: skip
 
-    async def _endpoints(self, serving: Resource, pool: Resource) -> list[Endpoint]:
-        ns = serving.namespace or "default"
-        pods = await self.kube.list("v1", "Pod", ns, n.selector("engine", serving.name))
+    async def _endpoints(self, pool: Resource, pods: list[dict[str, Any]]) -> list[Endpoint]:
+        """The ready engine pods as the router sees them, each with its node's agent."""
         if not any(_pod_ready(p) for p in pods):
             return []  # no engine to route to yet: the agents' pods are not needed
         agents = await self.kube.list(
             "v1", "Pod", self.settings.namespace, n.selector("agent", n.pool_instance(pool.name))
         )
         agent_by_node = {
-            (a.get("spec") or {}).get("nodeName"): (a.get("status") or {}).get("podIP")
+            (a.get("spec") or {}).get("nodeName"): f"http://{_pod_ip(a)}:"
+            f"{pod_port(a, 'metrics', pool.spec.agent.http_port)}"
             for a in agents
+            if _pod_ip(a)
         }
         out = []
         for p in pods:
             ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
             if not ip or not node or not _pod_ready(p):
                 continue
-            agent_ip = agent_by_node.get(node)
             out.append(
                 Endpoint(
                     p["metadata"]["name"],
-                    f"http://{ip}:{ENGINE_PORT}",
+                    f"http://{ip}:{pod_port(p, 'http', ENGINE_PORT)}",
                     node,
-                    f"http://{agent_ip}:{AGENT_HTTP_PORT}" if agent_ip else None,
+                    agent_by_node.get(node),
                 )
             )
         return sorted(out, key=lambda e: e.name)

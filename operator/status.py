@@ -7,6 +7,8 @@ object writes nothing.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,3 +70,173 @@ def invalid(gen: int | None, message: str) -> dict[str, Any]:
             condition("InvalidSpec", True, "InvalidSpec", message, gen),
         ],
     )
+
+
+# ------------------------------------------------------------ figures from the pods
+
+UNREACHABLE, NO_IP, NOT_READY, BAD_STATS = "Unreachable", "NoPodIP", "PodNotReady", "BadStats"
+# Engines' prompt-token counters (real engine, simulated engine): (cached, all).
+ENGINE_COUNTERS = (
+    ("kvmarina_engine_cached_prompt_tokens_total", "kvmarina_engine_prompt_tokens_total"),
+    ("kvmarina_sim_cached_tokens_total", "kvmarina_sim_prompt_tokens_total"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSample:
+    """What the operator learnt about one agent pod in one pass: the pod's own state,
+    and either the agent's ``/stats`` JSON text or why it could not be read."""
+
+    node: str
+    pod: str
+    pod_ready: bool
+    url: str | None  # None: the pod has no IP yet
+    body: str | None = None
+    error: str | None = None
+
+
+def rate(hits: int, total: int) -> float | None:
+    """``hits / total`` rounded to 4 places (status stays readable); ``None`` when
+    nothing was asked yet."""
+    return round(hits / total, 4) if total > 0 else None
+
+
+def _count(doc: Any, *keys: str) -> int:
+    """An integer at ``doc[k0][k1]...``; ``ValueError`` naming the path otherwise."""
+    for k in keys:
+        if not isinstance(doc, dict) or k not in doc:
+            raise ValueError(f"/stats has no {'.'.join(keys)}")
+        doc = doc[k]
+    if isinstance(doc, bool) or not isinstance(doc, int) or doc < 0:
+        raise ValueError(f"/stats {'.'.join(keys)} is {doc!r}, not a count")
+    return doc
+
+
+def _tier(stats: dict[str, Any], tier: str, page_bytes: int) -> dict[str, int]:
+    return {
+        "capacityBytes": _count(stats, "pages", tier, "total") * page_bytes,
+        "usedBytes": _count(stats, "pages", tier, "used") * page_bytes,
+        "blocks": _count(stats, "blocks", tier),
+    }
+
+
+def _optional_count(stats: dict[str, Any], key: str) -> int | None:
+    value = stats.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def agent_figures(stats: Any, page_bytes: int) -> tuple[dict[str, Any], int, int]:
+    """An agent's ``/stats`` document (``kvmarina.agent`` ``Pool.summary``) as status
+    fields, plus its raw (hit, asked) block counts for the pool-wide hit rate.
+
+    Byte figures are pages times the pool's page size (the agent counts pages).
+    ``eventLag`` and ``resyncs`` are filled when the agent reports ``event_lag`` and
+    ``resyncs``; older agents leave them empty. ``ValueError`` when a required
+    figure is missing or not a count."""
+    if not isinstance(stats, dict):
+        raise ValueError(f"/stats answered {type(stats).__name__}, not an object")
+    device, host = _tier(stats, "device", page_bytes), _tier(stats, "host", page_bytes)
+    raw = stats.get("stats")
+    counters: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    hits = _count(counters, "hit_blocks") if "hit_blocks" in counters else 0
+    misses = _count(counters, "miss_blocks") if "miss_blocks" in counters else 0
+    boot = stats.get("boot_id")
+    index = {
+        "bootId": boot if isinstance(boot, str) else None,
+        "lastEventSeq": _count(stats, "seq"),
+        "eventLag": _optional_count(stats, "event_lag"),
+        "resyncs": _optional_count(stats, "resyncs"),
+        "subscribers": _optional_count(stats, "subscribers"),
+    }
+    fields = {
+        "device": device,
+        "host": host,
+        "blocks": device["blocks"] + host["blocks"],
+        "hitRate": rate(hits, hits + misses),
+        "sessions": _optional_count(stats, "sessions") or 0,
+        "index": {k: v for k, v in index.items() if v is not None},
+    }
+    return fields, hits, hits + misses
+
+
+def agent_entry(sample: AgentSample, page_bytes: int) -> tuple[dict[str, Any], int, int]:
+    """One ``status.nodes`` entry and its raw (hit, asked) counts. Invariant: an entry
+    is ``ready`` only when the pod is Ready *and* its ``/stats`` was read and made
+    sense; otherwise ``reason`` and ``message`` say what is wrong."""
+    base: dict[str, Any] = {"node": sample.node, "pod": sample.pod, "ready": False}
+    if sample.url is None:
+        msg = "the agent pod has no IP yet (not scheduled or starting)"
+        return {**base, "reason": NO_IP, "message": msg}, 0, 0
+    if sample.body is None:
+        msg = f"GET {sample.url}: {sample.error or 'no answer'}"
+        return {**base, "reason": UNREACHABLE, "message": msg}, 0, 0
+    try:
+        fields, hits, asked = agent_figures(json.loads(sample.body), page_bytes)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        return {**base, "reason": BAD_STATS, "message": f"{sample.url}: {exc}"[:300]}, 0, 0
+    entry = {**base, **fields, "ready": sample.pod_ready}
+    if not sample.pod_ready:
+        entry.update(reason=NOT_READY, message="the agent answers but its pod is not Ready")
+    return entry, hits, asked
+
+
+def _rank(entry: dict[str, Any]) -> int:
+    """Which of two pods on one node speaks for it: a ready agent, then one that
+    answered, then any (a DaemonSet rollout briefly has an old pod beside the new)."""
+    return 0 if entry["ready"] else 1 if "index" in entry else 2
+
+
+def pool_figures(samples: list[AgentSample], page_bytes: int) -> dict[str, Any]:
+    """``nodes`` (one entry per node, sorted), pool-wide ``blocks`` and ``hitRate``
+    (over the agents that answered; ``None`` until one was asked for blocks).
+    Invariant: node names are unique (``status.nodes`` is a list-map keyed by node)."""
+    best: dict[str, tuple[dict[str, Any], int, int]] = {}
+    for s in sorted(samples, key=lambda s: s.pod):
+        got = agent_entry(s, page_bytes)
+        if s.node not in best or _rank(got[0]) < _rank(best[s.node][0]):
+            best[s.node] = got
+    entries = [best[node][0] for node in sorted(best)]
+    hits = sum(h for _, h, _ in best.values())
+    asked = sum(a for _, _, a in best.values())
+    return {
+        "nodes": entries,
+        "blocks": sum(int(e.get("blocks", 0)) for e in entries),
+        "hitRate": rate(hits, asked),
+    }
+
+
+def unhealthy_agents(nodes: list[dict[str, Any]]) -> str:
+    """A Degraded message for agents whose pods are Ready but whose /stats failed."""
+    bad = [n for n in nodes if n.get("reason") in (UNREACHABLE, BAD_STATS)]
+    return "; ".join(f"agent on node {n['node']}: {n['reason']} ({n['message']})" for n in bad)
+
+
+def prometheus_counters(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition (``name value``); labelled
+    series and comments are skipped, as are lines that do not parse."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        try:
+            out[parts[0]] = float(parts[1])
+        except ValueError:
+            continue
+    return out
+
+
+def prefix_hit_rate(metrics: list[str]) -> float | None:
+    """Prompt tokens served from the KV cache over all prompt tokens, summed over the
+    engines' ``/metrics`` texts; ``None`` before any prompt was seen."""
+    cached = total = 0.0
+    for text in metrics:
+        values = prometheus_counters(text)
+        for hit_name, all_name in ENGINE_COUNTERS:
+            if all_name in values:
+                cached += values.get(hit_name, 0.0)
+                total += values[all_name]
+                break
+    return round(min(cached / total, 1.0), 4) if total > 0 else None
