@@ -7,7 +7,10 @@ import asyncio
 import base64
 import contextlib
 import copy
+import json
 import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import kopf
 import pytest
 import yaml
 
+from kvmarina.operator import status as st
 from kvmarina.operator.components import Endpoint
 from kvmarina.operator.plan_pool import plan_pool
 from kvmarina.operator.plan_serving import plan_serving
@@ -414,3 +418,160 @@ async def test_restart_makes_no_duplicates_and_no_spurious_writes(cluster: Clust
     assert cluster.writes(before) == []  # ... and changed nothing
     deps = await cluster.get(DEP)
     assert sorted(d["metadata"]["name"] for d in deps["items"]) == ["tiny-engine", "tiny-router"]
+
+
+# ------------------------------------------------- status figures from real pods
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def _process(url: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real ``kvmarina`` process, ready once ``url`` answers 200; stopped after."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmarina.cli", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        async def answers() -> bool:
+            assert proc.returncode is None, f"{args[0]} exited with {proc.returncode}"
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with aiohttp.ClientSession() as s, s.get(url) as r:
+                    return r.status == 200
+            return False
+
+        await wait_for(answers, 60)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+def _pod(name: str, ns: str, component: str, instance: str, port: tuple[str, int]) -> Any:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {
+                "app.kubernetes.io/component": component,
+                "app.kubernetes.io/instance": instance,
+            },
+        },
+        "spec": {
+            "nodeName": "node-a",
+            "containers": [
+                {"name": component, "ports": [{"name": port[0], "containerPort": port[1]}]}
+            ],
+        },
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def _agent_commits_and_looks_up(socket_path: str, token: str) -> None:
+    """An engine's part, through the agent's own client: 3 blocks committed and
+    released, then one lookup of them plus one unknown block (3 hits, 1 miss)."""
+    from kvmarina.agent.client import AgentClient
+
+    client = AgentClient(socket_path, token, 4096).connect()
+    try:
+        hashes = [bytes([i + 1]) * 16 for i in range(3)]
+        slots = client.lease(3)
+        client.commit([(p, i, h) for (p, i), h in zip(slots, hashes, strict=True)])
+        client.release(hashes)
+        assert len(client.lookup([*hashes, b"\xee" * 16])) == 3
+    finally:
+        client.close()
+
+
+async def test_status_carries_the_figures_of_the_real_agent_and_engine(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from kvmarina.operator.components import agent_config, credentials_doc
+
+    pool_doc, serving_doc = docs()
+    http_port, engine_port = _free_port(), _free_port()
+    pool_doc["spec"]["memory"] = {"backend": "cpu", "device": "8Mi", "host": "4Mi"}
+    pool_doc["spec"]["agent"] = {"httpPort": http_port}
+    serving_doc["spec"]["budget"] = {"min": "0", "max": "4Mi"}
+    # the agent runs with the config the operator plans for the pool, on loopback
+    token = "t" * 32
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps(credentials_doc([("tiny", "default", "namespace", token)])))
+    cfg = agent_config(
+        parse_resource(pool_doc).spec, node="node-a", socket_path=str(tmp_path / "a.sock"),
+        credentials_file=str(creds), http_host="127.0.0.1", http_port=http_port,
+    )  # fmt: skip
+    (tmp_path / "agent.json").write_text(json.dumps(cfg))
+    agent_url = f"http://127.0.0.1:{http_port}"
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    async with (
+        _process(f"{agent_url}/readyz", "agent", "--config", str(tmp_path / "agent.json")) as agent,
+        _process(f"{engine_url}/health", "engine", "--simulate", "--port", str(engine_port),
+                 "--prefill-tps", "0", "--decode-tps", "0"),
+    ):  # fmt: skip
+        await asyncio.to_thread(_agent_commits_and_looks_up, cfg["socket_path"], token)
+        prompt = "the same long system prompt, shared by every request " * 4
+        for _ in range(2):  # the second request finds the first one's blocks
+            status, _ = await _post(f"{engine_url}/v1/completions", prompt)
+            assert status == 200
+        await cluster.create(pool_doc)
+        await cluster.create(serving_doc)
+        pods = "/api/v1/namespaces/{}/pods"
+        await cluster.call("POST", pods.format(NS), _pod("agent-a", NS, "agent", "pool-local",
+                                                         ("metrics", http_port)))  # fmt: skip
+        await cluster.call("POST", pods.format("default"), _pod("tiny-engine-a", "default",
+                                                                "engine", "tiny",
+                                                                ("http", engine_port)))  # fmt: skip
+        async with aiohttp.ClientSession() as s, s.get(f"{agent_url}/healthz") as r:
+            boot = (await r.json())["boot_id"]
+
+        async def pool_figures() -> Any:
+            obj = await cluster.get(f"{API}/kvcachepools/local")
+            nodes = ((obj or {}).get("status") or {}).get("nodes") or []
+            return obj["status"] if nodes and nodes[0].get("blocks") == 3 else None
+
+        pool_st = await wait_for(pool_figures)
+        (node,) = pool_st["nodes"]
+        assert node["node"] == "node-a" and node["pod"] == "agent-a" and node["ready"] is True
+        assert node["device"] == {"capacityBytes": 8 * 2**20, "usedBytes": 2**21, "blocks": 3}
+        assert node["host"] == {"capacityBytes": 4 * 2**20, "usedBytes": 0, "blocks": 0}
+        assert node["hitRate"] == 0.75 and node["sessions"] == 0
+        assert node["index"]["bootId"] == boot and node["index"]["lastEventSeq"] == 1
+        assert pool_st["blocks"] == 3 and pool_st["hitRate"] == 0.75
+        assert pool_st["servings"] == 1
+        assert conditions({"status": pool_st})["Degraded"]["status"] == "False"
+
+        async with aiohttp.ClientSession() as s, s.get(f"{engine_url}/metrics") as r:
+            expected = st.prefix_hit_rate([await r.text()])
+        assert expected and 0 < expected < 1
+
+        async def serving_rate() -> Any:
+            return ((await cluster.get(SERVING)) or {}).get("status", {}).get("prefixHitRate")
+
+        assert await wait_for(serving_rate) == expected
+
+        agent.terminate()  # the agent goes away: its node shows why, the pool is Degraded
+        await agent.wait()
+
+        async def unreachable() -> Any:
+            obj = await cluster.get(f"{API}/kvcachepools/local")
+            node = ((obj or {}).get("status") or {}).get("nodes", [{}])[0]
+            return obj if node.get("reason") == "Unreachable" else None
+
+        obj = await wait_for(unreachable)
+        node = obj["status"]["nodes"][0]
+        assert node["ready"] is False and f"127.0.0.1:{http_port}/stats" in node["message"]
+        degraded = conditions(obj)["Degraded"]
+        assert degraded["status"] == "True" and "node-a: Unreachable" in degraded["message"]
+
+
+async def _post(url: str, prompt: str) -> tuple[int, Any]:
+    body = {"model": "sim", "prompt": prompt, "max_tokens": 2}
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        return r.status, await r.json()
