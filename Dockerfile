@@ -24,6 +24,11 @@ RUN python -m build --wheel --outdir /dist
 # ---- slim: operator, router --------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# The operator makes each pool's mutual-TLS CA and certificate with the openssl CLI
+# (operator/pki.py); named here rather than relied on as a dependency of the base.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openssl \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /dist /dist
 # The router and operator never import torch; install the CPU wheel only so the
 # dependency resolves without pulling CUDA libraries into this image.

@@ -17,7 +17,7 @@ CHART = REPO / "charts" / "kvmarina"
 ALL_ON = Path(__file__).parent / "all-on.yaml"
 K8S_VERSION = "1.30.0"
 # Kinds of other projects' CRDs: no offline schema exists; checked structurally below.
-FOREIGN = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering"}
+FOREIGN = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
 
 HELM = shutil.which("helm")
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not on PATH (make test installs it)")
@@ -62,9 +62,11 @@ def test_rendered_objects_validate_against_kubernetes(values: list[str]) -> None
 
 def test_all_toggles_render_their_objects() -> None:
     kinds = {o["kind"] for o in render("-f", str(ALL_ON))}
-    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap", "ClusterKopfPeering"} <= kinds
+    # all-on watches namespaces: its 2 replicas elect a leader through KopfPeerings
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap", "KopfPeering"} <= kinds
     default_kinds = {o["kind"] for o in render()}
-    assert not {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering"} & default_kinds
+    peerings = {"ClusterKopfPeering", "KopfPeering"}
+    assert not {"ServiceMonitor", "PrometheusRule", *peerings} & default_kinds
 
 
 def test_crds_in_the_chart_are_those_of_crds_folder() -> None:
@@ -111,7 +113,52 @@ def test_peering_follows_replicas() -> None:
         return str(env["KVMARINA_OPERATOR_PEERING"])
 
     assert peering(render()) == ""
-    assert peering(render("--set", "operator.replicas=2")) == "kv-kvmarina"
+    two = render("--set", "operator.replicas=2")
+    assert peering(two) == "kv-kvmarina"
+    # kopf looks for a ClusterKopfPeering of that name when it watches the cluster
+    (obj,) = [o for o in two if o["kind"] == "ClusterKopfPeering"]
+    assert obj["metadata"]["name"] == "kv-kvmarina"
+    crd = next(o for o in two if o["metadata"]["name"] == "clusterkopfpeerings.kopf.dev")
+    assert crd["spec"]["scope"] == "Cluster"
+
+
+def test_peering_is_per_namespace_when_namespaces_are_watched() -> None:
+    objs = render("--set", "operator.replicas=2", "--set", "operator.watchNamespaces={a,b}")
+    # kopf watching namespaces looks for a KopfPeering in each; a missing one pauses it
+    peerings = [o for o in objs if o["kind"] == "KopfPeering"]
+    assert sorted(o["metadata"]["namespace"] for o in peerings) == ["a", "b"]
+    assert {o["metadata"]["name"] for o in peerings} == {"kv-kvmarina"}
+    assert not [o for o in objs if o["kind"] == "ClusterKopfPeering"]
+    crd = next(o for o in objs if o["metadata"]["name"] == "kopfpeerings.kopf.dev")
+    assert crd["spec"]["scope"] == "Namespaced"
+    for o in objs:
+        if o["kind"] == "CustomResourceDefinition":
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "nameOverride=kv-op"]], ids=["default", "renamed"])
+def test_operator_pods_carry_the_labels_the_network_policies_select(extra: list[str]) -> None:
+    """Agents' and engines' NetworkPolicies let the operator's pods (naming.OPERATOR_SELECTOR)
+    read /stats and /metrics; the chart's pods must match it whatever the chart's name."""
+    from kvmarina.operator.naming import OPERATOR_SELECTOR
+
+    dep = next(o for o in render(*extra) if o["kind"] == "Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert OPERATOR_SELECTOR.items() <= labels.items(), labels
+    assert labels["app.kubernetes.io/component"] == "operator"
+    if not extra:
+        assert labels["app.kubernetes.io/name"] == "kvmarina"
+
+
+def test_the_operator_image_has_the_openssl_cli() -> None:
+    """pki.py makes a pool's mTLS CA and certificate with the openssl CLI: the image
+    the chart runs the operator from (the slim target) must install it."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["operator"]["image"]["repository"].endswith("-slim")
+    stages = (REPO / "Dockerfile").read_text().split("\nFROM ")
+    (slim,) = [s for s in stages if s.split("\n", 1)[0].endswith(" AS slim")]
+    installs = [ln for ln in slim.splitlines() if "apt-get install" in ln]
+    assert installs and "openssl" in installs[0].split(), installs
 
 
 @pytest.mark.parametrize(
