@@ -57,12 +57,13 @@ class Cluster:
         self.kmock, self.url = kmock, url
         self._task: asyncio.Task[Any] | None = None
 
-    async def start(self) -> None:
+    async def start(self, **run: Any) -> None:
+        """``run``: kopf.operator's scope and peering arguments (default: the whole
+        cluster, standalone)."""
         settings = kopf.OperatorSettings()
         settings.scanning.disabled = True
-        self._task = asyncio.create_task(
-            kopf.operator(settings=settings, clusterwide=True, standalone=True)
-        )
+        run = run or {"clusterwide": True, "standalone": True}
+        self._task = asyncio.create_task(kopf.operator(settings=settings, **run))
         handlers._reconciler = None
 
     async def stop(self) -> None:
@@ -575,3 +576,51 @@ async def _post(url: str, prompt: str) -> tuple[int, Any]:
     body = {"model": "sim", "prompt": prompt, "max_tokens": 2}
     async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
         return r.status, await r.json()
+
+
+# ----------------------------------------------------------------- leader election
+
+PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
+
+
+async def test_two_replicas_elect_a_leader_through_kopf_peering(cluster: Cluster) -> None:
+    """The chart's 2 replicas: each runs with the peering name the chart sets. A replica
+    outranked by a live peer announces itself and pauses; when the peer leaves, it
+    takes over."""
+    from datetime import UTC, datetime
+
+    from kvmarina.operator.main import scope_and_peering
+
+    await cluster.stop()
+    cluster.kmock.resources["kopf.dev/v1/clusterkopfpeerings"] = {
+        "kind": "ClusterKopfPeering",
+        "namespaced": False,
+        "verbs": VERBS,
+    }
+    leader = {"priority": 100, "lifetime": 60, "lastseen": datetime.now(UTC).isoformat()}
+    peering = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": "kv-kvmarina", "resourceVersion": "1"},
+        "status": {"the-other-replica": leader},
+    }
+    status, body = await cluster.call("POST", PEERINGS, peering)
+    assert status < 300, body
+    run = scope_and_peering(Settings.from_env({"KVMARINA_OPERATOR_PEERING": "kv-kvmarina"}))
+    assert run["standalone"] is False and run["clusterwide"] is True
+    await cluster.start(**run)
+    pool, _ = docs()
+    await cluster.create(pool)
+
+    async def peers() -> Any:
+        obj = await cluster.get(f"{PEERINGS}/kv-kvmarina")
+        found = set((obj or {}).get("status") or {})
+        return found if len(found) == 2 else None
+
+    assert "the-other-replica" in await wait_for(peers)  # this replica announced itself
+    await asyncio.sleep(2.0)  # several resync intervals: a paused replica writes nothing
+    config = f"/api/v1/namespaces/{NS}/configmaps/kvmarina-pool-local"
+    assert await cluster.get(config) is None
+    # the leader leaves (kopf withdraws its entry on exit): this replica takes over
+    await cluster.call("PATCH", f"{PEERINGS}/kv-kvmarina", {"status": {"the-other-replica": None}})
+    assert await wait_for(lambda: cluster.get(config))
