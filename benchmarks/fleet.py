@@ -7,15 +7,19 @@ the same engines. Caches are cleared between policies. Targets: cache-aware
 ``ttft_p50_ms`` <= 0.5 x round-robin's and <= the SGLang router's; ``hit_rate`` >=
 the SGLang router's.
 
-    python benchmarks/fleet.py [--users 6] [--turns 4] [--trace PATH --requests 60]
+The workload is the demo's (``kvmarina.local.demo.workload``): generated
+conversations where each user has a document of their own under a shared system
+prompt, or the Mooncake trace with ``--trace``.
+
+    python benchmarks/fleet.py [--users 8] [--turns 4] [--context 600] [--trace PATH --requests 40]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,10 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report
 
-from kvmarina.local.demo import DEMO_YAML, clear_caches, set_policy, warm_up
-from kvmarina.local.replay import Summary, replay
+from kvmarina.local.demo import DEMO_YAML, replay_measured, set_policy, warm_up, workload
+from kvmarina.local.replay import Summary
+from kvmarina.local.supervisor import Supervisor
 from kvmarina.local.up import start
-from kvmarina.local.workload import WorkRequest, conversations, find_trace, mooncake
+from kvmarina.local.workload import WorkRequest
 
 POLICIES = ("cache-aware", "round-robin", "least-load")
 
@@ -79,91 +84,96 @@ def start_sglang(engines: list[str]) -> tuple[subprocess.Popen[bytes], str] | No
     return None
 
 
-def workload(args: argparse.Namespace) -> list[WorkRequest]:
-    if args.trace:
-        return mooncake(
-            find_trace(args.trace, Path.cwd()),
-            limit=args.requests,
-            tokens_per_id=32,
-            time_scale=0.2,
-        )
-    return conversations(
-        users=args.users,
-        turns=args.turns,
-        system_prompts=4,
-        system_len=300,
-        turn_len=80,
-        gap_s=0.3,
-        max_tokens=4,
-    )
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--context", type=int, default=600)
+    ap.add_argument("--trace")
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--rounds", type=int, default=3, help="replays per policy (medians)")
+    return ap.parse_args()
+
+
+def run_rounds(sup: Supervisor, work: list[WorkRequest], rounds: int) -> dict[str, list[Summary]]:
+    """Every policy ``rounds`` times, the order rotated each round so that no policy
+    always runs first (or last) on a machine whose load drifts."""
+    router = next(p for p in sup.procs if p.spec.role == "router")
+    url, model, cfg = router.spec.info["url"], router.spec.info["model"], router.spec.info["config"]
+    warm_up(sup, model)
+    engines = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
+    started = start_sglang(engines)
+    policies = [*POLICIES, "sglang"] if started else list(POLICIES)
+    if started is None:
+        print("sglang-router not installed: compared with kvmarina's own policies only")
+    out: dict[str, list[Summary]] = {p: [] for p in policies}
+    try:
+        for r in range(rounds):
+            for policy in policies[r % len(policies) :] + policies[: r % len(policies)]:
+                if policy == "sglang" and started:
+                    target = started[1]
+                else:
+                    set_policy(cfg, policy)
+                    target = url
+                out[policy].append(replay_measured(sup, target, model, work, policy))
+    finally:
+        if started:
+            started[0].terminate()
+            started[0].wait(10)
+    return out
+
+
+def figures(runs: list[Summary]) -> dict[str, object]:
+    med = statistics.median
+    return {
+        "hit_rate": med(s.hit_rate for s in runs),
+        "ttft_p50_ms": med(s.ttft_p50_ms for s in runs),
+        "ttft_p90_ms": med(s.ttft_p90_ms for s in runs),
+        "req_per_s": med(s.req_per_s for s in runs),
+        "migrated_blocks": med(s.migrated_blocks for s in runs),
+        "errors": sum(s.errors for s in runs),
+        "ttft_p50_ms_rounds": [s.ttft_p50_ms for s in runs],
+    }
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=6)
-    ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--trace")
-    ap.add_argument("--requests", type=int, default=60)
-    ap.add_argument("--preset", default="small")
-    args = ap.parse_args()
+    args = parse()
     tmp = Path(tempfile.mkdtemp(prefix="kvm-fleet-"))
     yaml_path = tmp / "fleet.yaml"
     yaml_path.write_text(DEMO_YAML.format(preset=args.preset))
     sup = start([str(yaml_path)], 2, str(tmp / "run"), None, 180)
     work = workload(args)
-    rows: list[Summary] = []
     try:
-        router = next(p for p in sup.procs if p.spec.role == "router")
-        url, model, cfg = (
-            router.spec.info["url"],
-            router.spec.info["model"],
-            router.spec.info["config"],
-        )
-        engines = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
-        warm_up(sup, model)
-        for policy in POLICIES:
-            set_policy(cfg, policy)
-            clear_caches(sup)
-            rows.append(asyncio.run(replay(url, model, work, policy=policy, concurrency=4)))
-        clear_caches(sup)
-        started = start_sglang(engines)
-        if started is not None:
-            proc, sg_url = started
-            try:
-                rows.append(
-                    asyncio.run(replay(sg_url, model, work, policy="sglang", concurrency=4))
-                )
-            finally:
-                proc.terminate()
-                proc.wait(10)
+        runs = run_rounds(sup, work, args.rounds)
     finally:
         sup.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    result: dict[str, object] = {}
-    for s in rows:
-        key = s.policy.replace("-", "_")
-        result[key] = {
-            "hit_rate": s.hit_rate,
-            "ttft_p50_ms": s.ttft_p50_ms,
-            "ttft_p90_ms": s.ttft_p90_ms,
-            "req_per_s": s.req_per_s,
-            "errors": s.errors,
-        }
+    result: dict[str, dict[str, object]] = {
+        p.replace("-", "_"): figures(rs) for p, rs in runs.items()
+    }
     ca, rr = result["cache_aware"], result["round_robin"]
+    targets = {"ttft_p50<=0.5*round_robin": ca["ttft_p50_ms"] <= 0.5 * rr["ttft_p50_ms"]}  # type: ignore[operator]
     sg = result.get("sglang")
-    targets = {"ttft_p50<=0.5*round_robin": ca["ttft_p50_ms"] <= 0.5 * rr["ttft_p50_ms"]}  # type: ignore[index]
-    if isinstance(sg, dict):
-        targets["ttft_p50<=sglang"] = ca["ttft_p50_ms"] <= sg["ttft_p50_ms"]  # type: ignore[index]
-        targets["hit_rate>=sglang"] = ca["hit_rate"] >= sg["hit_rate"]  # type: ignore[index]
-    result["targets_met"] = targets
-    result["requests_per_policy"] = len(work)
+    if sg is not None:
+        targets["ttft_p50<=sglang"] = ca["ttft_p50_ms"] <= sg["ttft_p50_ms"]  # type: ignore[operator]
+        targets["hit_rate>=sglang"] = ca["hit_rate"] >= sg["hit_rate"]  # type: ignore[operator]
     report(
-        [("policy", "TTFT p50 / p90 ms", "hit rate, req/s")]
+        [("policy", "TTFT p50 / p90 ms (median of rounds)", "hit rate, req/s, migrated")]
         + [
-            (s.policy, f"{s.ttft_p50_ms} / {s.ttft_p90_ms}", f"{s.hit_rate:.0%}, {s.req_per_s}")
-            for s in rows
+            (
+                p,
+                f"{f['ttft_p50_ms']} / {f['ttft_p90_ms']}",
+                f"{f['hit_rate']:.1%}, {f['req_per_s']}, {f['migrated_blocks']}",
+            )
+            for p, f in result.items()
         ],
-        result,
+        {
+            **result,
+            "targets_met": targets,
+            "requests_per_policy": len(work),
+            "rounds": args.rounds,
+        },
     )
     return 0
 

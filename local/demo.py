@@ -53,6 +53,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--users", type=int, default=8, help="conversations (8)")
     p.add_argument("--turns", type=int, default=4, help="turns per conversation (4)")
+    p.add_argument(
+        "--context", type=int, default=600, help="tokens of each user's own document (600)"
+    )
     p.add_argument("--trace", help="replay this Mooncake trace instead of generated chats")
     p.add_argument("--requests", type=int, default=40, help="trace requests to replay (40)")
     p.add_argument("--chart", default="kvmarina-demo.png", help="PNG of the TTFT distributions")
@@ -64,17 +67,33 @@ def workload(args: argparse.Namespace) -> list[WorkRequest]:
     if args.trace:
         path = find_trace(args.trace, Path.cwd())
         return mooncake(path, limit=args.requests, tokens_per_id=48, time_scale=0.2)
-    # Each conversation resends its growing history: a prefix only the node that
-    # served the previous turn holds. That is where placement matters.
+    # Each user has a document of their own under a shared system prompt, and each
+    # turn resends the conversation so far: a prefix only the node that served the
+    # previous turn holds. That is where placement matters.
     return conversations(
         users=args.users,
         turns=args.turns,
-        system_prompts=4,
-        system_len=300,
-        turn_len=350,
+        system_prompts=2,
+        system_len=200,
+        context_len=args.context,
+        turn_len=60,
+        reply_len=40,
         gap_s=0.25,
         max_tokens=6,
     )
+
+
+def pulled_blocks(sup: Supervisor) -> int:
+    """Blocks every agent has pulled from its peers so far (their /stats)."""
+    total = 0
+    for p in sup.procs:
+        if p.spec.role != "agent":
+            continue
+        with urllib.request.urlopen(p.spec.info["url"] + "/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        peers = (stats.get("transfer") or {}).get("peers") or {}
+        total += sum(int(st.get("blocks", 0)) for st in peers.values())
+    return total
 
 
 def _post(url: str) -> None:
@@ -108,28 +127,32 @@ def warm_up(sup: Supervisor, model: str) -> None:
             urllib.request.urlopen(req, timeout=60).read()
 
 
-def run_policies(sup: Supervisor, work: list[WorkRequest]) -> list[Summary]:
+def run_policies(
+    sup: Supervisor, work: list[WorkRequest], policies: tuple[str, ...] = POLICIES
+) -> list[Summary]:
+    """Replay ``work`` once per policy on the same fleet, caches cleared in between."""
     router = next(p for p in sup.procs if p.spec.role == "router")
     url, model, cfg = router.spec.info["url"], router.spec.info["model"], router.spec.info["config"]
     warm_up(sup, model)
     out = []
-    for policy in POLICIES:
+    for policy in policies:
         set_policy(cfg, policy)
-        clear_caches(sup)
-        bar = Progress(f"{policy:>12}", len(work))
-        out.append(
-            asyncio.run(
-                replay(
-                    url,
-                    model,
-                    work,
-                    policy=policy,
-                    concurrency=4,
-                    progress=_progress(bar),
-                )
-            )
-        )
+        out.append(replay_measured(sup, url, model, work, policy))
     return out
+
+
+def replay_measured(
+    sup: Supervisor, url: str, model: str, work: list[WorkRequest], policy: str
+) -> Summary:
+    """One replay through ``url`` from cleared caches, with the agents' pulls counted."""
+    clear_caches(sup)
+    pulled = pulled_blocks(sup)
+    bar = Progress(f"{policy:>12}", len(work))
+    summary = asyncio.run(
+        replay(url, model, work, policy=policy, concurrency=4, progress=_progress(bar))
+    )
+    summary.migrated_blocks = pulled_blocks(sup) - pulled
+    return summary
 
 
 def _progress(bar: Progress) -> Callable[[int, int], None]:
@@ -150,7 +173,8 @@ def print_table(rows: list[Summary]) -> None:
     for s in rows:
         print(
             f"{s.policy:<12} {s.ttft_p50_ms:>8.0f}ms {s.ttft_p90_ms:>8.0f}ms "
-            f"{s.hit_rate:>9.0%} {s.cached_tokens:>11} {s.req_per_s:>7.2f} {0:>10} {s.errors:>6}"
+            f"{s.hit_rate:>9.0%} {s.cached_tokens:>11} {s.req_per_s:>7.2f} "
+            f"{s.migrated_blocks:>10} {s.errors:>6}"
         )
     if len(rows) == 2 and rows[1].ttft_p50_ms > 0:
         ca, rr = rows

@@ -8,7 +8,9 @@ one router per serving — configured by the same functions
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,10 @@ from kvmarina.operator.components import (
     new_token,
     router_config,
 )
+from kvmarina.operator.pki import PKIError, make_pool_pki
 from kvmarina.validate import Issue, Resource, SpecError, load_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +78,33 @@ def load_resources(paths: list[str]) -> tuple[list[Resource], list[Resource]]:
     return pools, servings
 
 
+def transfer_credentials(pool: Resource, pool_dir: Path) -> tuple[str | None, str | None]:
+    """The files the operator's Secret would hold: the pool's transfer token (every
+    agent of the pool shares it) and, for ``auth: mtls``, a CA and certificate.
+
+    Without migration, neither. Without openssl, mTLS falls back to the token
+    handshake alone (loopback only, said once in the log)."""
+    mig = pool.spec.migration
+    if not mig.enabled:
+        return None, None
+    token_file = pool_dir / "transfer.token"
+    token_file.write_text(new_token())
+    token_file.chmod(0o600)
+    if mig.auth != "mtls":
+        return str(token_file), None
+    try:
+        pem = asyncio.run(make_pool_pki(pool.name))
+    except PKIError as exc:
+        log.warning("pool %s: %s; local agents use the token handshake only", pool.name, exc)
+        return str(token_file), None
+    cert_dir = pool_dir / "certs"
+    cert_dir.mkdir(exist_ok=True)
+    for name, text in pem.items():
+        (cert_dir / name).write_text(text)
+        (cert_dir / name).chmod(0o600)
+    return str(token_file), str(cert_dir)
+
+
 def _issue(path: str, message: str) -> Issue:
     return Issue(path, message)
 
@@ -107,6 +139,7 @@ def plan_fleet(
             raise SpecError(pool.name, [_issue("spec.sharing.scope", str(exc))]) from exc
         creds_file.write_text(json.dumps(creds))
         creds_file.chmod(0o600)
+        token_file, cert_dir = transfer_credentials(pool, pool_dir)
         node_names = [f"{pool.name}-node-{i}" for i in range(nodes)]
         agent_urls, sockets = {}, {}
         for node, port in zip(node_names, free_ports(len(node_names)), strict=True):
@@ -120,6 +153,8 @@ def plan_fleet(
                 http_port=port,
                 migration_port=0,
                 migration_host="127.0.0.1",
+                token_file=token_file,
+                cert_dir=cert_dir,
             )
             cfg_file = pool_dir / f"{node}.agent.json"
             cfg_file.write_text(json.dumps(cfg, indent=2))

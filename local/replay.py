@@ -43,6 +43,9 @@ class Summary:
     prompt_tokens: int
     req_per_s: float
     ttfts_ms: list[float] = field(default_factory=list)
+    #: blocks the agents pulled from peers during the replay (filled by the caller,
+    #: who can read the agents' /stats; the replay itself only sees the router)
+    migrated_blocks: int = 0
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "ttfts_ms"}

@@ -84,16 +84,21 @@ def conversations(
     system_prompts: int = 2,
     system_len: int = 600,
     turn_len: int = 80,
+    context_len: int = 0,
+    reply_len: int = 16,
     gap_s: float = 0.05,
     max_tokens: int = 8,
     seed: int = 0,
 ) -> list[WorkRequest]:
-    """Multi-turn chats: each user has one of a few long system prompts, and each
+    """Multi-turn chats: each user has one of a few long system prompts, then
+    ``context_len`` tokens of their own (a document, a repository map), and each
     turn resends the whole conversation so far (the common agent/chat pattern)."""
     rng = random.Random(seed)
     systems = [block_text(1_000 + i, system_len) for i in range(system_prompts)]
     out: list[WorkRequest] = []
-    history = {u: systems[u % system_prompts] for u in range(users)}
+    history = {
+        u: systems[u % system_prompts] + block_text(300_000 + u, context_len) for u in range(users)
+    }
     t = 0.0
     for turn in range(turns):
         order = list(range(users))
@@ -103,7 +108,7 @@ def conversations(
             out.append(
                 WorkRequest(at=t, prompt=history[u], max_tokens=max_tokens, session=f"user-{u}")
             )
-            history[u] += "\nassistant: " + block_text(200_000 + u * 1000 + turn, 16)
+            history[u] += "\nassistant: " + block_text(200_000 + u * 1000 + turn, reply_len)
             t += gap_s
     return out
 

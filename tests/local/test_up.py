@@ -87,6 +87,11 @@ def test_up_serves_status_shows_down_stops_everything(tmp_path: Path) -> None:
         complete(url, prompt + "first")
         second = complete(url, prompt + "second")
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 320  # type: ignore[index]
+        # the pool asks for migration: every agent runs its transfer service
+        for p in load_state(tmp_path / ".kvmarina")[1]:
+            if p.spec.role == "agent":
+                with urllib.request.urlopen(p.spec.info["url"] + "/stats", timeout=10) as r:
+                    assert json.loads(r.read())["transfer"]["port"] > 0
         status = cli("status", cwd=tmp_path)
         assert status.returncode == 0 and "agent-local-node-0" in status.stdout
         assert "router-tiny" in status.stdout and "up" in status.stdout

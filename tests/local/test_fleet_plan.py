@@ -1,0 +1,59 @@
+"""The local fleet's plan: the transfer credentials the operator's Secret would hold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kvmarina.local.fleet import load_resources, plan_fleet
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _agent_configs(tmp_path: Path, yaml_text: str) -> list[dict[str, object]]:
+    src = tmp_path / "fleet.yaml"
+    src.write_text(yaml_text)
+    pools, servings = load_resources([str(src)])
+    plan = plan_fleet(pools, servings, tmp_path / "run", 2)
+    out = []
+    for spec in plan.agents:
+        cfg_path = Path(spec.argv[spec.argv.index("--config") + 1])
+        out.append(json.loads(cfg_path.read_text()))
+    return out
+
+
+def _pool(migration: str) -> str:
+    return (
+        (REPO / "examples" / "local.yaml")
+        .read_text()
+        .replace("  migration:\n    auth: token\n", migration)
+    )
+
+
+def test_agents_of_a_pool_share_one_private_transfer_token(tmp_path: Path) -> None:
+    cfgs = _agent_configs(tmp_path, _pool("  migration:\n    auth: token\n"))
+    files = {c["migration"]["token_file"] for c in cfgs}  # type: ignore[index]
+    assert len(cfgs) == 2 and len(files) == 1
+    token = Path(str(files.pop()))
+    assert len(token.read_text()) >= 32 and token.stat().st_mode & 0o077 == 0
+    assert all(c["migration"]["cert_dir"] is None for c in cfgs)  # type: ignore[index]
+
+
+def test_migration_off_gives_no_credentials(tmp_path: Path) -> None:
+    cfgs = _agent_configs(tmp_path, _pool("  migration:\n    enabled: false\n"))
+    assert all(c["migration"]["token_file"] is None for c in cfgs)  # type: ignore[index]
+    assert all(c["migration"]["port"] == 0 for c in cfgs)  # type: ignore[index]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="mTLS material needs the openssl CLI")
+def test_mtls_pool_gets_a_ca_and_certificate(tmp_path: Path) -> None:
+    cfgs = _agent_configs(tmp_path, _pool("  migration:\n    auth: mtls\n"))
+    dirs = {c["migration"]["cert_dir"] for c in cfgs}  # type: ignore[index]
+    assert len(dirs) == 1
+    d = Path(str(dirs.pop()))
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        assert (d / name).read_text().startswith("-----BEGIN")
+    assert (d / "tls.key").stat().st_mode & 0o077 == 0
