@@ -44,6 +44,10 @@ class AgentFull(AgentError):
     """No KV room right now (budgets or every block in use): wait and retry."""
 
 
+class AgentBusy(AgentError):
+    """A block to replace or drop is pinned by a reader right now: retry shortly."""
+
+
 class AgentUnavailable(AgentError):
     """The agent is not there or went away (e.g. restarted): reconnect and re-register."""
 
@@ -79,8 +83,12 @@ class AgentClient:
         block_bytes: int,
         budget: Budget | None = None,
         timeout: float = 30.0,
+        evict_own: str = "",
     ) -> None:
+        """``evict_own`` ("lru" | "lfu"): leases past the budget's max drop this
+        serving's own unpinned blocks in that order instead of failing (caches)."""
         self.socket_path, self.token, self.block_bytes = socket_path, token, block_bytes
+        self.evict_own = evict_own
         self.budget, self.timeout = budget or Budget(), timeout
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -112,6 +120,7 @@ class AgentClient:
                         "token": self.token,
                         "block_bytes": self.block_bytes,
                         "budget": self.budget.wire(),
+                        **({"evict_own": self.evict_own} if self.evict_own else {}),
                     }
                 )
             )
@@ -123,7 +132,9 @@ class AgentClient:
             sock.close()
             for fd in fds:
                 os.close(fd)
-            raise AgentError(str(reply.get("error", "registration refused")))
+            err = AgentError(str(reply.get("error", "registration refused")))
+            err.page_size = reply.get("page_size")  # type: ignore[attr-defined]
+            raise err
         if not fds:
             sock.close()
             raise AgentError("the agent sent no memory region with its reply")
@@ -195,7 +206,8 @@ class AgentClient:
         if self._pushes:
             self._run_pushes()
         if not reply.get("ok"):
-            cls = AgentFull if reply.get("code") == "full" else AgentError
+            code = reply.get("code")
+            cls = AgentFull if code == "full" else AgentBusy if code == "busy" else AgentError
             raise cls(str(reply.get("error")))
         return reply
 
@@ -283,12 +295,48 @@ class AgentClient:
                     log.exception("reclaim handler failed")
         return len(pushes)
 
-    def lease(self, n: int) -> list[tuple[int, int]]:
-        return [(p, i) for p, i in self._call({"op": "lease", "n": n})["slots"]]
+    def lease(self, n: int, prefer: list[bytes] | None = None) -> list[tuple[int, int]]:
+        msg: dict[str, Any] = {"op": "lease", "n": n}
+        if prefer:
+            msg["prefer"] = prefer
+        return [(p, i) for p, i in self._call(msg)["slots"]]
 
-    def commit(self, items: list[tuple[int, int, bytes]]) -> list[Hit]:
-        reply = self._call({"op": "commit", "items": [[p, i, h] for p, i, h in items]})
+    def commit(self, items: list[tuple[int, int, bytes]], tag: bytes = b"") -> list[Hit]:
+        msg: dict[str, Any] = {"op": "commit", "items": [[p, i, h] for p, i, h in items]}
+        if tag:
+            msg["tag"] = tag
+        reply = self._call(msg)
         return [Hit(h, p, i, t) for h, p, i, t in reply["locations"]]
+
+    def replace(
+        self, item: tuple[int, int, bytes], tag: bytes = b"", peek: int = 0
+    ) -> tuple[Hit, bytes | None]:
+        """Commit one block in place of this serving's block of the same hash, in one
+        step (``AgentBusy`` while a reader pins it). Returns the location and the first
+        ``peek`` bytes of the block replaced (``None``: there was none)."""
+        p, i, h = item
+        reply = self._call(
+            {"op": "commit", "items": [[p, i, h]], "tag": tag, "replace": True, "peek": peek}
+        )
+        (hh, pp, ii, t), old = reply["locations"][0], reply["replaced"][0]
+        return Hit(hh, pp, ii, t), old
+
+    def drop(
+        self, hashes: list[bytes], peek: int = 0
+    ) -> tuple[list[bytes], list[bytes], list[bytes | None]]:
+        """Remove this serving's own blocks: (removed, busy (pinned: left), peeked)."""
+        reply = self._call({"op": "drop", "hashes": list(hashes), "peek": peek})
+        return reply["removed"], reply["busy"], reply["peeked"]
+
+    def probe(self, hashes: list[bytes], peek: int = 0) -> tuple[int, bytes | None]:
+        """How many of ``hashes`` are cached from the first, without pinning them."""
+        reply = self._call({"op": "probe", "hashes": list(hashes), "peek": peek})
+        return int(reply["n"]), reply["peek"]
+
+    def count(self, tags: list[bytes]) -> list[tuple[int, int]]:
+        """Per tag: (blocks of this scope carrying it, how many the agent evicted)."""
+        reply = self._call({"op": "count", "tags": list(tags)})
+        return list(zip(reply["blocks"], reply["evicted"], strict=True))
 
     def lookup(self, hashes: list[bytes]) -> list[Hit]:
         """The longest cached run of ``hashes`` from the first, pinned until released."""

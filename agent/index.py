@@ -9,6 +9,7 @@ eviction order, so a block in use can never be chosen as a victim.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Block:
     refs: int = 0
     uses: int = 0
     checksum: int | None = None  # xxh3 of the bytes, computed when first needed
+    tag: bytes = b""  # a label the committer chose (tensor caches count their values by it)
 
 
 class LRUOrder:
@@ -63,6 +65,10 @@ class LRUOrder:
         """Lazily, oldest first: the caller stops before it changes the order."""
         return iter(self._od)
 
+    def recency(self) -> Iterator[Key]:
+        """Unpinned keys, least recently unpinned first (here: the order itself)."""
+        return iter(self._od)
+
     def __len__(self) -> int:
         return len(self._od)
 
@@ -76,15 +82,21 @@ class LFUOrder:
     def __init__(self) -> None:
         self._buckets: dict[int, OrderedDict[Key, None]] = {}
         self._count: dict[Key, int] = {}
+        # when each key was last unpinned: recency across buckets (sessions that
+        # evict their own blocks least recently used first, on an LFU node)
+        self._tick: dict[Key, int] = {}
+        self._clock = itertools.count()
 
     def add(self, key: Key, uses: int) -> None:
         self.remove(key)
         self._buckets.setdefault(uses, OrderedDict())[key] = None
         self._count[key] = uses
+        self._tick[key] = next(self._clock)
 
     def remove(self, key: Key) -> None:
         uses = self._count.pop(key, None)
         if uses is not None:
+            del self._tick[key]
             bucket = self._buckets[uses]
             bucket.pop(key, None)
             if not bucket:
@@ -97,6 +109,10 @@ class LFUOrder:
         """Lazily, fewest uses first: the caller stops before it changes the order."""
         for uses in sorted(self._buckets):
             yield from self._buckets.get(uses, ())
+
+    def recency(self) -> Iterator[Key]:
+        """Unpinned keys, least recently unpinned first (sorted: not a hot path)."""
+        return iter(sorted(self._tick, key=self._tick.__getitem__))
 
     def __len__(self) -> int:
         return len(self._count)

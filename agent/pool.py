@@ -74,6 +74,9 @@ class Session:
     leased: set[Slot] = field(default_factory=set)
     pins: Counter[Key] = field(default_factory=Counter)
     scope: str = ""
+    # "lru" | "lfu": a lease past the serving's max first drops the serving's own
+    # unpinned device blocks in that order (tensor caches); "" refuses (engines)
+    evict_own: str = ""
 
     def __post_init__(self) -> None:
         self.scope = self.ident.scope_key
@@ -119,6 +122,7 @@ class Pool:
         self.budgets: dict[str, Budget] = {}
         self.events = events or EventLog(node, self.snapshot)
         self.stats: Counter[str] = Counter()
+        self.tag_evictions: Counter[tuple[str, bytes]] = Counter()  # (scope, tag) -> drops
         # other services (transfers) add their figures to /stats here
         self.extra_summary: dict[str, Callable[[], dict[str, Any]]] = {}
 
@@ -213,10 +217,17 @@ class Pool:
 
     # ------------------------------------------------------------ lease / commit
 
-    def lease(self, sess: Session, n: int) -> list[Slot]:
+    def lease(self, sess: Session, n: int, prefer: list[bytes] | None = None) -> list[Slot]:
+        """``n`` free slots. ``prefer``: for an ``evict_own`` session, blocks of its
+        own to drop first when it must make room under its max (a value it replaces)."""
         if n < 0:
             raise PoolError("cannot lease a negative number of blocks")
         serving = sess.ident.key
+        over = self.usage[serving] + n - sess.budget.max_slots
+        if over > 0 and sess.evict_own:
+            from kvmarina.agent.blockops import evict_own  # blockops builds on this module
+
+            evict_own(self, sess, over, prefer or [])
         if self.usage[serving] + n > sess.budget.max_slots:
             raise OverMax(
                 f"serving {serving} holds {self.usage[serving]} blocks; {n} more "
@@ -256,7 +267,9 @@ class Pool:
         for slot in slots:
             self._free_leased(sess, slot)
 
-    def commit_many(self, sess: Session, items: list[tuple[Slot, bytes]]) -> list[Location]:
+    def commit_many(
+        self, sess: Session, items: list[tuple[Slot, bytes]], tag: bytes = b""
+    ) -> list[Location]:
         """``commit`` each (slot, hash), all checked first; one ``stored`` event for
         the blocks that are new (a long prompt is one event, not thousands)."""
         self.check_leased(sess, [slot for slot, _ in items])
@@ -264,7 +277,7 @@ class Pool:
         for slot, h in items:
             if (sess.scope, h) not in blocks:
                 new.append(h)
-            locs.append(self.commit(sess, slot, h, publish=False))
+            locs.append(self.commit(sess, slot, h, publish=False, tag=tag))
         self.events.publish("stored", tuple(new), "device")
         return locs
 
@@ -275,6 +288,7 @@ class Pool:
         block_hash: bytes,
         checksum: int | None = None,
         publish: bool = True,
+        tag: bytes = b"",
     ) -> Location:
         """Make a written block shareable; pinned by the session until it releases.
         ``checksum``: the block's xxh3, when the caller has just verified it (else
@@ -289,7 +303,7 @@ class Pool:
             self._pin(sess, existing)
             return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
         sess.leased.discard(slot)
-        block = Block(key, slot, sess.block_bytes, sess.ident.key, checksum=checksum)
+        block = Block(key, slot, sess.block_bytes, sess.ident.key, checksum=checksum, tag=tag)
         self.index.insert(block)
         sess.pins[key] += 1
         self.stats["committed"] += 1
@@ -488,13 +502,16 @@ class Pool:
         else:
             dst.copy_(src)
 
-    def _drop(self, block: Block) -> None:
+    def _drop(self, block: Block, publish: bool = True) -> None:
         self.index.remove(block.key)
         self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
         if block.tier == "device":
             self.usage[block.owner] -= 1
         self.stats["evicted"] += 1
-        self.events.publish("evicted", (block.key[1],))
+        if block.tag:
+            self.tag_evictions[block.key[0], block.tag] += 1
+        if publish:
+            self.events.publish("evicted", (block.key[1],))
 
     def _promote(self, sess: Session, block: Block) -> bool:
         """Copy a (pinned) host-tier block back into the device tier.

@@ -6,15 +6,26 @@ the first request of a connection; its reply carries the scope region's file
 descriptor (SCM_RIGHTS), which the engine maps once. Every later request names
 slots (``[page, index]``) and hashes only.
 
-    register  {token, block_bytes, budget: {min_blocks, max_blocks, priority}}
-              -> {session, node, boot_id, scope, region_size, page_size, block_bytes}
-    lease     {n}                      -> {slots: [[page, index], ...]}
+    register  {token, block_bytes, budget: {min_blocks, max_blocks, priority},
+               evict_own?: "lru" | "lfu"}
+              -> {session, node, boot_id, scope, region_size, page_size, block_bytes,
+                  digest_bytes}   (a refusal carries page_size too)
+    lease     {n, prefer?: [hash]}     -> {slots: [[page, index], ...]}
               (when the pool is full, the agent pushes {push: "reclaim", n} to holders
-              it may take from, waits up to reclaim_timeout_s for releases, retries)
-    commit    {items: [[page, index, hash], ...]} -> {locations: [[hash, page, index, tier]]}
+              it may take from, waits up to reclaim_timeout_s for releases, retries;
+              an evict_own session past its max first drops its own unpinned blocks,
+              ``prefer`` first, then in its order)
+    commit    {items: [[page, index, hash], ...], tag?: bytes, replace?: bool, peek?: n}
+              -> {locations: [[hash, page, index, tier]], replaced?: [bytes | None]}
+              (replace: one item, bound to its hash in place of the serving's own
+              unpinned block; code "busy" while a reader pins it)
     lookup    {hashes: [...]}          -> {n, pages: uint32 array, indices: uint32 array,
                                            tiers: b"d"/b"h" per hit}  (hit i is hashes[i])
     release   {hashes: [...], slots: [[page, index], ...]} -> {}
+    drop      {hashes, peek?: n}       -> {removed: [hash], busy: [hash], peeked: [bytes|None]}
+              (the serving's own blocks only; pinned ones stay, listed as busy)
+    probe     {hashes, peek?: n}       -> {n, peek: bytes | None}  (no pin, no use counted)
+    count     {tags: [bytes]}          -> {blocks: [n per tag], evicted: [n per tag]}
     stats     {}                       -> the pool summary
     ping      {}                       -> {}
 
@@ -32,6 +43,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from kvmarina.agent import blockops
 from kvmarina.agent.credentials import CredentialStore
 from kvmarina.agent.index import Slot
 from kvmarina.agent.pool import Budget, OverMax, Pool, PoolError, PoolFull, Session
@@ -40,6 +52,8 @@ from kvmarina.framing import FrameError, encode_frame, read_frame, write_frame
 log = logging.getLogger(__name__)
 MAX_FRAME = 8 * 1024 * 1024
 MAX_ITEMS = 1 << 16
+MAX_TAG = 64
+EVICT_OWN = ("", "lru", "lfu")
 TIER_CODES = {"device": ord("d"), "host": ord("h")}
 
 
@@ -128,7 +142,9 @@ class AgentProtocol:
         def refuse(reason: str) -> None:
             self.refused += 1
             log.warning("refused a registration: %s", reason)
-            writer.write(encode_frame({"ok": False, "error": reason}))
+            writer.write(
+                encode_frame({"ok": False, "error": reason, "page_size": self.pool.page_size})
+            )
 
         if not isinstance(msg, dict) or msg.get("op") != "register":
             refuse("the first request must be 'register' with a credential")
@@ -142,6 +158,10 @@ class AgentProtocol:
         if not isinstance(b, dict):
             refuse("bad register request: budget must be a map")
             return None
+        evict_own = msg.get("evict_own", "")
+        if evict_own not in EVICT_OWN:
+            refuse(f"bad register request: evict_own {evict_own!r} is not lru or lfu")
+            return None
         try:
             budget = Budget(
                 int(b.get("min_blocks", 0)),
@@ -152,6 +172,7 @@ class AgentProtocol:
         except (KeyError, TypeError, ValueError) as exc:
             refuse(f"bad register request: {exc}")
             return None
+        sess.evict_own = evict_own
         region = self.pool.region(sess.scope)
         reply = encode_frame(
             {
@@ -163,6 +184,7 @@ class AgentProtocol:
                 "region_size": region.size,
                 "page_size": self.pool.page_size,
                 "block_bytes": sess.block_bytes,
+                "digest_bytes": self.digest_bytes,
                 "backend": region.kind,
             }
         )
@@ -188,11 +210,11 @@ class AgentProtocol:
         self._freed.set()
         self._freed = asyncio.Event()
 
-    async def _lease(self, sess: Session, n: int) -> list[Slot]:
+    async def _lease(self, sess: Session, n: int, prefer: list[bytes] | None = None) -> list[Slot]:
         """Lease ``n`` slots; when full, ask holders to release cold blocks and
         retry as releases come in, for at most ``reclaim_timeout_s``."""
         try:
-            return self.pool.lease(sess, n)
+            return self.pool.lease(sess, n, prefer)
         except OverMax:
             raise
         except PoolFull:
@@ -222,7 +244,7 @@ class AgentProtocol:
             except TimeoutError:
                 break
             try:
-                slots = self.pool.lease(sess, n)
+                slots = self.pool.lease(sess, n, prefer)
                 self.pool.stats["reclaimed_leases"] += 1
                 return slots
             except OverMax:
@@ -230,7 +252,7 @@ class AgentProtocol:
             except PoolFull:
                 continue
         try:  # one last try: a release may have landed with the deadline
-            return self.pool.lease(sess, n)
+            return self.pool.lease(sess, n, prefer)
         except PoolFull as exc:
             raise PoolFull(
                 f"{exc} (asked {len(targets)} holder(s) to release; not enough freed "
@@ -246,8 +268,13 @@ class AgentProtocol:
                 n = msg.get("n")
                 if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_ITEMS:
                     raise ProtocolError(f"lease needs 0 <= n <= {MAX_ITEMS}")
-                slots = await self._lease(sess, n)
+                prefer = self._hashes(msg.get("prefer") or [])
+                slots = await self._lease(sess, n, prefer)
                 return {"ok": True, "slots": [[s.page, s.index] for s in slots]}
+            if op == "commit" and (msg.get("replace") or msg.get("tag")):
+                return self._commit_tagged(sess, msg)
+            if op in ("drop", "probe", "count"):
+                return self._own_op(sess, op, msg)
             if op == "commit":
                 items = msg.get("items")
                 if not isinstance(items, list) or len(items) > MAX_ITEMS:
@@ -284,5 +311,54 @@ class AgentProtocol:
             return {"ok": False, "error": f"unknown op {op!r}"}
         except PoolFull as exc:
             return {"ok": False, "error": str(exc), "code": "full"}
+        except blockops.Busy as exc:
+            return {"ok": False, "error": str(exc), "code": "busy"}
         except (PoolError, ProtocolError) as exc:
             return {"ok": False, "error": str(exc)}
+
+    # ------------------------------------------------------------ named values
+
+    def _commit_tagged(self, sess: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        """``commit`` with a ``tag`` on every block, or ``replace`` of one block."""
+        tag = msg.get("tag", b"")
+        if not isinstance(tag, bytes) or len(tag) > MAX_TAG:
+            raise ProtocolError(f"tag must be bytes of at most {MAX_TAG}")
+        items = msg.get("items")
+        if not isinstance(items, list) or len(items) > MAX_ITEMS:
+            raise ProtocolError("commit needs items: [[page, index, hash], ...]")
+        slots = _slots([i[:2] if isinstance(i, list) else i for i in items])
+        hashes = self._hashes([i[2] if isinstance(i, list) and len(i) > 2 else None for i in items])
+        if not msg.get("replace"):
+            locs = self.pool.commit_many(sess, list(zip(slots, hashes, strict=True)), tag)
+            return {"ok": True, "locations": [[x.hash, x.page, x.index, x.tier] for x in locs]}
+        if len(items) != 1:
+            raise ProtocolError("commit with replace takes exactly one item")
+        loc, old = blockops.replace(
+            sess=sess, pool=self.pool, slot=slots[0], block_hash=hashes[0], tag=tag, peek=_peek(msg)
+        )
+        return {
+            "ok": True,
+            "locations": [[loc.hash, loc.page, loc.index, loc.tier]],
+            "replaced": [old],
+        }
+
+    def _own_op(self, sess: Session, op: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if op == "count":
+            tags = msg.get("tags")
+            if not isinstance(tags, list) or not all(isinstance(t, bytes) for t in tags):
+                raise ProtocolError("count needs tags: a list of bytes")
+            counts = blockops.tag_counts(self.pool, sess, tags[:MAX_ITEMS])
+            return {"ok": True, "blocks": [c[0] for c in counts], "evicted": [c[1] for c in counts]}
+        hashes = self._hashes(msg.get("hashes"))
+        if op == "probe":
+            n, head = blockops.probe(self.pool, sess, hashes, _peek(msg)) if hashes else (0, None)
+            return {"ok": True, "n": n, "peek": head}
+        removed, busy, peeked = blockops.drop(self.pool, sess, hashes, _peek(msg))
+        return {"ok": True, "removed": removed, "busy": busy, "peeked": peeked}
+
+
+def _peek(msg: dict[str, Any]) -> int:
+    peek = msg.get("peek", 0)
+    if not isinstance(peek, int) or isinstance(peek, bool) or not 0 <= peek <= blockops.MAX_PEEK:
+        raise ProtocolError(f"peek must be an integer from 0 to {blockops.MAX_PEEK}")
+    return peek

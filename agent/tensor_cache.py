@@ -17,11 +17,12 @@ otherwise (said once in the log) with the same semantics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -83,21 +84,28 @@ def key_digest(namespace: str, key: str | bytes) -> bytes:
 
 
 class Store(Protocol):
-    """Where entries live. ``put`` may evict others to make room but never the new one."""
+    """Where values live. ``put`` validates first (a refused value changes nothing),
+    may evict others to make room but never the new one, and returns how many values
+    it evicted when it knows (else ``evictions()`` says). ``get`` returns a fresh
+    tensor the caller owns, or ``None``."""
 
     name: str
 
-    def get(self, digest: bytes) -> Entry | None: ...
+    def get(self, digest: bytes) -> torch.Tensor | None: ...
 
-    def put(self, digest: bytes, entry: Entry) -> list[bytes]: ...
+    def put(self, digest: bytes, value: torch.Tensor) -> int: ...
 
     def delete(self, digest: bytes) -> bool: ...
 
-    def __contains__(self, digest: object) -> bool: ...
+    def contains(self, digest: bytes) -> bool: ...
 
     def __len__(self) -> int: ...
 
     def used_bytes(self) -> int: ...
+
+    def evictions(self) -> int | None: ...
+
+    def close(self) -> None: ...
 
 
 class LocalStore:
@@ -127,13 +135,15 @@ class LocalStore:
         # LFU: scan in recency order, keep the first of the lowest count
         return min(self._order, key=lambda d: self._uses[d])
 
-    def get(self, digest: bytes) -> Entry | None:
+    def get(self, digest: bytes) -> torch.Tensor | None:
         entry = self._entries.get(digest)
-        if entry is not None:
-            self._touch(digest)
-        return entry
+        if entry is None:
+            return None
+        self._touch(digest)
+        return entry.tensor()
 
-    def put(self, digest: bytes, entry: Entry) -> list[bytes]:
+    def put(self, digest: bytes, value: torch.Tensor) -> int:
+        entry = to_entry(value)
         old = self._entries.get(digest)
         need = entry.nbytes - (old.nbytes if old else 0)
         evicted = []
@@ -149,7 +159,7 @@ class LocalStore:
         self._order.setdefault(digest, None)
         self._used += entry.nbytes
         self._touch(digest)
-        return evicted
+        return len(evicted)
 
     def _drop(self, digest: bytes) -> None:
         entry = self._entries.pop(digest)
@@ -163,7 +173,7 @@ class LocalStore:
         self._drop(digest)
         return True
 
-    def __contains__(self, digest: object) -> bool:
+    def contains(self, digest: bytes) -> bool:
         return digest in self._entries
 
     def __len__(self) -> int:
@@ -172,9 +182,25 @@ class LocalStore:
     def used_bytes(self) -> int:
         return self._used
 
+    def evictions(self) -> int | None:
+        return None  # put() reports each eviction
+
+    def close(self) -> None:
+        self._entries.clear()
+        self._order.clear()
+        self._uses.clear()
+        self._used = 0
+
 
 class Cache:
-    """A tensor cache. See the module docstring for the contract."""
+    """A tensor cache. See the module docstring for the contract.
+
+    ``agent``: the node agent's unix socket (values then live in its pool, shared
+    with every process of the same sharing scope); ``token``: the serving credential
+    to register with (default: ``$KVMARINA_AGENT_TOKEN``, else the file named by
+    ``$KVMARINA_CREDENTIAL_FILE``); ``chunk_bytes``: the block size values are cut
+    into in the pool (default 64 KiB, or the agent's page size if smaller).
+    """
 
     _warned_local = False
 
@@ -184,6 +210,9 @@ class Cache:
         policy: str = "lru",
         namespace: str = "default",
         agent: str | None = None,
+        *,
+        token: str | None = None,
+        chunk_bytes: int | None = None,
     ) -> None:
         try:
             self.capacity = parse_size(capacity)
@@ -198,17 +227,14 @@ class Cache:
         if not isinstance(namespace, str) or not namespace:
             raise CacheError("namespace must be a non-empty string")
         self.policy, self.namespace = policy, namespace
-        self._store: Store = self._open_store(agent)
+        self._store: Store = self._open_store(agent, token, chunk_bytes)
         self._hits = self._misses = self._evictions = 0
 
-    def _open_store(self, agent: str | None) -> Store:
+    def _open_store(self, agent: str | None, token: str | None, chunk_bytes: int | None) -> Store:
         if agent is not None:
-            # The agent-backed store (values as blocks in the node pool) is not built yet:
-            # say so instead of silently caching in this process.
-            raise CacheError(
-                "Cache(agent=...) is not available in this build yet; omit agent= to cache "
-                "in this process"
-            )
+            from kvmarina.agent.cache_store import open_store
+
+            return open_store(self, agent, token, chunk_bytes)
         if not Cache._warned_local:
             log.info("kvmarina.Cache: no agent given; values live in this process only")
             Cache._warned_local = True
@@ -221,7 +247,7 @@ class Cache:
             raise CacheError(f"keys must be str or bytes, got {type(key).__name__}")
         return key_digest(self.namespace, key)
 
-    def _entry(self, value: Any) -> Entry:
+    def _check(self, value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise CacheError(f"values must be torch tensors, got {type(value).__name__}")
         nbytes = value.numel() * value.element_size()
@@ -230,13 +256,14 @@ class Cache:
                 f"a tensor of {nbytes} bytes cannot fit a cache of "
                 f"{self.capacity} bytes; raise capacity"
             )
-        return to_entry(value)
+        return value
 
     # ------------------------------------------------------------ mapping API
 
     def __setitem__(self, key: str | bytes, value: torch.Tensor) -> None:
-        digest, entry = self._digest(key), self._entry(value)
-        self._evictions += len(self._store.put(digest, entry))
+        digest, value = self._digest(key), self._check(value)
+        with _store_errors():
+            self._evictions += self._store.put(digest, value)
 
     def __getitem__(self, key: str | bytes) -> torch.Tensor:
         value = self.get(key, _MISSING)
@@ -245,33 +272,55 @@ class Cache:
         return value  # type: ignore[no-any-return]
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
-        entry = self._store.get(self._digest(key))
-        if entry is None:
+        digest = self._digest(key)
+        with _store_errors():
+            value = self._store.get(digest)
+        if value is None:
             self._misses += 1
             return default
         self._hits += 1
-        return entry.tensor()
+        return value
 
     def __contains__(self, key: object) -> bool:
-        return self._digest(key) in self._store
+        digest = self._digest(key)
+        with _store_errors():
+            return self._store.contains(digest)
 
     def __delitem__(self, key: str | bytes) -> None:
-        if not self._store.delete(self._digest(key)):
+        digest = self._digest(key)
+        with _store_errors():
+            found = self._store.delete(digest)
+        if not found:
             raise KeyError(key)
 
     def __len__(self) -> int:
-        return len(self._store)
+        with _store_errors():
+            return len(self._store)
 
     def stats(self) -> Stats:
-        return Stats(
-            self._hits,
-            self._misses,
-            self._evictions,
-            self._store.used_bytes(),
-            len(self._store),
-            self.capacity,
-            self._store.name,
-        )
+        """hits/misses: this object's; evictions, bytes and items: the store's (for the
+        agent store: node-wide for this namespace, bytes as blocks held)."""
+        with _store_errors():
+            evicted = self._store.evictions()
+            return Stats(
+                self._hits,
+                self._misses,
+                self._evictions if evicted is None else evicted,
+                self._store.used_bytes(),
+                len(self._store),
+                self.capacity,
+                self._store.name,
+            )
+
+    def close(self) -> None:
+        """Let go of the store (the agent's session; stored values stay in its pool)."""
+        self._store.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def memoize(self, fn: F | None = None, *, key: Callable[..., str | bytes] | None = None) -> Any:
         """Cache ``fn``'s tensor results by its arguments (``repr`` unless ``key`` is given)."""
@@ -294,3 +343,15 @@ class Cache:
             return inner  # type: ignore[return-value]
 
         return wrap(fn) if fn is not None else wrap
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """The store's refusals and a lost agent, as ``CacheError`` with their message."""
+    from kvmarina.agent.cache_store import StoreError
+    from kvmarina.agent.client import AgentError
+
+    try:
+        yield
+    except (AgentError, StoreError) as exc:
+        raise CacheError(str(exc)) from exc
