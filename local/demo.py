@@ -23,7 +23,7 @@ from kvmarina.local.replay import Summary, replay
 from kvmarina.local.rundir import run_dir
 from kvmarina.local.supervisor import FleetError, Supervisor
 from kvmarina.local.up import start
-from kvmarina.local.workload import WorkRequest, conversations, find_trace, mooncake
+from kvmarina.local.workload import WorkRequest, conversations, find_trace, mooncake_shared
 from kvmarina.validate import SpecError
 
 POLICIES = ("cache-aware", "round-robin")
@@ -66,7 +66,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def workload(args: argparse.Namespace) -> list[WorkRequest]:
     if args.trace:
         path = find_trace(args.trace, Path.cwd())
-        return mooncake(path, limit=args.requests, tokens_per_id=48, time_scale=0.2)
+        return mooncake_shared(path, limit=args.requests)
     # Each user has a document of their own under a shared system prompt, and each
     # turn resends the conversation so far: a prefix only the node that served the
     # previous turn holds. That is where placement matters.

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from kvmarina.local.replay import replay
-from kvmarina.local.workload import DEFAULT_TRACE, conversations, find_trace, mooncake
+from kvmarina.local.workload import (
+    DEFAULT_TRACE,
+    conversations,
+    find_trace,
+    mooncake,
+    mooncake_shared,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "engine"))
@@ -31,6 +37,29 @@ def test_mooncake_replay_is_deterministic_and_shares_prefixes() -> None:
             if ri["hash_ids"][:1] == rj["hash_ids"][:1]:
                 assert a[i].prompt[:8] == a[j].prompt[:8]
     assert all(r.max_tokens >= 1 for r in a)
+
+
+def test_mooncake_shared_takes_the_largest_prefix_groups(tmp_path: Path) -> None:
+    import json
+
+    recs = [
+        {"timestamp": t * 100, "input_length": 2048, "output_length": 3, "hash_ids": ids}
+        for t, ids in enumerate(
+            [[1, 2, 3], [9], [1, 2, 4], [5, 6], [1, 2, 3, 7], [5, 8], [1, 2], [10, 11]]
+        )
+    ]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    work = mooncake_shared(trace, limit=5, per_group=3, tokens_per_id=4, gap_s=0.5)
+    # group 1 (4 requests, capped at 3) then group 5 (2 requests, capped by the limit)
+    firsts = [w.prompt[:4] for w in work]
+    assert len(work) == 5 and len(set(firsts)) == 2
+    assert firsts.count(work[0].prompt[:4]) == 3
+    assert [w.at for w in work] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    # equal leading ids give equal leading text, so equal block hashes
+    assert work[0].prompt[:12] == work[3].prompt[:12]
+    assert work[0].prompt[:8] == work[1].prompt[:8] != work[2].prompt[:8]
+    assert all(len(w.prompt) == 16 and w.max_tokens == 3 for w in work)
 
 
 def test_missing_trace_is_explained(tmp_path: Path) -> None:
