@@ -15,7 +15,8 @@ Example::
     hashing: {block_size: 16, algorithm: blake2b, digest_bits: 128}
     credentials_file: /etc/kvmarina/credentials/credentials.yaml
     event_queue: 4096            # per-subscriber backlog before a resync
-    migration: {port: 7471, auth: token, token_file: ..., cert_dir: ..., streams_per_peer: 4}
+    migration: {port: 7471, auth: token, token_file: ..., cert_dir: ..., streams_per_peer: 4,
+                 run_bytes: 33554432, timeout_s: 30}
 
 ``KVMARINA_AGENT_<KEY>`` environment variables override top-level scalar keys
 (e.g. ``KVMARINA_AGENT_NODE``). Unknown keys are errors.
@@ -40,14 +41,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MigrationConfig:
+    """Peer transfers. A pull spreads its hashes over ``streams_per_peer``
+    connections in runs of at most ``run_bytes`` (one request each)."""
+
     port: int = 0
     host: str = "127.0.0.1"
     auth: str = "token"  # token | mtls
     token_file: str | None = None
     cert_dir: str | None = None
     streams_per_peer: int = 4
+    run_bytes: int = 32 * 1024 * 1024
     timeout_s: float = 30.0
     checksum: str = "xxh3"
+
+    def __post_init__(self) -> None:
+        if self.auth not in ("token", "mtls"):
+            raise ConfigError(f"migration.auth {self.auth!r}: use token or mtls")
+        if not 1 <= self.streams_per_peer <= 64:
+            raise ConfigError(f"migration.streams_per_peer {self.streams_per_peer}: use 1..64")
+        if self.run_bytes < 1:
+            raise ConfigError(f"migration.run_bytes {self.run_bytes} must be >= 1")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"migration.timeout_s {self.timeout_s} must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,78 +1,55 @@
 """Moving KV blocks between agents: authenticated, checksummed, all-or-nothing per block.
 
 Pull-based. The agent that lacks blocks connects to the peer that has them and
-asks for them by hash; the peer streams, per block, a small msgpack header
-(``hash``, ``size``, ``checksum``) and then the raw bytes. The receiver writes
-the bytes into a freshly leased slot, verifies the xxh3 checksum recorded when
-the block was committed, and only then commits it (the block becomes visible
-and ``stored`` is published). A bad checksum, a short read or a timeout drops
-that block; nothing partial is ever visible.
+asks for them by hash, over ``streams_per_peer`` concurrent streams that share
+the hash list in runs of up to ``run_bytes`` (the wire format is in
+``transfer_wire``, authentication in ``transfer_auth``). For each run the
+receiver first leases slots, the stream's worker thread lands the payloads
+straight in them and checksums them, and back on the event loop only verified
+blocks are committed (visible, one ``stored`` event per run); the other slots
+are released. A bad checksum drops that block; a short read, a timeout or a
+refusal fails what was not yet verified; nothing partial is ever visible.
 
-Authentication: with a certificate directory (``ca.crt``, ``tls.crt``,
-``tls.key``) the stream is mutual TLS; either way both sides then prove they
-hold the pool's transfer token with an HMAC challenge-response, so an
-unauthenticated peer gets nothing (and is logged). Never pickle.
+Threads: every blocking socket call runs in this service's thread pool; the
+pool (index, leases, events) is only touched on the event loop. A sender pins
+the blocks of a run until the receiver asks for the next run (or leaves), so
+``sendfile``'s zero-copy pages are not reused under the stream. A pinned block
+can still be promoted from the host tier by a local lookup while it is sent;
+the receiver's checksum then catches the changed bytes and drops the block.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import os
-import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import xxhash
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from kvmarina.agent.config import AgentConfig
-from kvmarina.agent.pool import Pool, PoolError, Session
-from kvmarina.framing import FrameError, read_frame, write_frame
+from kvmarina.agent.index import Slot
+from kvmarina.agent.pool import Location, Pool, PoolError, Session
+from kvmarina.agent.transfer_auth import (
+    TransferError,
+    client_handshake,
+    load_token,
+    tls_contexts,
+)
+from kvmarina.agent.transfer_serve import Server
+from kvmarina.agent.transfer_wire import Conn, RunResult, Span, dial, receive_run
 
+__all__ = [
+    "TransferError",
+    "TransferService",
+    "load_token",
+    "start_transfer_service",
+    "tls_contexts",
+]
 log = logging.getLogger(__name__)
-MAX_HEADER = 1 << 20
-# Large stream buffers: a 2 MiB block then arrives in a few reads, not in 32 x 64 KiB ones.
-STREAM_LIMIT = 16 * 1024 * 1024
-
-
-class TransferError(RuntimeError):
-    pass
-
-
-def _mac(token: bytes, *parts: bytes) -> bytes:
-    return hmac.new(token, b"|".join(parts), hashlib.sha256).digest()
-
-
-def load_token(path: str | None) -> bytes:
-    if path is None:
-        raise TransferError("migration needs a token file (migration.token_file)")
-    try:
-        token = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise TransferError(f"cannot read the transfer token {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise TransferError(f"the transfer token in {path} is too short (< 16 bytes)")
-    return token
-
-
-def tls_contexts(cert_dir: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) contexts for mutual TLS, or (None, None) when TLS is off."""
-    if not cert_dir:
-        return None, None
-    d = Path(cert_dir)
-    ca, crt, key = d / "ca.crt", d / "tls.crt", d / "tls.key"
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-    server.load_cert_chain(str(crt), str(key))
-    server.verify_mode = ssl.CERT_REQUIRED
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    client.load_cert_chain(str(crt), str(key))
-    client.check_hostname = False  # peers are addressed by IP; the CA is the pool's own
-    return server, client
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,6 +65,19 @@ class PeerStats:
 
 
 @dataclass
+class _Pull:
+    """One pull's shared state across its streams (all touched on the loop only)."""
+
+    sess: Session
+    peer: str
+    host: str
+    port: int
+    runs: deque[list[bytes]]
+    stats: PeerStats
+    status: dict[bytes, str]
+    errors: list[str]
+
+
 class TransferService:
     """Serves blocks to peers and pulls blocks from them for local sessions.
 
@@ -95,101 +85,43 @@ class TransferService:
     fetching it, so concurrent pulls of a block fetch it once.
     """
 
-    pool: Pool
-    token: bytes
-    node: str
-    timeout: float = 30.0
-    server_tls: ssl.SSLContext | None = None
-    client_tls: ssl.SSLContext | None = None
-    port: int = 0
-    peers: dict[str, PeerStats] = field(default_factory=dict)
-    refused: int = 0
-    corrupt: int = 0
-    _inflight: dict[tuple[str, bytes], asyncio.Future[bool]] = field(default_factory=dict)
-    _server: asyncio.Server | None = None
+    def __init__(
+        self,
+        pool: Pool,
+        token: bytes,
+        node: str,
+        timeout: float = 30.0,
+        server_tls: Any = None,
+        client_tls: Any = None,
+        streams: int = 4,
+        run_bytes: int = 32 << 20,
+    ) -> None:
+        self.pool, self.token, self.node, self.timeout = pool, token, node, timeout
+        self.client_tls = client_tls
+        self.streams, self.run_bytes = max(1, streams), max(1, run_bytes)
+        self.peers: dict[str, PeerStats] = {}
+        self.corrupt = 0
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
+        self._threads = ThreadPoolExecutor(32, thread_name_prefix="kvm-transfer")
+        self.server = Server(pool, token, timeout, server_tls, self._io)
 
-    # ------------------------------------------------------------ serving peers
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def refused(self) -> int:
+        return self.server.refused
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self.server_tls, limit=STREAM_LIMIT
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self.server.start(host, port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        try:
-            try:
-                accepted = await asyncio.wait_for(self._accept(reader, writer), self.timeout)
-            except EOFError:  # left during the handshake: did not prove the token
-                accepted = False
-            if not accepted:
-                self.refused += 1
-                log.warning("refused an unauthenticated transfer peer %s", peer)
-                return
-            while True:
-                try:
-                    req = await asyncio.wait_for(read_frame(reader, MAX_HEADER), self.timeout)
-                except EOFError:
-                    return
-                if not isinstance(req, dict) or req.get("op") != "fetch":
-                    await write_frame(writer, {"ok": False, "error": "expected a fetch request"})
-                    return
-                await self._send_blocks(writer, str(req.get("scope", "")), req.get("hashes", []))
-        except (TimeoutError, ConnectionError, FrameError, asyncio.IncompleteReadError) as exc:
-            log.info("transfer peer %s: %s", peer, exc)
-        finally:
-            writer.close()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        hello = await read_frame(reader, MAX_HEADER)
-        if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
-            return False
-        nonce_s = os.urandom(16)
-        await write_frame(
-            writer, {"nonce": nonce_s, "mac": _mac(self.token, b"server", hello["nonce"], nonce_s)}
-        )
-        proof = await read_frame(reader, MAX_HEADER)
-        want = _mac(self.token, b"client", hello["nonce"], nonce_s)
-        ok = (
-            isinstance(proof, dict)
-            and isinstance(proof.get("mac"), bytes)
-            and hmac.compare_digest(proof["mac"], want)
-        )
-        await write_frame(writer, {"ok": ok})
-        return ok
-
-    async def _send_blocks(self, writer: asyncio.StreamWriter, scope: str, hashes: Any) -> None:
-        if not isinstance(hashes, list):
-            await write_frame(writer, {"ok": False, "error": "hashes must be a list"})
-            return
-        for h in hashes:
-            block = self.pool.index.get((scope, h)) if isinstance(h, bytes) else None
-            if block is None:
-                await write_frame(writer, {"hash": h, "found": False})
-                continue
-            self.pool.index.pin(block)  # not evicted while we send it
-            try:
-                await write_frame(
-                    writer,
-                    {
-                        "hash": h,
-                        "found": True,
-                        "size": block.block_bytes,
-                        "checksum": self.pool.checksum(block),
-                    },
-                )
-                # Taken after the await: a lookup may have moved the block between
-                # tiers meanwhile (its bytes, and so the checksum, never change).
-                writer.write(self.pool.host_view(block))
-                await writer.drain()
-            finally:
-                self.pool.index.unpin(block)
+        await self.server.stop()
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ pulling
 
@@ -198,10 +130,10 @@ class TransferService:
         peer, hashes = msg.get("peer"), msg.get("hashes")
         if not isinstance(peer, str) or not isinstance(hashes, list):
             return {"ok": False, "error": "pull needs peer (host:port or agent URL) and hashes"}
+        if not all(isinstance(h, bytes) for h in hashes):
+            return {"ok": False, "error": "hashes must be bytes"}
         todo, waits = [], []
         for h in hashes:
-            if not isinstance(h, bytes):
-                return {"ok": False, "error": "hashes must be bytes"}
             key = (sess.scope, h)
             if self.pool.index.get(key) is not None:
                 continue
@@ -213,7 +145,7 @@ class TransferService:
         result: dict[str, Any] = {"pulled": [], "failed": list(todo), "missing": []}
         try:
             result = await self._fetch(sess, peer, todo)
-        except (TransferError, OSError, TimeoutError, FrameError) as exc:
+        except (TransferError, OSError, ValueError, KeyError) as exc:
             result["error"] = str(exc)
         finally:
             pulled = set(result["pulled"])
@@ -230,112 +162,155 @@ class TransferService:
             **({"error": result["error"]} if "error" in result else {}),
         }
 
-    async def _connect(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        host, port = await self._resolve(peer)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=self.client_tls), self.timeout
-        )
-        nonce_c = os.urandom(16)
-        await write_frame(writer, {"nonce": nonce_c, "node": self.node})
-        challenge = await asyncio.wait_for(read_frame(reader, MAX_HEADER), self.timeout)
-        if not isinstance(challenge, dict) or not hmac.compare_digest(
-            challenge.get("mac", b""),
-            _mac(self.token, b"server", nonce_c, challenge.get("nonce", b"")),
-        ):
-            writer.close()
-            raise TransferError(f"peer {peer} failed to prove the transfer token")
-        await write_frame(writer, {"mac": _mac(self.token, b"client", nonce_c, challenge["nonce"])})
-        verdict = await asyncio.wait_for(read_frame(reader, MAX_HEADER), self.timeout)
-        if not (isinstance(verdict, dict) and verdict.get("ok")):
-            writer.close()
-            raise TransferError(f"peer {peer} refused our transfer token")
-        return reader, writer
-
     async def _resolve(self, peer: str) -> tuple[str, int]:
         """``host:port`` of the transfer service, or an agent URL (asks its /stats)."""
         if peer.startswith(("http://", "https://")):
             import aiohttp
 
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(
-                    peer.rstrip("/") + "/stats", timeout=aiohttp.ClientTimeout(total=self.timeout)
-                ) as r,
-            ):
-                stats = await r.json()
+            try:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(
+                        peer.rstrip("/") + "/stats",
+                        timeout=aiohttp.ClientTimeout(total=self.timeout),
+                    ) as r,
+                ):
+                    stats = await r.json()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise TransferError(f"cannot ask {peer} for its transfer port: {exc}") from None
             host = peer.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
             return host, int(stats["transfer"]["port"])
         host, _, port = peer.rpartition(":")
         return host, int(port)
 
     async def _fetch(self, sess: Session, peer: str, hashes: list[bytes]) -> dict[str, Any]:
-        pulled: list[bytes] = []
-        failed: list[bytes] = []
-        missing: list[bytes] = []
         if not hashes:
-            return {"pulled": pulled, "failed": failed, "missing": missing}
+            return {"pulled": [], "failed": [], "missing": []}
         stats = self.peers.setdefault(peer, PeerStats())
         t0 = time.perf_counter()
-        reader, writer = await self._connect(peer)
         try:
-            await write_frame(writer, {"op": "fetch", "scope": sess.scope, "hashes": hashes})
-            for want in hashes:
-                head = await asyncio.wait_for(read_frame(reader, MAX_HEADER), self.timeout)
-                if not isinstance(head, dict) or head.get("hash") != want:
-                    raise TransferError(f"peer {peer} answered out of order")
-                if not head.get("found"):
-                    missing.append(want)
-                    continue
-                size = int(head["size"])
-                if size != sess.block_bytes:
-                    raise TransferError(
-                        f"peer block of {size} bytes, this session's are "
-                        f"{sess.block_bytes}: different model layout"
-                    )
-                data = await asyncio.wait_for(reader.readexactly(size), self.timeout)
-                stats.bytes += size
-                if self._land(sess, want, data, int(head.get("checksum", -1))):
-                    pulled.append(want)
-                else:
-                    failed.append(want)
-        except (
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            TimeoutError,
-            TransferError,
-            FrameError,
-        ) as exc:
-            done = set(pulled) | set(missing) | set(failed)
-            failed += [h for h in hashes if h not in done]
-            log.warning("pull from %s stopped after %d blocks: %s", peer, len(pulled), exc)
+            host, port = await self._resolve(peer)
+            # Runs small enough that every stream gets one, never past run_bytes.
+            per_run = max(
+                1, min(self.run_bytes // sess.block_bytes, -(-len(hashes) // self.streams))
+            )
+            runs = deque(hashes[i : i + per_run] for i in range(0, len(hashes), per_run))
+            job = _Pull(sess, peer, host, port, runs, stats, {}, [])
+            await asyncio.gather(*(self._stream(job) for _ in range(min(self.streams, len(runs)))))
         finally:
-            writer.close()
             stats.seconds += time.perf_counter() - t0
-            stats.blocks += len(pulled)
-            stats.failed += len(failed)
-        return {"pulled": pulled, "failed": failed, "missing": missing}
+        status = job.status
+        out: dict[str, Any] = {
+            "pulled": [h for h in hashes if status.get(h) == "ok"],
+            "missing": [h for h in hashes if status.get(h) == "missing"],
+        }
+        out["failed"] = [h for h in hashes if status.get(h) not in ("ok", "missing")]
+        stats.blocks += len(out["pulled"])
+        stats.failed += len(out["failed"])
+        if job.errors:
+            out["error"] = job.errors[0]
+            log.warning(
+                "pull from %s: %d blocks failed: %s", peer, len(out["failed"]), out["error"]
+            )
+        return out
 
-    def _land(self, sess: Session, h: bytes, data: bytes, checksum: int) -> bool:
-        """Verify, then write and commit one block; nothing visible unless verified."""
-        if xxhash.xxh3_64_intdigest(data) != checksum:
-            self.corrupt += 1
-            log.warning("dropped block %s: checksum mismatch", h.hex())
-            return False
+    def _dial(self, job: _Pull) -> Conn:
+        conn = dial(job.host, job.port, self.client_tls, self.timeout)
         try:
-            (slot,) = self.pool.lease(sess, 1)
+            client_handshake(conn.sock, self.token, self.node, job.peer)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _stream(self, job: _Pull) -> None:
+        """One connection taking runs off the shared queue until it is empty or broken."""
+        try:
+            conn = await self._io(self._dial, job)
+        except (OSError, TransferError, ValueError) as exc:  # FrameError is a ValueError
+            job.errors.append(str(exc) or type(exc).__name__)
+            return
+        try:
+            while job.runs:
+                error = await self._pull_run(job, conn, job.runs.popleft())
+                if error is not None:
+                    job.errors.append(error)
+                    break
+        except asyncio.CancelledError:
+            raise  # the run in flight closes the stream once its thread is done
+        except BaseException:
+            conn.close()
+            raise
+        conn.close()
+
+    async def _pull_run(self, job: _Pull, conn: Conn, run: list[bytes]) -> str | None:
+        sess = job.sess
+        try:
+            slots = self.pool.lease(sess, len(run))
         except PoolError as exc:
-            log.info("no room for a pulled block: %s", exc)
-            return False
-        self.pool.write_block(sess.scope, slot, sess.block_bytes, data)
-        self.pool.commit(sess, slot, h, checksum)
-        self.pool.release(sess, [h])  # visible and unpinned; the engine pins it on lookup
-        return True
+            return f"no room for pulled blocks: {exc}"
+        spans = [self._slot_span(sess, s) for s in slots]
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(
+            self._threads, receive_run, conn, sess.scope, run, spans, sess.block_bytes
+        )
+        try:
+            res = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The thread may still be writing into the leased slots: free them after it.
+            def after(_: object) -> None:
+                self._free(sess, slots)
+                conn.close()
+
+            fut.add_done_callback(after)
+            raise
+        return self._settle(job, run, slots, res)
+
+    def _settle(
+        self, job: _Pull, run: list[bytes], slots: list[Slot], res: RunResult
+    ) -> str | None:
+        """Commit the verified blocks of a run (one ``stored`` event), free the rest."""
+        sess, pool = job.sess, self.pool
+        job.stats.bytes += res.nbytes
+        used: set[int] = set()
+        new, committed = [], []
+        for i, h in enumerate(run):
+            st = res.status[i]
+            job.status[h] = st or "failed"
+            if st == "corrupt":
+                self.corrupt += 1
+                log.warning("dropped block %s from %s: checksum mismatch", h.hex(), job.peer)
+            if st != "ok":
+                continue
+            used.add(res.target[i])
+            if pool.index.get((sess.scope, h)) is None:
+                new.append(h)
+            pool.commit(sess, slots[res.target[i]], h, checksum=res.checksums[i], publish=False)
+            committed.append(h)
+        self._free(sess, [s for k, s in enumerate(slots) if k not in used])
+        if new:
+            pool.events.publish("stored", tuple(new), "device")
+        if committed:
+            pool.release(sess, committed)  # visible and unpinned; the engine pins on lookup
+        return res.error
+
+    def _free(self, sess: Session, slots: list[Slot]) -> None:
+        self.pool.release_slots(sess, [s for s in slots if s in sess.leased])
+
+    def _slot_span(self, sess: Session, slot: Slot) -> Span:
+        region, size = self.pool.region(sess.scope), sess.block_bytes
+        off = Location(b"", slot.page, slot.index, "device").offset(self.pool.page_size, size)
+        t = region.tensor()[off : off + size]
+        if region.kind == "cpu":
+            return Span(size, t.numpy().data, region.fd, off)
+        return Span(size, tensor=t)
 
     def summary(self) -> dict[str, Any]:
         return {
             "port": self.port,
             "refused": self.refused,
             "corrupt": self.corrupt,
+            "streams_per_peer": self.streams,
             "peers": {
                 p: {
                     "bytes": s.bytes,
@@ -359,17 +334,30 @@ async def start_transfer_service(
             return None
 
         return nothing
+    if mig.auth == "mtls" and not mig.cert_dir:
+        raise TransferError(
+            "migration.auth is mtls but migration.cert_dir is not set: mount the pool's "
+            "transfer certificates there, or set auth: token"
+        )
     server_tls, client_tls = tls_contexts(mig.cert_dir if mig.auth == "mtls" else None)
     svc = TransferService(
-        pool, load_token(mig.token_file), cfg.node, mig.timeout_s, server_tls, client_tls
+        pool,
+        load_token(mig.token_file),
+        cfg.node,
+        mig.timeout_s,
+        server_tls,
+        client_tls,
+        streams=mig.streams_per_peer,
+        run_bytes=mig.run_bytes,
     )
     await svc.start(mig.host, mig.port)
     proto.extra_ops["pull"] = svc.pull
     pool.extra_summary["transfer"] = svc.summary
     log.info(
-        "transfer service on %s:%d (%s)",
+        "transfer service on %s:%d (%s, %d streams per peer)",
         mig.host,
         svc.port,
         "mTLS + token" if server_tls else "token",
+        svc.streams,
     )
     return svc.stop

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ WRITER = str(Path(__file__).parent / "writer.py")
 N = 12
 
 
-def migration(tmp: Path, token: str, timeout: float = 3.0) -> dict[str, object]:
+def migration(tmp: Path, token: str, timeout: float = 3.0, **extra: object) -> dict[str, object]:
     tok = tmp / "transfer.token"
     tok.write_text(token)
     return {
@@ -30,26 +30,35 @@ def migration(tmp: Path, token: str, timeout: float = 3.0) -> dict[str, object]:
         "auth": "token",
         "token_file": str(tok),
         "timeout_s": timeout,
+        **extra,
     }
+
+
+@contextmanager
+def agent_pair(tmp: Path, **extra: object) -> Iterator[tuple[AgentProc, AgentProc]]:
+    """Agents a and b of one pool; ``extra``: migration settings of both."""
+    with ExitStack() as stack:
+        agents = []
+        for name in ("a", "b"):
+            d = tmp / name
+            d.mkdir()
+            mig = migration(d, "shared-pool-token-0123456789", **extra)
+            agents.append(
+                stack.enter_context(agent_process(d, node=f"node-{name}", migration=mig))
+            )
+        yield agents[0], agents[1]
 
 
 @pytest.fixture
 def two_agents(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc]]:
-    with ExitStack() as stack:
-        agents = []
-        for name in ("a", "b"):
-            d = tmp_path / name
-            d.mkdir()
-            agents.append(
-                stack.enter_context(
-                    agent_process(
-                        d,
-                        node=f"node-{name}",
-                        migration=migration(d, "shared-pool-token-0123456789"),
-                    )
-                )
-            )
-        yield agents[0], agents[1]
+    with agent_pair(tmp_path) as pair:  # default settings: 4 streams per peer
+        yield pair
+
+
+@pytest.fixture
+def one_stream(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc]]:
+    with agent_pair(tmp_path, streams_per_peer=1) as pair:
+        yield pair
 
 
 def fill(agent: AgentProc, n: int = N) -> list[bytes]:
@@ -133,6 +142,7 @@ class Proxy:
     def __init__(self, target: int, mode: str, after: int) -> None:
         self.target, self.mode, self.after = target, mode, after
         self.port = 0
+        self.connections = 0
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
@@ -147,6 +157,7 @@ class Proxy:
         self.loop.run_forever()
 
     async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.connections += 1
         ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
 
         async def up() -> None:
@@ -189,8 +200,8 @@ class Proxy:
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "cut", "stall"])
-def test_faults_on_the_wire_leave_nothing_partial_visible(two_agents, mode: str) -> None:  # type: ignore[no-untyped-def]
-    a, b = two_agents
+def test_faults_on_the_wire_leave_nothing_partial_visible(one_stream, mode: str) -> None:  # type: ignore[no-untyped-def]
+    a, b = one_stream
     hashes = fill(a)
     # handshake frames are small: 600 bytes in is inside the first block's payload
     proxy = Proxy(transfer_port(a), mode, after=600 + 5 * 4096)

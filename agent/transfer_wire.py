@@ -1,0 +1,319 @@
+"""The bytes of peer transfers: framing, runs of blocks, zero-copy paths (blocking: threads only).
+
+A stream is one TCP connection (optionally TLS). After the token handshake the
+puller sends one request per *run* of blocks and the peer answers::
+
+    request  frame {"op": "fetch", "scope": str, "hashes": [bytes, ...]}
+    answer   frame {"blocks": [None | [size, xxh3], ...]}   (one entry per hash, in order)
+             then the payloads of the found blocks, back to back, raw
+
+Frames are ``kvmarina.framing`` frames (length prefix + msgpack; never pickle).
+
+Why this shape: one header per run instead of one per block, and no per-block
+round trip, so a run streams at socket speed. On a plain socket the sender
+``sendfile``s straight out of the pool's memfd (no user-space copy) and the
+receiver ``splice``s the socket into the leased slot's memfd through a pipe
+(one kernel copy, and no page faults or zero-filling of fresh shared pages,
+which cost more than the copy itself). TLS, and device memory, go through one
+reused bounce buffer per stream. The checksum is computed over the bytes as
+they landed in the slot (or in the bounce buffer they were copied from), in the
+stream's thread: xxhash releases the GIL, so streams checksum in parallel.
+
+Invariant: a received block's bytes are only ever written into slots leased
+for it, which nobody else can see until the caller verifies and commits.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from kvmarina.framing import HEADER, check_length, decode_body, encode_frame
+
+MAX_HEADER = 1 << 20
+PIPE_BYTES = 1 << 20  # a 2 MiB block crosses the pipe in two splices
+
+
+class TransferError(RuntimeError):
+    """A transfer that cannot go on; the message says why and, where it can, what to do."""
+
+
+class PeerClosed(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One block's bytes in the pool's memory.
+
+    ``view``: a CPU view of them (None for device memory); ``fd``/``offset``:
+    the memfd behind ``view`` when there is one (zero-copy I/O); ``tensor``: the
+    device memory to fill when there is no CPU view."""
+
+    size: int
+    view: memoryview | None = None
+    fd: int | None = None
+    offset: int = 0
+    tensor: torch.Tensor | None = None
+
+
+@dataclass
+class Conn:
+    """One authenticated stream; used by one thread at a time."""
+
+    sock: socket.socket
+    timeout: float
+    pipe: tuple[int, int] | None = None
+    pipe_bytes: int = 0
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    @property
+    def plain(self) -> bool:
+        return not isinstance(self.sock, ssl.SSLSocket)
+
+    def buffer(self, size: int) -> memoryview:
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        return memoryview(self._buffer)[:size]
+
+    def enable_splice(self) -> None:
+        """Receive plain payloads through a pipe into the slot's memfd (Linux)."""
+        if not self.plain or not hasattr(os, "splice") or self.pipe is not None:
+            return
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: the default size still works
+        self.pipe, self.pipe_bytes = (r, w), fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+        self.sock.close()
+
+
+# ------------------------------------------------------------------ frames
+
+
+def send_frame(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(encode_frame(obj, MAX_HEADER))
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise PeerClosed(f"peer closed the stream after {got} of {n} bytes")
+        got += k
+
+
+def recv_frame(sock: socket.socket, max_size: int = MAX_HEADER) -> Any:
+    head = bytearray(HEADER.size)
+    recv_exact(sock, memoryview(head))
+    (length,) = HEADER.unpack(head)
+    check_length(length, max_size)
+    body = bytearray(length)
+    recv_exact(sock, memoryview(body))
+    return decode_body(memoryview(body), max_size)
+
+
+def wait_io(fd: int, events: int, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    if not poller.poll(timeout * 1000):
+        raise TimeoutError(f"peer stalled for {timeout:g}s")
+
+
+# ------------------------------------------------------------------ connections
+
+
+def dial(host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Conn:
+    sock = socket.create_connection((host, port), timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are tiny
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+    conn = Conn(sock, timeout)
+    conn.enable_splice()
+    return conn
+
+
+def accept(sock: socket.socket, tls: ssl.SSLContext | None, timeout: float) -> Conn:
+    sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_side=True)
+    return Conn(sock, timeout)
+
+
+# ------------------------------------------------------------------ sending
+
+
+def checksums(views: list[memoryview]) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(v) for v in views]
+
+
+def send_run(conn: Conn, header: dict[str, Any], spans: list[Span]) -> None:
+    """The answer to one fetch: header frame, then every found block's bytes."""
+    send_frame(conn.sock, header)
+    for span in spans:
+        if conn.plain and span.fd is not None:
+            _sendfile(conn, span.fd, span.offset, span.size)
+        else:
+            assert span.view is not None
+            conn.sock.sendall(span.view)
+
+
+def _sendfile(conn: Conn, fd: int, offset: int, n: int) -> None:
+    sfd = conn.sock.fileno()
+    while n:
+        try:
+            k = os.sendfile(sfd, fd, offset, n)
+        except BlockingIOError:
+            wait_io(sfd, select.POLLOUT, conn.timeout)
+            continue
+        if k == 0:
+            raise TransferError("a block's memory ended before its announced size")
+        offset += k
+        n -= k
+
+
+# ------------------------------------------------------------------ receiving
+
+
+@dataclass
+class RunResult:
+    """Per requested hash: ``status`` is ``ok`` (landed and verified), ``missing``
+    (the peer has no such block), ``corrupt`` (checksum mismatch) or ``""`` (not
+    received: the stream broke first, see ``error``). ``target[i]`` is the index
+    of the leased span hash ``i`` landed in (-1 if none)."""
+
+    status: list[str]
+    checksums: list[int]
+    target: list[int]
+    nbytes: int = 0
+    error: str | None = None
+
+
+def receive_run(
+    conn: Conn, scope: str, hashes: list[bytes], spans: list[Span], block_bytes: int
+) -> RunResult:
+    """Fetch one run into ``spans`` (leased, one per hash). Never raises for the
+    stream's faults: blocks verified before a fault stay usable."""
+    n = len(hashes)
+    res = RunResult([""] * n, [0] * n, [-1] * n)
+    try:
+        send_frame(conn.sock, {"op": "fetch", "scope": scope, "hashes": hashes})
+        entries = _run_header(recv_frame(conn.sock), n)
+        used = 0
+        for i, entry in enumerate(entries):
+            if entry is None:
+                res.status[i] = "missing"
+                continue
+            size, want = entry
+            if size != block_bytes:
+                raise TransferError(
+                    f"peer block of {size} bytes, this session's are {block_bytes}: "
+                    "a different model layout"
+                )
+            got = _recv_block(conn, spans[used], size)
+            res.target[i], used = used, used + 1
+            res.nbytes += size
+            res.status[i], res.checksums[i] = ("ok" if got == want else "corrupt"), want
+    except (OSError, TransferError, ValueError) as exc:  # FrameError is a ValueError
+        res.error = str(exc) or type(exc).__name__
+    return res
+
+
+def _run_header(head: Any, n: int) -> list[tuple[int, int] | None]:
+    if isinstance(head, dict) and head.get("ok") is False:
+        raise TransferError(f"peer refused the fetch: {head.get('error')}")
+    entries = head.get("blocks") if isinstance(head, dict) else None
+    if not isinstance(entries, list) or len(entries) != n:
+        raise TransferError("peer's run header does not match the request")
+    out: list[tuple[int, int] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+        elif (
+            isinstance(e, list)
+            and len(e) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e)
+        ):
+            out.append((e[0], e[1]))
+        else:
+            raise TransferError(f"peer's run header has a malformed entry {e!r}")
+    return out
+
+
+def _recv_block(conn: Conn, span: Span, size: int) -> int:
+    """Land ``size`` payload bytes in ``span``; their xxh3."""
+    if conn.pipe is not None and span.fd is not None and span.view is not None:
+        _splice_into(conn, span.fd, span.offset, size)
+        return xxhash.xxh3_64_intdigest(span.view)
+    buf = conn.buffer(size)
+    recv_exact(conn.sock, buf)
+    digest = xxhash.xxh3_64_intdigest(buf)
+    if span.fd is not None:
+        # pwrite, not a copy through the mapping: fresh shared pages are then
+        # filled by the kernel without a fault and a zero-fill each
+        _pwrite(span.fd, buf, span.offset)
+    elif span.view is not None:
+        span.view[:] = buf
+    else:
+        assert span.tensor is not None
+        span.tensor.copy_(torch.frombuffer(buf, dtype=torch.uint8))
+    return digest
+
+
+def _splice_into(conn: Conn, fd: int, offset: int, size: int) -> None:
+    assert conn.pipe is not None
+    r, w = conn.pipe
+    sfd, left = conn.sock.fileno(), size
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    while left:
+        try:
+            n = os.splice(sfd, w, min(left, conn.pipe_bytes), flags=flags)
+        except BlockingIOError:
+            wait_io(sfd, select.POLLIN, conn.timeout)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # this socket cannot splice: the rest of the stream goes by copy
+            buf = conn.buffer(left)
+            recv_exact(conn.sock, buf)
+            _pwrite(fd, buf, offset)
+            for p in conn.pipe:
+                os.close(p)
+            conn.pipe = None
+            return
+        if n == 0:
+            raise PeerClosed(f"peer closed the stream after {size - left} of {size} bytes")
+        left -= n
+        while n:
+            k = os.splice(r, fd, n, offset_dst=offset)
+            offset += k
+            n -= k
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        k = os.pwrite(fd, data, offset)
+        data, offset = data[k:], offset + k
