@@ -43,9 +43,7 @@ def agent_pair(tmp: Path, **extra: object) -> Iterator[tuple[AgentProc, AgentPro
             d = tmp / name
             d.mkdir()
             mig = migration(d, "shared-pool-token-0123456789", **extra)
-            agents.append(
-                stack.enter_context(agent_process(d, node=f"node-{name}", migration=mig))
-            )
+            agents.append(stack.enter_context(agent_process(d, node=f"node-{name}", migration=mig)))
         yield agents[0], agents[1]
 
 
@@ -303,3 +301,61 @@ def test_mutual_tls_pull_and_a_foreign_certificate_refused(tmp_path: Path) -> No
         assert bad.lookup(hashes) == []
         ok.close()
         bad.close()
+
+
+def test_multi_stream_pull_drops_only_the_corrupted_block_mid_run(tmp_path: Path) -> None:
+    """Three streams of one run each (4 blocks); a byte flipped in the second block
+    of whichever run crosses the proxy first: that block alone is dropped, the
+    blocks after it in the same run and the other streams' runs land intact."""
+    with agent_pair(tmp_path, streams_per_peer=3, run_bytes=4 * 4096) as (a, b):
+        hashes = fill(a)
+        proxy = Proxy(transfer_port(a), "corrupt", after=600 + 4096)
+        try:
+            c = AgentClient(b.socket, "tok-chat", 4096).connect()
+            reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+            assert proxy.connections == 3  # the hash list was split over three streams
+            assert reply["pulled"] == N - 1 and len(reply["failed"]) == 1, reply
+            bad = hashes.index(reply["failed"][0])
+            assert bad % 4 == 1  # the second block of its run
+            assert b.stats()["transfer"]["corrupt"] == 1  # type: ignore[index]
+            for i, h in enumerate(hashes):
+                got = c.lookup([h])
+                if i == bad:
+                    assert got == []
+                    continue
+                block = c.block(got[0].page, got[0].index)
+                assert int(block.min()) == int(block.max()) == i + 1
+                c.release([h])
+            c.close()
+        finally:
+            proxy.close()
+
+
+def test_pull_larger_than_one_run_per_stream_and_a_bad_fetch_is_refused(tmp_path: Path) -> None:
+    """More runs than streams: streams take runs until none are left. A peer that
+    sends a malformed fetch gets an error frame, not blocks."""
+    with agent_pair(tmp_path, streams_per_peer=2, run_bytes=4096) as (a, b):
+        hashes = fill(a)
+        c = AgentClient(b.socket, "tok-chat", 4096).connect()
+        reply = c.call({"op": "pull", "peer": a.url, "hashes": hashes})
+        assert reply["pulled"] == N and reply["failed"] == [] and "error" not in reply
+        assert len(c.lookup(hashes)) == N
+        c.close()
+        assert _raw_fetch(transfer_port(a), {"op": "fetch", "scope": 3, "hashes": []}) == {
+            "ok": False,
+            "error": "scope must be a string",
+        }
+
+
+def _raw_fetch(port: int, request: dict[str, object]) -> object:
+    """Authenticate with the shared token by hand, send one request, read one frame."""
+    from kvmarina.agent.transfer_auth import client_handshake
+    from kvmarina.agent.transfer_wire import dial, recv_frame, send_frame
+
+    conn = dial("127.0.0.1", port, None, 5.0)
+    try:
+        client_handshake(conn.sock, b"shared-pool-token-0123456789", "test", "a")
+        send_frame(conn.sock, request)
+        return recv_frame(conn.sock)
+    finally:
+        conn.close()
