@@ -234,7 +234,8 @@ class Cache:
         if agent is not None:
             from kvmarina.agent.cache_store import open_store
 
-            return open_store(self, agent, token, chunk_bytes)
+            with _store_errors():
+                return open_store(self, agent, token, chunk_bytes)
         if not Cache._warned_local:
             log.info("kvmarina.Cache: no agent given; values live in this process only")
             Cache._warned_local = True

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -155,4 +154,3 @@ def test_namespaces_do_not_collide(make_cache) -> None:  # type: ignore[no-untyp
 
     assert key_digest("a", "bc") != key_digest("ab", "c")
     assert key_digest("a", "x") != key_digest("b", "x")
-
