@@ -78,6 +78,7 @@ class PagedStore:
         self.block_size = layout.block_size
         self.seqs: dict[int, SeqKV] = {}
         self.pulled_blocks = 0
+        self.adopted_blocks = 0
         self.reconnects = 0
         self.reclaimed = 0
         self._map()
@@ -197,6 +198,44 @@ class PagedStore:
             seq.block_ids[i] = self._block_id(hit.page, hit.index)
             seq.pinned.append(hit.hash)
         seq.committed = full
+
+    def adopt(self, seq_id: int, computed: int, prompt_len: int) -> int:
+        """Take the prompt blocks that were committed since this sequence was admitted
+        (by another sequence of this engine, or another engine on the node) instead of
+        computing them; returns the tokens now computed.
+
+        Two requests with one new prefix, admitted together, would otherwise both
+        compute it: the second one's lookup ran before the first committed anything.
+        Only blocks from ``committed`` on, when nothing has been written past it."""
+        seq = self.seqs.get(seq_id)
+        bsz = self.block_size
+        if seq is None or computed != seq.committed * bsz:
+            return computed
+        start, end = seq.committed, (prompt_len - 1) // bsz  # compute >= 1 token
+        if end <= start:
+            return computed
+        try:
+            hits = self._guard(self.client.lookup, seq.hashes[start:end])
+        except AgentError as exc:
+            log.info("late lookup failed (%s); computing", exc)
+            return computed
+        give: list[tuple[int, int]] = []
+        for i, hit in enumerate(hits, start):
+            block_id = self._block_id(hit.page, hit.index)
+            if i < len(seq.block_ids):
+                slot = seq.leased.pop(i, None)
+                if slot is not None:
+                    give.append(slot)
+                seq.block_ids[i] = block_id
+            else:  # reserved room was given back under pressure
+                seq.block_ids.append(block_id)
+            seq.pinned.append(hit.hash)
+        if give:
+            self._guard(self.client.release, [], give)
+        seq.committed = start + len(hits)
+        seq.used_blocks = max(seq.used_blocks, seq.committed)
+        self.adopted_blocks += len(hits)
+        return seq.committed * bsz
 
     def close(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)

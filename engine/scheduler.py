@@ -66,6 +66,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cancelled: bool = False
+    admitted_at_step: int = -1
     sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -228,6 +229,7 @@ class Scheduler:
             with self._cv:
                 self._waiting.popleft()
             seq.computed = seq.cached_len
+            seq.admitted_at_step = self.stats.steps
             self.stats.prompt_tokens += len(seq.prompt)
             self.stats.cached_prompt_tokens += seq.cached_len
             self._running.append(seq)
@@ -248,6 +250,7 @@ class Scheduler:
                 budget -= 1
         for seq in list(self._running):
             if seq.prefilling and budget > 0:
+                self._adopt(seq)
                 n = min(len(seq.prompt) - seq.computed, max(budget, 1))
                 if not self._grow(seq, seq.computed + n):
                     continue
@@ -258,6 +261,17 @@ class Scheduler:
                 seqs.append(seq)
                 budget -= n
         return StepBatch(tuple(ids), tuple(cached), tuple(new)), tokens, seqs
+
+    def _adopt(self, seq: Sequence) -> None:
+        """Prompt blocks another sequence committed meanwhile count as cached."""
+        adopt = getattr(self.store, "adopt", None)
+        if adopt is None or seq.admitted_at_step == self.stats.steps:
+            return  # admitted this step: its lookup has just run
+        done = adopt(seq.seq_id, seq.computed, len(seq.prompt))
+        if done > seq.computed:
+            self.stats.cached_prompt_tokens += done - seq.computed
+            seq.cached_len += done - seq.computed
+            seq.computed = done
 
     def _grow(self, seq: Sequence, total_tokens: int) -> bool:
         """Room for ``total_tokens`` (a no-op unless reserved blocks were given back under

@@ -96,3 +96,31 @@ def test_reclaim_returns_reserved_blocks_and_decoding_goes_on() -> None:
         return col.tokens
 
     assert run(reclaim=True) == run(reclaim=False)
+
+
+def test_prompt_blocks_committed_meanwhile_are_adopted_not_recomputed() -> None:
+    """Two requests with one new prefix admitted together: the second one's lookup
+    found nothing, but by the time its prefill starts the first has committed the
+    prefix; it takes those blocks and its output is what it would be alone."""
+    from kvmarina.agent.client import LocalPool
+    from kvmarina.engine.paged import PagedStore
+    from kvmarina.hashing import HashContract
+
+    cfg = preset("tiny")
+    model = build_model(cfg, seed=11)
+    layout = cfg.kv_layout(16)
+    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)
+    store = PagedStore(pool, layout, HashContract(16), "tiny@main")
+    sched = Scheduler(model, store, eos_id=None, max_batch=2, step_tokens=64)
+    prompt = list(range(3, 203))
+    cols = [Collector(), Collector()]
+    seqs = [Sequence(prompt, SamplingParams(max_tokens=6, temperature=0.0), c) for c in cols]
+    for seq in seqs:
+        sched.submit(seq)
+    while not all(c.done.is_set() for c in cols):
+        sched.step()
+    assert seqs[0].cached_len == 0
+    # every full block but the last prompt token's: 199 // 16 = 12 blocks
+    assert seqs[1].cached_len == 12 * 16 and store.adopted_blocks == 12
+    alone = run_all([prompt], max_batch=1, step_tokens=4096)[0]
+    assert cols[0].tokens == cols[1].tokens == alone.tokens[:6]
