@@ -73,8 +73,10 @@ class RoutingCore:
         self.memo = HashMemo(cfg.contract, cfg.model_identity)
         self.index = BlockIndex(cfg.limits.index_max_blocks)
         self.approx = BlockIndex(cfg.limits.index_max_blocks)
-        # prefixes sent in the last RECENT_S seconds: events confirm a prefix only after
-        # its prefill, so a burst of requests sharing a new prefix would scatter without it
+        # prefixes sent in the last RECENT_S seconds, per pod: events confirm a prefix
+        # only after its prefill, so a burst of requests sharing a new prefix would
+        # scatter without it; and until then only that pod's engine has it (a sibling
+        # on its node would compute it a second time)
         self.recent = BlockIndex(cfg.limits.index_max_blocks)
         self._recent_log: deque[tuple[float, str, Sequence[bytes]]] = deque()
         self.pods: dict[str, PodState] = {}
@@ -129,25 +131,34 @@ class RoutingCore:
     def hashes(self, tokens: Sequence[int], salt: str) -> list[bytes]:
         return self.memo.block_hashes(tokens, salt)
 
-    def lookup(self, hashes: Sequence[bytes]) -> PrefixMatch:
+    def lookup(self, hashes: Sequence[bytes]) -> tuple[PrefixMatch, dict[str, int]]:
+        """Runs per node that its agent holds (or, without events, that were sent
+        there), and runs per pod of the prefixes sent to it in the last ``RECENT_S``."""
         m = self.index.match(hashes) if self.live_nodes else PrefixMatch()
         if self.mode != "events":
             a = self.approx.match(hashes, touch=False)
             for node, run in a.run.items():
                 if node not in self.live_nodes:
                     m.run[node] = run
-        if self._recent_log:
-            self._expire_recent(time.monotonic())
-            for node, run in self.recent.match(hashes, touch=False).run.items():
-                if run > m.run.get(node, 0):
-                    m.run[node] = run
-        return m
+        if not self._recent_log:
+            return m, {}
+        self._expire_recent(time.monotonic())
+        return m, self.recent.match(hashes, touch=False).run
+
+    def _runs(self, held: Mapping[str, int], recent: Mapping[str, int]) -> dict[str, int]:
+        """Per node: what it holds, or what one of its pods is (maybe) computing."""
+        runs = dict(held)
+        for name, run in recent.items():
+            pod = self.pods.get(name)
+            if pod is not None and run > runs.get(pod.node, 0):
+                runs[pod.node] = run
+        return runs
 
     def _expire_recent(self, now: float) -> None:
         log = self._recent_log
         while log and now - log[0][0] > RECENT_S:
-            _, node, hashes = log.popleft()
-            self.recent.evict(node, hashes)
+            _, pod, hashes = log.popleft()
+            self.recent.evict(pod, hashes)
 
     def decide(
         self, tokens: Sequence[int], salt: str, headers: Mapping[str, str] | None = None
@@ -173,8 +184,8 @@ class RoutingCore:
         r = self.cfg.routing
         w = r.weights
         bs = self.contract.block_size
-        match = self.lookup(hashes)
-        runs = match.run
+        match, recent = self.lookup(hashes)
+        runs = self._runs(match.run, recent) if recent else match.run
         # the two best nodes, so each pod can find the best *other* node cheaply
         best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:2]
         pull_ok = r.pull_hints and self.mode != "approximate"
@@ -190,7 +201,14 @@ class RoutingCore:
             tps = pod.prefill_tps
             node = pod.cfg.node
             run = runs.get(node, 0) if runs else 0
-            cost = (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
+            cost = 0.0
+            if recent:
+                # a sibling's prefill in progress is not this pod's yet: computing it
+                # again costs like leaving the node that holds it
+                own = max(match.run.get(node, 0), recent.get(pod.name, 0))
+                cost += wd * (run - own) * bs / tps
+                run = own
+            cost += (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
             peer = ""
             if runs:
                 if host:
@@ -213,9 +231,12 @@ class RoutingCore:
         hint = PullHint(peer, agents[peer], runs[peer]) if peer else None
         return Decision([pods[t[3]] for t in scored], hashes, dict(runs), cost, hint)
 
-    def record_sent(self, node: str, hashes: Sequence[bytes], matched: int = 0) -> None:
-        """Remember that ``node`` will now hold this prefix: for a few seconds in any
-        mode (until its events arrive), and in the approximate index without events."""
+    def record_sent(
+        self, node: str, hashes: Sequence[bytes], matched: int = 0, pod: str | None = None
+    ) -> None:
+        """Remember that ``pod`` (on ``node``) will now hold this prefix: for a few
+        seconds in any mode (until its events arrive), and in the approximate index
+        without events."""
         if not hashes:
             return
         # refresh the matched prefix in the index's LRU here, off the decision path
@@ -223,8 +244,10 @@ class RoutingCore:
             self.index.touch(hashes[:matched])
         if self.mode != "events":
             self.approx.store(node, hashes, DEVICE)
-        self.recent.store(node, hashes, DEVICE)
-        self._recent_log.append((time.monotonic(), node, hashes))
+        if pod is None:  # any pod of the node will do
+            pod = next((p.name for p in self.pods.values() if p.node == node), node)
+        self.recent.store(pod, hashes, DEVICE)
+        self._recent_log.append((time.monotonic(), pod, hashes))
 
 
 def _rendezvous(pods: list[PodState], key: str) -> list[PodState]:

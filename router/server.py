@@ -465,7 +465,7 @@ class Router:
         pod.served += 1
         self._routed(pod.name).inc()
         self.core.record_sent(
-            pod.node, decision.hashes, max(decision.cached_blocks.values(), default=0)
+            pod.node, decision.hashes, max(decision.cached_blocks.values(), default=0), pod.name
         )
         self.metrics.prompt_tokens.inc(n_tokens)
         self.metrics.cached_tokens.inc(n_tokens - uncached)

@@ -344,3 +344,24 @@ def test_duplication_weight_keeps_prefixes_in_one_place() -> None:
         rc.pods["p2"].queued_tokens = 3000
         picks[dup] = rc.decide(toks, "s").ranked[0].name
     assert picks[0.0] != "p2" and picks[2.0] == "p2"
+
+
+def test_a_prefix_in_flight_stays_with_its_pod_not_only_its_node() -> None:
+    """Until its blocks are committed, a new prefix is only in the engine computing it:
+    a second request for it goes to that pod, even behind its queue, not to an idle
+    sibling on the same node that would compute it again."""
+    two_on_one_node = [
+        {"name": n, "url": f"http://127.0.0.1:{20000 + i}", "node": "n0",
+         "agent_url": "http://127.0.0.1:21000"}
+        for i, n in enumerate(("a", "b"))
+    ]  # fmt: skip
+    rc = RoutingCore(parse_config(router_doc(two_on_one_node, routing={"policy": "cache-aware"})))
+    rc.live_nodes = {"n0"}
+    toks = list(range(1600))  # 100 blocks, nothing committed yet
+    first = rc.decide(toks, "s").ranked[0]
+    rc.record_sent(first.node, rc.hashes(toks, "s"), 0, first.name)
+    first.queued_tokens = 1600
+    assert rc.decide([*toks, 7], "s").ranked[0].name == first.name
+    # once the agent confirms the blocks, either pod of the node has them
+    rc.index.store("n0", rc.hashes(toks, "s"), "device")
+    assert rc.decide([*toks, 7], "s").ranked[0].name != first.name
