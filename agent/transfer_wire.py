@@ -11,13 +11,12 @@ Frames are ``kvmarina.framing`` frames (length prefix + msgpack; never pickle).
 
 Why this shape: one header per run instead of one per block, and no per-block
 round trip, so a run streams at socket speed. On a plain socket the sender
-``sendfile``s straight out of the pool's memfd (no user-space copy) and the
-receiver ``splice``s the socket into the leased slot's memfd through a pipe
-(one kernel copy, and no page faults or zero-filling of fresh shared pages,
-which cost more than the copy itself). TLS, and device memory, go through one
-reused bounce buffer per stream. The checksum is computed over the bytes as
-they landed in the slot (or in the bounce buffer they were copied from), in the
-stream's thread: xxhash releases the GIL, so streams checksum in parallel.
+``sendfile``s straight out of the pool's memfd (no user-space copy). The
+receiver reads each block a chunk at a time into one reused buffer per
+stream, hashes the chunk while it is in cache and ``pwrite``s it into the
+leased slot's memfd (see ``_recv_block`` for why). Everything here runs in the
+streams' threads: socket calls, pwrite and xxhash release the GIL, so streams
+receive and checksum in parallel.
 
 Invariant: a received block's bytes are only ever written into slots leased
 for it, which nobody else can see until the caller verifies and commits.
@@ -25,8 +24,6 @@ for it, which nobody else can see until the caller verifies and commits.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import select
 import socket
@@ -40,7 +37,7 @@ import xxhash
 from kvmarina.framing import HEADER, check_length, decode_body, encode_frame
 
 MAX_HEADER = 1 << 20
-PIPE_BYTES = 1 << 20  # a 2 MiB block crosses the pipe in two splices
+CHUNK = 1 << 20  # receive buffer: each chunk is hashed while in cache, then stored
 
 
 class TransferError(RuntimeError):
@@ -72,8 +69,6 @@ class Conn:
 
     sock: socket.socket
     timeout: float
-    pipe: tuple[int, int] | None = None
-    pipe_bytes: int = 0
     _buffer: bytearray = field(default_factory=bytearray)
 
     @property
@@ -85,22 +80,7 @@ class Conn:
             self._buffer = bytearray(size)
         return memoryview(self._buffer)[:size]
 
-    def enable_splice(self) -> None:
-        """Receive plain payloads through a pipe into the slot's memfd (Linux)."""
-        if not self.plain or not hasattr(os, "splice") or self.pipe is not None:
-            return
-        r, w = os.pipe()
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: the default size still works
-        self.pipe, self.pipe_bytes = (r, w), fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-
     def close(self) -> None:
-        if self.pipe is not None:
-            for fd in self.pipe:
-                os.close(fd)
-            self.pipe = None
         self.sock.close()
 
 
@@ -149,9 +129,7 @@ def dial(host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Co
         except BaseException:
             sock.close()
             raise
-    conn = Conn(sock, timeout)
-    conn.enable_splice()
-    return conn
+    return Conn(sock, timeout)
 
 
 def accept(sock: socket.socket, tls: ssl.SSLContext | None, timeout: float) -> Conn:
@@ -263,54 +241,33 @@ def _run_header(head: Any, n: int) -> list[tuple[int, int] | None]:
 
 
 def _recv_block(conn: Conn, span: Span, size: int) -> int:
-    """Land ``size`` payload bytes in ``span``; their xxh3."""
-    if conn.pipe is not None and span.fd is not None and span.view is not None:
-        _splice_into(conn, span.fd, span.offset, size)
-        return xxhash.xxh3_64_intdigest(span.view)
-    buf = conn.buffer(size)
-    recv_exact(conn.sock, buf)
-    digest = xxhash.xxh3_64_intdigest(buf)
+    """Land ``size`` payload bytes in ``span``; their xxh3.
+
+    A chunk at a time through the stream's buffer: each chunk is hashed while
+    it is still in cache, then stored. Into a memfd it is stored with
+    ``pwrite``: the kernel fills fresh shared pages directly, where a copy
+    through the mapping would take a page fault and a zero-fill per 4 KiB page
+    (measured here at ~0.8 GB/s against ~3 GB/s for pwrite). This beat
+    splicing the socket into the memfd and hashing through the mapping."""
+    digest = xxhash.xxh3_64()
+    done = 0
+    while done < size:
+        buf = conn.buffer(min(size - done, CHUNK))
+        recv_exact(conn.sock, buf)
+        digest.update(buf)
+        _store(span, done, buf)
+        done += len(buf)
+    return digest.intdigest()
+
+
+def _store(span: Span, at: int, buf: memoryview) -> None:
     if span.fd is not None:
-        # pwrite, not a copy through the mapping: fresh shared pages are then
-        # filled by the kernel without a fault and a zero-fill each
-        _pwrite(span.fd, buf, span.offset)
+        _pwrite(span.fd, buf, span.offset + at)
     elif span.view is not None:
-        span.view[:] = buf
+        span.view[at : at + len(buf)] = buf
     else:
         assert span.tensor is not None
-        span.tensor.copy_(torch.frombuffer(buf, dtype=torch.uint8))
-    return digest
-
-
-def _splice_into(conn: Conn, fd: int, offset: int, size: int) -> None:
-    assert conn.pipe is not None
-    r, w = conn.pipe
-    sfd, left = conn.sock.fileno(), size
-    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    while left:
-        try:
-            n = os.splice(sfd, w, min(left, conn.pipe_bytes), flags=flags)
-        except BlockingIOError:
-            wait_io(sfd, select.POLLIN, conn.timeout)
-            continue
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # this socket cannot splice: the rest of the stream goes by copy
-            buf = conn.buffer(left)
-            recv_exact(conn.sock, buf)
-            _pwrite(fd, buf, offset)
-            for p in conn.pipe:
-                os.close(p)
-            conn.pipe = None
-            return
-        if n == 0:
-            raise PeerClosed(f"peer closed the stream after {size - left} of {size} bytes")
-        left -= n
-        while n:
-            k = os.splice(r, fd, n, offset_dst=offset)
-            offset += k
-            n -= k
+        span.tensor[at : at + len(buf)].copy_(torch.frombuffer(buf, dtype=torch.uint8))
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> None:
