@@ -25,9 +25,9 @@ for it, which nobody else can see until the caller verifies and commits.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import ssl
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ import xxhash
 from kvmarina.framing import HEADER, check_length, decode_body, encode_frame
 
 MAX_HEADER = 1 << 20
+_TIMEVAL = struct.Struct("@ll")  # struct timeval
 CHUNK = 1 << 20  # receive buffer: each chunk is hashed while in cache, then stored
 
 
@@ -87,14 +88,34 @@ class Conn:
 # ------------------------------------------------------------------ frames
 
 
+# Sockets are blocking with kernel timeouts (SO_RCVTIMEO / SO_SNDTIMEO): a call
+# that waits longer fails with EAGAIN, which these helpers report as a stall.
+# (A Python-level socket timeout would add a poll() before every recv.)
+_STALLED = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _stalled(sock: socket.socket) -> TimeoutError:
+    limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
+    sec, usec = _TIMEVAL.unpack(limit)
+    return TimeoutError(f"peer stalled for more than {sec + usec / 1e6:g}s")
+
+
 def send_frame(sock: socket.socket, obj: Any) -> None:
-    sock.sendall(encode_frame(obj, MAX_HEADER))
+    try:
+        sock.sendall(encode_frame(obj, MAX_HEADER))
+    except _STALLED:
+        raise _stalled(sock) from None
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    # MSG_WAITALL: one system call per chunk on a plain socket (TLS takes no flags)
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:])
+        try:
+            k = sock.recv_into(view[got:], n - got, flags)
+        except _STALLED:
+            raise _stalled(sock) from None
         if not k:
             raise PeerClosed(f"peer closed the stream after {got} of {n} bytes")
         got += k
@@ -110,34 +131,44 @@ def recv_frame(sock: socket.socket, max_size: int = MAX_HEADER) -> Any:
     return decode_body(memoryview(body), max_size)
 
 
-def wait_io(fd: int, events: int, timeout: float) -> None:
-    poller = select.poll()
-    poller.register(fd, events)
-    if not poller.poll(timeout * 1000):
-        raise TimeoutError(f"peer stalled for {timeout:g}s")
-
-
 # ------------------------------------------------------------------ connections
+
+
+def _setup(sock: socket.socket, timeout: float) -> None:
+    """Blocking, with kernel timeouts; no Nagle delay (requests are tiny)."""
+    sock.settimeout(None)
+    limit = _TIMEVAL.pack(int(timeout), int(timeout % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _wrap(
+    sock: socket.socket, tls: ssl.SSLContext | None, server: bool, timeout: float
+) -> socket.socket:
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_side=server)
+    except _STALLED:
+        raise TimeoutError(f"TLS handshake stalled for more than {timeout:g}s") from None
+    finally:
+        sock.close()  # detached by a successful wrap: closes nothing then
 
 
 def dial(host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Conn:
     sock = socket.create_connection((host, port), timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are tiny
-    if tls is not None:
-        try:
-            sock = tls.wrap_socket(sock)
-        except BaseException:
-            sock.close()
-            raise
-    return Conn(sock, timeout)
+    try:
+        _setup(sock, timeout)
+    except OSError:
+        sock.close()
+        raise
+    return Conn(_wrap(sock, tls, False, timeout), timeout)
 
 
 def accept(sock: socket.socket, tls: ssl.SSLContext | None, timeout: float) -> Conn:
-    sock.settimeout(timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls is not None:
-        sock = tls.wrap_socket(sock, server_side=True)
-    return Conn(sock, timeout)
+    _setup(sock, timeout)
+    return Conn(_wrap(sock, tls, True, timeout), timeout)
 
 
 # ------------------------------------------------------------------ sending
@@ -155,7 +186,10 @@ def send_run(conn: Conn, header: dict[str, Any], spans: list[Span]) -> None:
             _sendfile(conn, span.fd, span.offset, span.size)
         else:
             assert span.view is not None
-            conn.sock.sendall(span.view)
+            try:
+                conn.sock.sendall(span.view)
+            except _STALLED:
+                raise _stalled(conn.sock) from None
 
 
 def _sendfile(conn: Conn, fd: int, offset: int, n: int) -> None:
@@ -164,8 +198,7 @@ def _sendfile(conn: Conn, fd: int, offset: int, n: int) -> None:
         try:
             k = os.sendfile(sfd, fd, offset, n)
         except BlockingIOError:
-            wait_io(sfd, select.POLLOUT, conn.timeout)
-            continue
+            raise _stalled(conn.sock) from None
         if k == 0:
             raise TransferError("a block's memory ended before its announced size")
         offset += k
