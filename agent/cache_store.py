@@ -3,9 +3,11 @@
 Every process on the node that opens a cache with a token of the same sharing
 scope and the same cache namespace sees the same values. Bytes never travel
 through the agent's socket: a writer copies the tensor straight into leased
-slots of the shared region it mapped, a reader copies them straight out of its
-own mapping of the same pages (one copy, into a fresh tensor: the pages may be
-evicted once released). Layout and hashes: ``cache_format``.
+slots of the shared region it mapped; a reader maps the value's blocks into one
+private range of its own (``cache_view``: no copy, copy-on-write if the caller
+writes) and keeps its chunks pinned until the tensor it got is freed. Values of
+one block, and pools whose memory cannot be mapped so (CUDA), are copied out
+instead. Layout and hashes: ``cache_format``.
 
 Capacity is the session's budget: ``max_blocks = capacity // block_bytes``, held
 per serving by the agent like an engine's. The session registers ``evict_own``
@@ -18,8 +20,10 @@ A value with any block missing is a miss, and the reader drops what is left.
 
 Consistency: a put writes new-generation chunks, then replaces the head in one
 agent step; a reader pins the head, then that generation's chunks, so it reads
-the old value or the new one, never a mix. Replacing or dropping a block a reader
-pins waits (``Busy``) until the reader lets go, up to ``busy_timeout_s``.
+the old value or the new one, never a mix. Replacing a head a reader pins waits
+(``Busy``) until the reader lets go (a get holds it only while it maps), up to
+``busy_timeout_s``; chunks of a replaced value still held by a reader's tensor
+stay until it is freed, unreachable, and are evicted like any unpinned block.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import logging
 import mmap
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
 from kvmarina.agent import cache_format as fmt
+from kvmarina.agent.cache_view import ViewError, map_value
 from kvmarina.agent.client import (
     AgentBusy,
     AgentClient,
@@ -73,6 +79,11 @@ class AgentStore:
         self.busy_timeout_s = busy_timeout_s
         assert client.region is not None
         self.region: torch.Tensor = client.region
+        # chunk pins of mapped values whose tensors were freed (queued by the garbage
+        # collector, released by the next call: never from inside another call)
+        self._unpin_later: list[list[bytes]] = []
+        self._views: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+        self._orphans: list[bytes] = []  # blocks of replaced values a reader still held
 
     # ------------------------------------------------------------ helpers
 
@@ -103,24 +114,30 @@ class AgentStore:
                 pause = min(pause * 2, 0.02)
 
     def _drop_all(self, hashes: list[bytes]) -> None:
-        """Drop blocks of an old or broken value; pinned ones go once readers let go."""
-
-        def attempt() -> None:
-            nonlocal hashes
-            _, busy, _ = self.client.drop(hashes)
-            if busy:
-                hashes = busy
-                raise AgentBusy("pinned")
-
+        """Drop blocks of an old or broken value. Pinned ones (a reader's tensor still
+        maps them) stay, unreachable: retried by later calls, evicted if this
+        process goes first."""
         if hashes:
+            _, busy, _ = self.client.drop(hashes)
+            self._orphans.extend(busy)
+
+    def _flush(self) -> None:
+        """Release the chunk pins of mapped values freed since; retry dropping the
+        leftovers of replaced values (one request, while a reader holds some)."""
+        while self._unpin_later:
+            hashes = self._unpin_later.pop()
             try:
-                self._retry_busy(attempt, "dropping an old value")
-            except StoreError:
-                log.warning("left %d blocks of an old value that stayed pinned", len(hashes))
+                self.client.release(hashes)
+            except AgentError as exc:  # the session is gone: its pins went with it
+                log.debug("releasing a freed value's pins failed: %s", exc)
+        if self._orphans:
+            orphans, self._orphans = self._orphans, []
+            self._orphans = self.client.drop(orphans)[1]
 
     # ------------------------------------------------------------ get
 
     def get(self, digest: bytes) -> torch.Tensor | None:
+        self._flush()
         head = self._head(digest)
         hits = self.client.lookup([head])
         if not hits:
@@ -141,10 +158,30 @@ class AgentStore:
                 pinned = []
                 self._drop_all([head, *chunks[: len(found)]])
                 return None
-            return self._copy_out(hdr, [off, *map(self._off, found)])
+            offsets = [off, *map(self._off, found)]
+            if chunks and self.client.region_fd is not None:
+                view = self._map(hdr, offsets, chunks)
+                if view is not None:
+                    pinned = [head]  # the chunks stay pinned while the tensor lives
+                    return view
+            return self._copy_out(hdr, offsets)
         finally:
             if pinned:
                 self.client.release(pinned)  # head first: it leaves the order first
+
+    def _map(self, hdr: fmt.Header, offsets: list[int], chunks: list[bytes]) -> torch.Tensor | None:
+        fd = self.client.region_fd
+        assert fd is not None
+        later = self._unpin_later
+        try:
+            flat, mm = map_value(
+                fd, offsets, self.bb, hdr.data_offset, hdr.nbytes, lambda: later.append(chunks)
+            )
+        except ViewError as exc:
+            log.debug("copying a value out instead of mapping it: %s", exc)
+            return None
+        self._views.add(mm)
+        return flat.view(hdr.dtype).reshape(hdr.shape)
 
     def _copy_out(self, hdr: fmt.Header, offsets: list[int]) -> torch.Tensor:
         out = _fresh(hdr.nbytes, self.region.device)
@@ -156,6 +193,7 @@ class AgentStore:
 
     def put(self, digest: bytes, value: torch.Tensor) -> int:
         """Store ``value``; returns 0 (evictions are the agent's: see ``evictions``)."""
+        self._flush()
         flat = value.detach().contiguous().reshape(-1)
         nbytes = flat.numel() * flat.element_size()
         if value.dim() > fmt.MAX_DIMS:
@@ -229,6 +267,7 @@ class AgentStore:
     # ------------------------------------------------------------ the rest
 
     def delete(self, digest: bytes) -> bool:
+        self._flush()
         head = self._head(digest)
         removed, _, peeked = self._retry_busy(
             lambda: _drop_or_busy(self.client, head), "deleting a key"
@@ -257,6 +296,13 @@ class AgentStore:
         return int(self.client.count([self.head_tag])[0][1])
 
     def close(self) -> None:
+        # tensors still mapping shared pages would read whatever the agent puts there
+        # once this session's pins are gone: give them private copies first
+        for mm in list(self._views):
+            with memoryview(mm) as buf:
+                buf[:] = bytes(buf)
+        self._views.clear()
+        self._unpin_later.clear()
         self.client.close()
 
 

@@ -94,6 +94,7 @@ class AgentClient:
         self._sock: socket.socket | None = None
         self._dec = FrameDecoder()
         self.region: torch.Tensor | None = None
+        self.region_fd: int | None = None
         self._mm: Any = None
         self.info: dict[str, Any] = {}
         self._pushes: list[dict[str, Any]] = []
@@ -179,7 +180,10 @@ class AgentClient:
         import mmap
 
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        os.close(fd)  # the mapping keeps the memory; the fd is not needed any more
+        # kept for private mappings of single values (kvmarina.Cache reads)
+        if self.region_fd is not None:
+            os.close(self.region_fd)
+        self.region_fd = fd
         self.region = torch.frombuffer(self._mm, dtype=torch.uint8)
 
     def close(self) -> None:
@@ -189,6 +193,9 @@ class AgentClient:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+            if self.region_fd is not None:
+                os.close(self.region_fd)
+                self.region_fd = None
 
     # ------------------------------------------------------------ requests
 

@@ -194,3 +194,28 @@ def test_default_chunk_follows_small_agent_pages(agent: AgentProc) -> None:
     assert torch.equal(c["x"], torch.arange(10_000))
     assert c.stats().bytes == 5 * 16384  # header + 80,000 bytes in 16 KiB blocks
     c.close()
+
+
+def test_a_got_value_maps_the_shared_pages_privately(agent: AgentProc) -> None:
+    """A get maps the value's pages (no copy); writing the tensor copies only what it
+    touches; holding it never blocks an overwrite; its pins go when it is freed;
+    closing the cache gives held tensors private copies of their bytes."""
+    c = cache(agent)
+    first = torch.arange(6000, dtype=torch.float32)  # 24000 bytes: 6 blocks of 4096
+    c["k"] = first
+    held = c["k"]
+    assert torch.equal(held, first)
+    held[:10] = -1  # copy-on-write: the cached value is untouched
+    assert torch.equal(c["k"], first)
+    c["k"] = first * 2  # an overwrite while `held` maps the old generation
+    assert torch.equal(c["k"], first * 2) and float(held[100]) == 100.0
+    del held  # its chunks are released and the old generation dropped by the next call
+    assert torch.equal(c["k"], first * 2)
+    assert agent.stats()["usage"] == {"team-a/chat": 6}
+    kept = c["k"]
+    c.close()  # the session's pins are gone: what `kept` maps must be its own now
+    other = cache(agent)
+    for i in range(12):  # churn the freed slots with other bytes
+        other[f"x{i}"] = torch.full((6000,), -7.0)
+    assert torch.equal(kept, first * 2)
+    other.close()
