@@ -33,6 +33,7 @@ class EventLog:
     seq: int = 0
     subscribers: list[Subscriber] = field(default_factory=list)
     published: int = 0
+    resyncs: int = 0  # snapshots re-sent to subscribers that fell behind, this boot
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.boot_id, self.seq, self.node, self.snapshot_fn())
@@ -42,6 +43,10 @@ class EventLog:
         sub.queue.put_nowait(self.snapshot())
         self.subscribers.append(sub)
         return sub
+
+    def lag(self) -> int:
+        """Records the slowest subscriber has not taken yet (0 without subscribers)."""
+        return max((sub.queue.qsize() for sub in self.subscribers), default=0)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
@@ -65,5 +70,6 @@ class EventLog:
         while not sub.queue.empty():
             sub.queue.get_nowait()
         sub.resyncs += 1
+        self.resyncs += 1
         sub.queue.put_nowait(Resync(self.boot_id, reason))
         sub.queue.put_nowait(self.snapshot())

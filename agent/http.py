@@ -105,6 +105,16 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily(
             "kvmarina_agent_subscribers", "Event subscribers", value=len(p.events.subscribers)
         )
+        yield GaugeMetricFamily(
+            "kvmarina_agent_event_lag",
+            "Events the slowest subscriber has not taken yet",
+            value=p.events.lag(),
+        )
+        yield CounterMetricFamily(
+            "kvmarina_agent_event_resyncs",
+            "Snapshots re-sent to subscribers that fell behind",
+            value=p.events.resyncs,
+        )
 
 
 def build_app(

@@ -595,5 +595,7 @@ class Pool:
             "usage": dict(self.usage),
             "stats": dict(self.stats),
             "subscribers": len(self.events.subscribers),
+            "event_lag": self.events.lag(),
+            "resyncs": self.events.resyncs,
             **{name: fn() for name, fn in self.extra_summary.items()},
         }

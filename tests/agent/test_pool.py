@@ -156,7 +156,22 @@ async def test_event_log_resyncs_a_slow_subscriber() -> None:
     seqs = [r.seq for r in after if isinstance(r, BlockEvent)]
     assert seqs == list(range(after[0].seq + 1, after[0].seq + 1 + len(seqs)))
     assert isinstance(got[kinds.index("Resync")], Resync)
+    assert log.resyncs >= 1 and log.lag() == 0  # the subscriber took everything
     await asyncio.sleep(0)
+
+
+def test_event_log_reports_lag_and_resyncs() -> None:
+    log = EventLog("n", dict, max_queue=4)
+    assert log.lag() == 0
+    fast, slow = log.subscribe(), log.subscribe()
+    for i in range(3):
+        log.publish("stored", (bytes([i]) * 16,), "device")
+    while not fast.queue.empty():
+        fast.queue.get_nowait()
+    assert log.lag() == 4 and log.resyncs == 0  # the slow one: snapshot + 3 events
+    log.publish("stored", (b"\x09" * 16,), "device")
+    assert log.resyncs == 1 and slow.resyncs == 1
+    assert log.lag() == 2  # the slow one now holds a Resync marker and a snapshot
 
 
 def test_credentials_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -544,6 +544,7 @@ async def test_status_carries_the_figures_of_the_real_agent_and_engine(
         assert node["host"] == {"capacityBytes": 4 * 2**20, "usedBytes": 0, "blocks": 0}
         assert node["hitRate"] == 0.75 and node["sessions"] == 0
         assert node["index"]["bootId"] == boot and node["index"]["lastEventSeq"] == 1
+        assert node["index"]["eventLag"] == 0 and node["index"]["resyncs"] == 0
         assert pool_st["blocks"] == 3 and pool_st["hitRate"] == 0.75
         assert pool_st["servings"] == 1
         assert conditions({"status": pool_st})["Degraded"]["status"] == "False"
