@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 
 from kvmarina.agent.client import AgentClient
 
-from .conftest import AgentProc, agent_process
+from .conftest import AgentProc, agent_process, write_config
 
 WRITER = str(Path(__file__).parent / "writer.py")
 N = 12
@@ -359,3 +361,38 @@ def _raw_fetch(port: int, request: dict[str, object]) -> object:
         return recv_frame(conn.sock)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"streams_per_peer": 0}, "migration.streams_per_peer 0"),
+        ({"streams_per_peer": 65}, "use 1..64"),
+        ({"run_bytes": 0}, "migration.run_bytes 0"),
+        ({"auth": "psk"}, "use token or mtls"),
+        ({"timeout_s": 0}, "migration.timeout_s 0"),
+        ({"stream": 2}, "unknown key(s) stream"),
+    ],
+)
+def test_bad_migration_settings_are_refused_by_name(
+    tmp_path: Path, setting: dict[str, object], words: str
+) -> None:
+    from kvmarina.agent.config import ConfigError, load_config
+
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({"migration": setting}))
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(str(path))
+
+
+def test_mtls_without_a_certificate_directory_refuses_to_start(tmp_path: Path) -> None:
+    """Never a silent fall back to token-only when the pool asked for mutual TLS."""
+    cfg = write_config(tmp_path, migration={**migration(tmp_path, "t" * 20), "auth": "mtls"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmarina.cli", "agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "migration.cert_dir is not set" in proc.stderr
