@@ -50,6 +50,7 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MIN_RUN = 4 << 20  # bytes: smaller pulls use fewer streams
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TransferService:
         self.peers: dict[str, PeerStats] = {}
         self.corrupt = 0
         self._inflight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
+        self._ports: dict[str, tuple[str, int]] = {}  # agent URL -> its transfer address
         self._threads = ThreadPoolExecutor(32, thread_name_prefix="kvm-transfer")
         self.server = Server(pool, token, timeout, server_tls, self._io)
 
@@ -163,7 +165,10 @@ class TransferService:
         }
 
     async def _resolve(self, peer: str) -> tuple[str, int]:
-        """``host:port`` of the transfer service, or an agent URL (asks its /stats)."""
+        """``host:port`` of the transfer service, or an agent URL (asks its /stats
+        once; forgotten when a pull from it reaches nothing)."""
+        if peer in self._ports:
+            return self._ports[peer]
         if peer.startswith(("http://", "https://")):
             import aiohttp
 
@@ -179,7 +184,8 @@ class TransferService:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise TransferError(f"cannot ask {peer} for its transfer port: {exc}") from None
             host = peer.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
-            return host, int(stats["transfer"]["port"])
+            self._ports[peer] = host, int(stats["transfer"]["port"])
+            return self._ports[peer]
         host, _, port = peer.rpartition(":")
         return host, int(port)
 
@@ -190,10 +196,7 @@ class TransferService:
         t0 = time.perf_counter()
         try:
             host, port = await self._resolve(peer)
-            # Runs small enough that every stream gets one, never past run_bytes.
-            per_run = max(
-                1, min(self.run_bytes // sess.block_bytes, -(-len(hashes) // self.streams))
-            )
+            per_run = self._run_blocks(len(hashes), sess.block_bytes)
             runs = deque(hashes[i : i + per_run] for i in range(0, len(hashes), per_run))
             job = _Pull(sess, peer, host, port, runs, stats, {}, [])
             await asyncio.gather(*(self._stream(job) for _ in range(min(self.streams, len(runs)))))
@@ -208,11 +211,20 @@ class TransferService:
         stats.blocks += len(out["pulled"])
         stats.failed += len(out["failed"])
         if job.errors:
+            if not out["pulled"] and not out["missing"]:
+                self._ports.pop(peer, None)  # moved or gone: ask again next time
             out["error"] = job.errors[0]
             log.warning(
                 "pull from %s: %d blocks failed: %s", peer, len(out["failed"]), out["error"]
             )
         return out
+
+    def _run_blocks(self, n: int, block_bytes: int) -> int:
+        """Blocks per fetch request: an equal share per stream, but no run under
+        ``MIN_RUN`` (a stream's setup, a TLS handshake above all, is not worth
+        less) and none over ``run_bytes``."""
+        share = -(-n // self.streams) * block_bytes
+        return max(1, min(self.run_bytes, max(MIN_RUN, share)) // block_bytes)
 
     def _dial(self, job: _Pull) -> Conn:
         conn = dial(job.host, job.port, self.client_tls, self.timeout)
