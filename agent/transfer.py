@@ -39,7 +39,7 @@ from kvmarina.agent.transfer_auth import (
     tls_contexts,
 )
 from kvmarina.agent.transfer_serve import Server
-from kvmarina.agent.transfer_wire import Conn, RunResult, Span, dial, receive_run
+from kvmarina.agent.transfer_wire import Conn, RunResult, Span, abort_all, dial, receive_run
 
 __all__ = [
     "TransferError",
@@ -123,6 +123,7 @@ class TransferService:
 
     async def stop(self) -> None:
         await self.server.stop()
+        abort_all()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ pulling

@@ -24,10 +24,12 @@ for it, which nobody else can see until the caller verifies and commits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,13 +66,19 @@ class Span:
     tensor: torch.Tensor | None = None
 
 
-@dataclass
+_LIVE: weakref.WeakSet[Conn] = weakref.WeakSet()  # open streams, for abort_all
+
+
+@dataclass(eq=False)
 class Conn:
-    """One authenticated stream; used by one thread at a time."""
+    """One stream; used by one thread at a time."""
 
     sock: socket.socket
     timeout: float
     _buffer: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        _LIVE.add(self)
 
     @property
     def plain(self) -> bool:
@@ -82,7 +90,16 @@ class Conn:
         return memoryview(self._buffer)[:size]
 
     def close(self) -> None:
+        _LIVE.discard(self)
         self.sock.close()
+
+
+def abort_all() -> None:
+    """Shut every open stream down: a thread blocked on one returns at once (an
+    agent stopping must not wait out the transfer timeout)."""
+    for conn in list(_LIVE):
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 # ------------------------------------------------------------------ frames

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -396,3 +397,39 @@ def test_mtls_without_a_certificate_directory_refuses_to_start(tmp_path: Path) -
     )
     assert proc.returncode == 2
     assert "migration.cert_dir is not set" in proc.stderr
+
+
+def test_an_agent_stopping_mid_pull_does_not_wait_out_the_transfer_timeout(
+    tmp_path: Path,
+) -> None:
+    """A stream stalled by its peer, a 30 s transfer timeout: SIGTERM still ends the
+    agent in seconds (open streams are shut down, so no worker thread lingers)."""
+    with agent_pair(tmp_path, timeout_s=30, streams_per_peer=1) as (a, b):
+        hashes = fill(a)
+        proxy = Proxy(transfer_port(a), "stall", after=600 + 4096)
+        replies: list[object] = []
+
+        def pull() -> None:
+            c = AgentClient(b.socket, "tok-chat", 4096, timeout=60).connect()
+            try:
+                replies.append(
+                    c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+                )
+            except (OSError, RuntimeError) as exc:  # the agent went away mid-call
+                replies.append(exc)
+
+        puller = threading.Thread(target=pull, daemon=True)
+        try:
+            puller.start()
+            deadline = time.monotonic() + 20
+            while proxy.connections == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the stream is now blocked on the stalled peer
+            t0 = time.monotonic()
+            b.proc.terminate()
+            b.proc.wait(20)
+            assert time.monotonic() - t0 < 8
+            puller.join(10)
+            assert replies  # the puller was answered or saw the agent go
+        finally:
+            proxy.close()
