@@ -56,25 +56,25 @@ def mooncake(
 ) -> list[WorkRequest]:
     """The first ``limit`` requests, each 512-token block scaled to ``tokens_per_id``."""
     out: list[WorkRequest] = []
-    scale = tokens_per_id / 512
-    with path.open() as f:
-        for n, line in enumerate(f):
-            if n >= limit:
-                break
-            rec = json.loads(line)
-            ids = rec["hash_ids"]
-            prefix = "".join(block_text(i, tokens_per_id) for i in ids)
-            # input beyond the listed blocks is unique to the request
-            extra = max(0, int(rec["input_length"] * scale) - len(prefix))
-            prompt = (prefix + block_text(10_000_000 + n, extra))[:max_prompt]
-            out.append(
-                WorkRequest(
-                    at=rec["timestamp"] / 1000.0 * time_scale,
-                    prompt=prompt,
-                    max_tokens=max(1, min(max_output, int(rec["output_length"]))),
-                )
-            )
+    for n, rec in enumerate(iter_jsonl(path)):
+        if n >= limit:
+            break
+        prompt, max_tokens = _trace_request(rec, n, tokens_per_id, max_output, max_prompt)
+        at = float(rec["timestamp"]) / 1000.0 * time_scale  # type: ignore[arg-type]
+        out.append(WorkRequest(at=at, prompt=prompt, max_tokens=max_tokens))
     return out
+
+
+def _trace_request(
+    rec: dict[str, object], n: int, tokens_per_id: int, max_output: int, max_prompt: int
+) -> tuple[str, int]:
+    """The prompt and output length of trace record ``n``: its listed blocks as
+    shared text, the rest of its input unique to it."""
+    ids = [int(i) for i in rec["hash_ids"]]  # type: ignore[attr-defined]
+    prefix = "".join(block_text(i, tokens_per_id) for i in ids)
+    extra = max(0, int(int(rec["input_length"]) * tokens_per_id / 512) - len(prefix))  # type: ignore[call-overload]
+    prompt = (prefix + block_text(10_000_000 + n, extra))[:max_prompt]
+    return prompt, max(1, min(max_output, int(rec["output_length"])))  # type: ignore[call-overload]
 
 
 def mooncake_shared(
@@ -106,18 +106,13 @@ def mooncake_shared(
             break
         taken[first] = min(per_group, sizes[first], limit - sum(taken.values()))
     out: list[WorkRequest] = []
-    scale = tokens_per_id / 512
     for n, r in enumerate(recs):
         first = int(r["hash_ids"][0])  # type: ignore[index]
         if taken.get(first, 0) <= 0:
             continue
         taken[first] -= 1
-        ids = [int(i) for i in r["hash_ids"]]  # type: ignore[attr-defined]
-        prefix = "".join(block_text(i, tokens_per_id) for i in ids)
-        extra = max(0, int(int(r["input_length"]) * scale) - len(prefix))  # type: ignore[call-overload]
-        prompt = (prefix + block_text(10_000_000 + n, extra))[:max_prompt]
-        out_len = max(1, min(max_output, int(r["output_length"])))  # type: ignore[call-overload]
-        out.append(WorkRequest(at=len(out) * gap_s, prompt=prompt, max_tokens=out_len))
+        prompt, max_tokens = _trace_request(r, n, tokens_per_id, max_output, max_prompt)
+        out.append(WorkRequest(at=len(out) * gap_s, prompt=prompt, max_tokens=max_tokens))
     return out
 
 
