@@ -196,11 +196,12 @@ class TransferService:
         stats = self.peers.setdefault(peer, PeerStats())
         t0 = time.perf_counter()
         try:
-            host, port = await self._resolve(peer)
-            per_run = self._run_blocks(len(hashes), sess.block_bytes)
-            runs = deque(hashes[i : i + per_run] for i in range(0, len(hashes), per_run))
-            job = _Pull(sess, peer, host, port, runs, stats, {}, [])
-            await asyncio.gather(*(self._stream(job) for _ in range(min(self.streams, len(runs)))))
+            cached = peer in self._ports
+            job = await self._transfer(sess, peer, hashes, stats)
+            if job.errors and not job.status:  # no stream got in: nothing was received
+                self._ports.pop(peer, None)  # moved (a restarted peer) or gone
+                if cached:  # the address was an old answer: ask again, once
+                    job = await self._transfer(sess, peer, hashes, stats)
         finally:
             stats.seconds += time.perf_counter() - t0
         status = job.status
@@ -212,13 +213,22 @@ class TransferService:
         stats.blocks += len(out["pulled"])
         stats.failed += len(out["failed"])
         if job.errors:
-            if not out["pulled"] and not out["missing"]:
-                self._ports.pop(peer, None)  # moved or gone: ask again next time
             out["error"] = job.errors[0]
             log.warning(
                 "pull from %s: %d blocks failed: %s", peer, len(out["failed"]), out["error"]
             )
         return out
+
+    async def _transfer(
+        self, sess: Session, peer: str, hashes: list[bytes], stats: PeerStats
+    ) -> _Pull:
+        """Every stream of one attempt; ``status`` says what each run got."""
+        host, port = await self._resolve(peer)
+        per_run = self._run_blocks(len(hashes), sess.block_bytes)
+        runs = deque(hashes[i : i + per_run] for i in range(0, len(hashes), per_run))
+        job = _Pull(sess, peer, host, port, runs, stats, {}, [])
+        await asyncio.gather(*(self._stream(job) for _ in range(min(self.streams, len(runs)))))
+        return job
 
     def _run_blocks(self, n: int, block_bytes: int) -> int:
         """Blocks per fetch request: an equal share per stream, but no run under

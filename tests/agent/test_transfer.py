@@ -433,3 +433,31 @@ def test_an_agent_stopping_mid_pull_does_not_wait_out_the_transfer_timeout(
             assert replies  # the puller was answered or saw the agent go
         finally:
             proxy.close()
+
+
+def test_a_peer_restarted_on_a_new_transfer_port_is_found_again(tmp_path: Path) -> None:
+    """Pulls by agent URL remember the peer's transfer port; when the peer comes
+    back on another one (port 0, as in local mode), the next pull asks again."""
+    for name in ("a", "b", "a2"):
+        (tmp_path / name).mkdir()
+    token = "shared-pool-token-0123456789"
+    with agent_process(tmp_path / "b", node="b", migration=migration(tmp_path / "b", token)) as b:
+        c = AgentClient(b.socket, "tok-chat", 4096).connect()
+        with agent_process(
+            tmp_path / "a", node="a", migration=migration(tmp_path / "a", token)
+        ) as a:
+            url, first = a.url, transfer_port(a)
+            hashes = fill(a, 2)
+            assert c.call({"op": "pull", "peer": url, "hashes": hashes[:1]})["pulled"] == 1
+        http_port = int(url.rsplit(":", 1)[1])
+        with agent_process(
+            tmp_path / "a2",
+            node="a",
+            http_port=http_port,
+            migration=migration(tmp_path / "a2", token),
+        ) as a2:
+            fill(a2, 2)
+            assert transfer_port(a2) != first
+            reply = c.call({"op": "pull", "peer": url, "hashes": hashes[1:]})
+            assert reply["pulled"] == 1 and reply["failed"] == [], reply
+        c.close()
