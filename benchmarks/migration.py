@@ -207,6 +207,7 @@ class Pair:
             writer.block(p, i).fill_(h[0])
         writer.commit([(p, i, h) for (p, i), h in zip(slots, self.hashes, strict=True)])
         writer.release(self.hashes)
+        writer.close()  # its mapping would hold A's pages after A exits
         self.reader = AgentClient(sock_b, "serving-token", BLOCK, timeout=300).connect()
         self.nbytes = nbytes
 
@@ -226,6 +227,7 @@ class Pair:
         return self.nbytes / elapsed / 1e9, *used
 
     def close(self) -> None:
+        self.reader.close()
         for p in (self.a, self.b):
             p.terminate()
             p.wait(20)
