@@ -19,9 +19,9 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import median, report, time_runs  # noqa: E402
+from _common import median, report, time_runs
 
-from kvmarina.kernels import gather_blocks, paged_decode  # noqa: E402
+from kvmarina.kernels import gather_blocks, paged_decode
 
 BLOCK_BYTES = 2 * 1024 * 1024
 
