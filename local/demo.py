@@ -23,7 +23,13 @@ from kvmarina.local.replay import Summary, replay
 from kvmarina.local.rundir import run_dir
 from kvmarina.local.supervisor import FleetError, Supervisor
 from kvmarina.local.up import start
-from kvmarina.local.workload import WorkRequest, conversations, find_trace, mooncake_shared
+from kvmarina.local.workload import (
+    WorkRequest,
+    block_text,
+    conversations,
+    find_trace,
+    mooncake_shared,
+)
 from kvmarina.validate import SpecError
 
 POLICIES = ("cache-aware", "round-robin")
@@ -116,15 +122,21 @@ def clear_caches(sup: Supervisor) -> None:
 
 
 def warm_up(sup: Supervisor, model: str) -> None:
-    body = json.dumps({"model": model, "prompt": "warm up", "max_tokens": 2}).encode()
+    """A short and a long prompt through every engine: its first prefill of a new
+    size pays one-time costs (allocations, first kernel runs) that would otherwise
+    land on whichever policy runs first. The caches are cleared after."""
+    prompts = ["warm up", block_text(99_999_999, 1200)]
     for p in sup.procs:
-        if p.spec.role == "engine":
+        if p.spec.role != "engine":
+            continue
+        for prompt in prompts:
+            body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 4}).encode()
             req = urllib.request.Request(
                 p.spec.info["url"] + "/v1/completions",
                 data=body,
                 headers={"content-type": "application/json"},
             )
-            urllib.request.urlopen(req, timeout=60).read()
+            urllib.request.urlopen(req, timeout=120).read()
 
 
 def run_policies(
