@@ -147,6 +147,19 @@ class PagedStore:
         self.seqs[seq_id] = seq
         return len(hits) * self.block_size
 
+    def prefetch(self, prompt: list[int], salt: str, hint: PullHint) -> None:
+        """Pull the prompt's blocks the router says a peer holds, before the request
+        reaches the scheduler: called from a worker thread (the client serializes its
+        calls), so a slow or stalled peer delays this request only, not every sequence
+        the scheduler is running. ``open`` then finds them like any local block."""
+        hashes = self.contract.block_hashes(prompt, self.identity, salt)
+        usable = hashes[: (len(prompt) - 1) // self.block_size]
+        if usable:
+            try:
+                self._pull(hint, usable[: hint.blocks])
+            except AgentUnavailable as exc:  # open() reconnects, on the scheduler thread
+                log.info("pull skipped: %s", exc)
+
     def _pull(self, hint: PullHint, hashes: list[bytes]) -> None:
         try:
             reply = self.client.call(

@@ -165,7 +165,12 @@ class EngineServer:
         def emit(out: Output) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
-        seq = Sequence(req.prompt_tokens, req.params, emit, salt=self._salt(request), pull=pull)
+        salt = self._salt(request)
+        prefetch = getattr(self.store, "prefetch", None)
+        if pull is not None and prefetch is not None:
+            await asyncio.to_thread(prefetch, req.prompt_tokens, salt, pull)
+            pull = None
+        seq = Sequence(req.prompt_tokens, req.params, emit, salt=salt, pull=pull)
         try:
             self.scheduler.submit(seq)
         except QueueFull as exc:

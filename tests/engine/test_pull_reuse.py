@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -38,6 +40,7 @@ def two_nodes(tmp_path: Path):  # type: ignore[no-untyped-def]
                         "host": "127.0.0.1",
                         "auth": "token",
                         "token_file": str(tmp_path / "transfer"),
+                        "timeout_s": 4,
                     },
                 }
             )
@@ -114,3 +117,25 @@ async def test_pull_from_a_peer_agent_then_identical_output(two_nodes: dict[str,
     async with aiohttp.ClientSession() as s, s.get(two_nodes["agent-b"] + "/stats") as r:
         stats = await r.json()
     assert stats["transfer"]["peers"][two_nodes["agent-a"]]["blocks"] == blocks
+
+
+async def test_a_stalled_peer_delays_only_the_request_that_pulls(
+    two_nodes: dict[str, str],
+) -> None:
+    """The pull runs beside the scheduler, not in it: while one request waits on a
+    peer that accepts and never answers, the engine serves others; then it computes
+    the prefix itself."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        prompt = "A preamble nobody can send. " * 8 + "Question?"
+        hint = f"node=z;agent=http://127.0.0.1:{port};blocks=10"
+        stalled = asyncio.create_task(
+            complete(two_nodes["engine-b"], prompt, {"x-kvmarina-pull": hint})
+        )
+        await asyncio.sleep(0.5)
+        other = await complete(two_nodes["engine-b"], "Another request, served meanwhile.")
+        assert other["choices"][0]["text"] and not stalled.done()  # type: ignore[index]
+        done = await asyncio.wait_for(stalled, 30)
+    assert done["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
