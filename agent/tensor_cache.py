@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from kvmarina.quantity import QuantityError, parse_size
 
 log = logging.getLogger(__name__)
 POLICIES = ("lru", "lfu")
+AGENT_SOCKET_ENV = "KVMARINA_AGENT_SOCKET"
 _MISSING = object()
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -196,7 +198,8 @@ class Cache:
     """A tensor cache. See the module docstring for the contract.
 
     ``agent``: the node agent's unix socket (values then live in its pool, shared
-    with every process of the same sharing scope); ``token``: the serving credential
+    with every process of the same sharing scope); default ``$KVMARINA_AGENT_SOCKET``
+    when that socket exists, else this process's memory; ``token``: the serving credential
     to register with (default: ``$KVMARINA_AGENT_TOKEN``, else the file named by
     ``$KVMARINA_CREDENTIAL_FILE``); ``chunk_bytes``: the block size values are cut
     into in the pool (default 64 KiB, or the agent's page size if smaller).
@@ -231,13 +234,20 @@ class Cache:
         self._hits = self._misses = self._evictions = 0
 
     def _open_store(self, agent: str | None, token: str | None, chunk_bytes: int | None) -> Store:
+        why = "no agent given"
+        if agent is None and (found := os.environ.get(AGENT_SOCKET_ENV)):
+            # the node's agent, as engines find it; none running there: in-process
+            if os.path.exists(found):
+                agent = found
+            else:
+                why = f"no agent running at ${AGENT_SOCKET_ENV} ({found})"
         if agent is not None:
             from kvmarina.agent.cache_store import open_store
 
             with _store_errors():
                 return open_store(self, agent, token, chunk_bytes)
         if not Cache._warned_local:
-            log.info("kvmarina.Cache: no agent given; values live in this process only")
+            log.info("kvmarina.Cache: %s; values live in this process only", why)
             Cache._warned_local = True
         return LocalStore(self.capacity, self.policy)
 

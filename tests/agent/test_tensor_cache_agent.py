@@ -219,3 +219,17 @@ def test_a_got_value_maps_the_shared_pages_privately(agent: AgentProc) -> None:
         other[f"x{i}"] = torch.full((6000,), -7.0)
     assert torch.equal(kept, first * 2)
     other.close()
+
+
+def test_the_node_agent_is_found_from_the_environment_or_the_cache_stays_local(
+    agent: AgentProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVMARINA_AGENT_TOKEN", "tok-chat")
+    monkeypatch.setenv("KVMARINA_AGENT_SOCKET", agent.socket)
+    found = Cache(capacity=64 * BLOCK, namespace="t", chunk_bytes=BLOCK)
+    assert found.stats().backend == "agent"
+    found.close()
+    monkeypatch.setenv("KVMARINA_AGENT_SOCKET", str(tmp_path / "no-agent.sock"))
+    local = Cache(capacity=64 * BLOCK, namespace="t")
+    local["k"] = torch.ones(3)
+    assert local.stats().backend == "in-process" and torch.equal(local["k"], torch.ones(3))
