@@ -128,9 +128,13 @@ class PagedStore:
             self._reconnect()  # a new request after an agent restart: register and go on
             return self._open(seq_id, prompt, salt, pull)
 
-    def _open(self, seq_id: int, prompt: list[int], salt: str, pull: PullHint | None) -> int:
+    def _hashes(self, prompt: list[int], salt: str) -> tuple[list[bytes], list[bytes]]:
+        """The prompt's block hashes, and those a lookup may use (>= 1 token computed)."""
         hashes = self.contract.block_hashes(prompt, self.identity, salt)
-        usable = hashes[: (len(prompt) - 1) // self.block_size]  # compute >= 1 token
+        return hashes, hashes[: (len(prompt) - 1) // self.block_size]
+
+    def _open(self, seq_id: int, prompt: list[int], salt: str, pull: PullHint | None) -> int:
+        hashes, usable = self._hashes(prompt, salt)
         if pull is not None and usable:
             self._pull(pull, usable[: pull.blocks])
         try:
@@ -152,13 +156,9 @@ class PagedStore:
         reaches the scheduler: called from a worker thread (the client serializes its
         calls), so a slow or stalled peer delays this request only, not every sequence
         the scheduler is running. ``open`` then finds them like any local block."""
-        hashes = self.contract.block_hashes(prompt, self.identity, salt)
-        usable = hashes[: (len(prompt) - 1) // self.block_size]
-        if usable:
-            try:
-                self._pull(hint, usable[: hint.blocks])
-            except AgentUnavailable as exc:  # open() reconnects, on the scheduler thread
-                log.info("pull skipped: %s", exc)
+        _, usable = self._hashes(prompt, salt)
+        if usable:  # a failed pull is logged by _pull; open() then computes, or reconnects
+            self._pull(hint, usable[: hint.blocks])
 
     def _pull(self, hint: PullHint, hashes: list[bytes]) -> None:
         try:
