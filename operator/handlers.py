@@ -13,6 +13,7 @@ refreshed once per resync interval whatever happens.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -32,6 +33,14 @@ FINALIZER = "kvmarina.io/finalizer"
 # An API error retries soon (kopf's default waits 60 s); the next pass is level-based.
 RETRY = min(5.0, max(0.5, SETTINGS.resync_seconds / 4))
 IDLE = SETTINGS.resync_seconds / 4  # a timer waits for an object to stop changing
+
+
+def first_resync(uid: str | None = None, **_: Any) -> float:
+    """When an object's timer first runs: a full interval after its change handlers
+    (which have just reconciled it), plus up to one more interval picked by its uid,
+    so that objects created together do not all resync in the same second."""
+    spread = int.from_bytes(hashlib.blake2b(str(uid).encode(), digest_size=2).digest()) / 65536
+    return SETTINGS.resync_seconds * (1.0 + spread)
 
 
 def reconciler() -> Reconciler:
@@ -74,7 +83,13 @@ async def pool_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().pool(dict(body)))
 
 
-@kopf.timer(*POOLS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
+@kopf.timer(
+    *POOLS,
+    interval=SETTINGS.resync_seconds,
+    initial_delay=first_resync,
+    idle=IDLE,
+    backoff=RETRY,
+)
 async def pool_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().pool(dict(body), observe=True))
 
@@ -97,7 +112,13 @@ async def serving_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().serving(dict(body)))
 
 
-@kopf.timer(*SERVINGS, interval=SETTINGS.resync_seconds, idle=IDLE, backoff=RETRY)
+@kopf.timer(
+    *SERVINGS,
+    interval=SETTINGS.resync_seconds,
+    initial_delay=first_resync,
+    idle=IDLE,
+    backoff=RETRY,
+)
 async def serving_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _patch_status(body, patch, await reconciler().serving(dict(body), observe=True))
 

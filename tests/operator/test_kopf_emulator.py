@@ -625,3 +625,12 @@ async def test_two_replicas_elect_a_leader_through_kopf_peering(cluster: Cluster
     # the leader leaves (kopf withdraws its entry on exit): this replica takes over
     await cluster.call("PATCH", f"{PEERINGS}/kv-kvmarina", {"status": {"the-other-replica": None}})
     assert await wait_for(lambda: cluster.get(config))
+
+
+def test_timers_first_run_an_interval_after_creation_spread_by_uid() -> None:
+    delays = [handlers.first_resync(uid=f"uid-{i}") for i in range(200)]
+    interval = handlers.SETTINGS.resync_seconds
+    assert all(interval <= d < 2 * interval for d in delays)
+    assert handlers.first_resync(uid="uid-7") == delays[7]  # stable for one object
+    # objects created together are spread over the second interval, not bunched
+    assert len({int(10 * (d - interval) / interval) for d in delays}) == 10
