@@ -3,13 +3,17 @@
 One region per sharing scope: an engine receives the file descriptor of its own
 scope's region only, never one covering the whole pool, so no engine can map
 another tenant's KV. A region is sized for the whole device budget but is
-sparse: a page costs memory only while some block of that scope lives in it,
-and ``release`` gives it back (``MADV_REMOVE`` punches the page out of the memfd,
-so the next owner of that page index in *this* region reads zeros).
+sparse: a page costs memory once that scope has used it, and ``release`` gives
+it back (``MADV_REMOVE`` punches the page out of the memfd, so the next owner
+of that page index in *this* region reads zeros) when the page index moves to
+another scope (``slots.FreePages``); all regions together hold at most the
+tier's pages.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 from typing import Any, Protocol
@@ -67,6 +71,24 @@ class CpuRegion:
         except BufferError:
             pass  # a tensor view is still alive somewhere; the OS frees it at exit
         os.close(self.fd)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_OS_PAGE = mmap.PAGESIZE
+
+
+def backed(addr: int, size: int) -> bool:
+    """Every OS page of ``[addr, addr + size)`` in a shared mapping has memory behind
+    it already (``mincore``), so writing there through the mapping takes no page
+    fault; ``False`` when unsure. A pull writes into a span that is not backed
+    with ``pwrite``, which fills fresh pages faster than faulting them in."""
+    start = addr - addr % _OS_PAGE
+    n = -(-(addr + size - start) // _OS_PAGE)
+    vec = (ctypes.c_ubyte * n)()
+    mincore = getattr(_libc, "mincore", None)
+    if mincore is None or mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * _OS_PAGE), vec):
+        return False
+    return all(v & 1 for v in bytes(vec))
 
 
 def map_region(fd: int, size: int) -> tuple[mmap.mmap, torch.Tensor]:

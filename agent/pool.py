@@ -108,8 +108,8 @@ class Pool:
     ) -> None:
         self.node, self.backend, self.page_size = node, backend, page_size
         self.block_tokens = block_tokens  # tokens per block (the hashing contract's)
-        self.device = FreePages(device_pages)
-        self.host = FreePages(host_pages)
+        self.device = FreePages(device_pages, self._drop_page)
+        self.host = FreePages(host_pages)  # one region for every scope: never dropped
         self.index = BlockIndex(policy)
         self.regions: dict[str, Region] = {}
         self.host_region: CpuRegion | None = (
@@ -147,14 +147,17 @@ class Pool:
                     f"a block of {block_bytes} bytes does not fit a page of "
                     f"{self.page_size} bytes; raise the pool's pageSize"
                 )
-            region = self.region(scope) if tier == "device" else self.host_region
-
-            def released(page: int, region: Region | CpuRegion | None = region) -> None:
-                if region is not None:
-                    region.release(page * self.page_size, self.page_size)
-
-            self._slot_pools[key] = SlotPool(pages, per_page, released)
+            if tier == "device":
+                self.region(scope)  # made before the first page is written
+            self._slot_pools[key] = SlotPool(pages, per_page, scope if tier == "device" else "")
         return self._slot_pools[key]
+
+    def _drop_page(self, scope: str, page: int) -> None:
+        """A free device page moves to another scope: its memory in ``scope``'s region
+        goes back first (a memfd reads zeros there from then on)."""
+        region = self.regions.get(scope)
+        if region is not None:
+            region.release(page * self.page_size, self.page_size)
 
     def _bytes(self, scope: str, tier: str, slot: Slot, block_bytes: int) -> torch.Tensor:
         region = self.region(scope) if tier == "device" else self.host_region
@@ -586,7 +589,11 @@ class Pool:
             "boot_id": self.events.boot_id,
             "seq": self.events.seq,
             "pages": {
-                "device": {"total": self.device.n_pages, "used": self.device.used},
+                "device": {
+                    "total": self.device.n_pages,
+                    "used": self.device.used,
+                    "kept": self.device.kept,  # free, memory kept for their last scope
+                },
                 "host": {"total": self.host.n_pages, "used": self.host.used},
             },
             "blocks": {"device": tiers.get("device", 0), "host": tiers.get("host", 0)},

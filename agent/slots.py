@@ -2,8 +2,9 @@
 
 A tier has ``n_pages`` pages. A page in use belongs to exactly one
 (scope, block size) pair and is cut into ``page_size // block_bytes`` slots;
-when its last slot is freed the page returns to the tier's free queue (and its
-memory is released), so the same page index can next serve another scope.
+when its last slot is freed the page returns to the tier's free pages, its
+memory kept for the same scope's next use; the same page index can next serve
+another scope, whose region gets it only after the first one gave it back.
 """
 
 from __future__ import annotations
@@ -16,29 +17,68 @@ from kvmarina.agent.index import Slot
 
 
 class FreePages:
-    """Invariant: every page index is either in ``_free`` or handed out, never both."""
+    """A tier's page indices, free or handed out, and where each page's memory lives.
 
-    def __init__(self, n_pages: int) -> None:
+    Each scope has its own region, all indexed by the same page numbers. A freed
+    page keeps its memory in the region that used it (its *home*): taking it
+    again for that home costs nothing, where punching it out on every free made
+    each reuse fault in and zero fresh memory. A page goes to another home only
+    once it has none free of its own and no page is bare; then ``drop(old_home,
+    page)`` gives the old region's copy back first, so no scope ever reads
+    another's bytes and the tier never holds more than ``n_pages`` of memory.
+
+    Invariants: every page index is either free or handed out, never both; a
+    page's memory is resident in at most one home (``_home``); a free page sits
+    in ``_resident[its home]`` if it has one, else in ``_bare``.
+    """
+
+    def __init__(self, n_pages: int, drop: Callable[[str, int], None] | None = None) -> None:
         self.n_pages = n_pages
-        self._free: deque[int] = deque(range(n_pages))
+        self.drop = drop or (lambda _home, _page: None)
+        self._bare: deque[int] = deque(range(n_pages))
+        self._resident: dict[str, deque[int]] = {}
+        self._home: dict[int, str] = {}
         self._out: set[int] = set()
+        self._free = n_pages
 
-    def take(self) -> int | None:
-        if not self._free:
-            return None
-        page = self._free.popleft()
+    def take(self, home: str = "") -> int | None:
+        """A free page for ``home``: one already resident there, else a bare one,
+        else one resident elsewhere (its memory there dropped first)."""
+        own = self._resident.get(home)
+        if own:
+            page = own.popleft()
+        elif self._bare:
+            page = self._bare.popleft()
+        else:
+            other = max(self._resident, key=lambda h: len(self._resident[h]), default=None)
+            if other is None or not self._resident[other]:
+                return None
+            page = self._resident[other].popleft()
+            self.drop(other, page)
+        self._home[page] = home
         self._out.add(page)
+        self._free -= 1
         return page
 
     def give(self, page: int) -> None:
         if page not in self._out:
             raise ValueError(f"page {page} was not handed out")
         self._out.remove(page)
-        self._free.append(page)
+        self._resident.setdefault(self._home[page], deque()).append(page)
+        self._free += 1
+
+    def resident(self, home: str) -> int:
+        """Free pages whose memory stays in ``home``'s region."""
+        return len(self._resident.get(home) or ())
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return self._free
+
+    @property
+    def kept(self) -> int:
+        """Free pages whose memory stays with the scope that used them last."""
+        return self._free - len(self._bare)
 
     @property
     def used(self) -> int:
@@ -56,7 +96,7 @@ class SlotPool:
 
     pages: FreePages
     slots_per_page: int
-    on_page_freed: Callable[[int], None]
+    home: str = ""  # the region these slots live in (see ``FreePages``)
     free_slots: dict[int, list[int]] = field(default_factory=dict)
     used: dict[int, int] = field(default_factory=dict)
     partial: set[int] = field(default_factory=set)  # pages held that have a free slot
@@ -70,7 +110,7 @@ class SlotPool:
             if not free:
                 self.partial.discard(page)
             return slot
-        taken = self.pages.take()
+        taken = self.pages.take(self.home)
         if taken is None:
             return None
         page = taken
@@ -91,7 +131,6 @@ class SlotPool:
             del self.used[slot.page], self.free_slots[slot.page]
             self.partial.discard(slot.page)
             self.pages.give(slot.page)
-            self.on_page_freed(slot.page)
 
     @property
     def slots_used(self) -> int:

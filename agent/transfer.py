@@ -325,7 +325,7 @@ class TransferService:
         off = Location(b"", slot.page, slot.index, "device").offset(self.pool.page_size, size)
         t = region.tensor()[off : off + size]
         if region.kind == "cpu":
-            return Span(size, t.numpy().data, region.fd, off)
+            return Span(size, t.numpy().data, region.fd, off, addr=t.data_ptr())
         return Span(size, tensor=t)
 
     def summary(self) -> dict[str, Any]:

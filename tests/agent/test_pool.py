@@ -259,3 +259,34 @@ def test_each_tier_keeps_its_own_eviction_order() -> None:
     assert all(
         (s.scope, h[8]) not in set(pool.index.orders[t].candidates()) for t in ("device", "host")
     )
+
+
+def test_free_pages_prefer_the_home_that_used_them_then_bare_then_others() -> None:
+    from kvmarina.agent.slots import FreePages
+
+    dropped: list[tuple[str, int]] = []
+    pages = FreePages(3, lambda home, page: dropped.append((home, page)))
+    a0, a1 = pages.take("a"), pages.take("a")
+    assert a0 is not None and a1 is not None
+    pages.give(a0)
+    pages.give(a1)
+    assert pages.resident("a") == 2 and pages.free == 3
+    assert pages.take("a") == a0 and dropped == []  # its own memory, nothing to drop
+    b0 = pages.take("b")  # a bare page before anyone's memory
+    assert b0 not in (a0, a1) and dropped == []
+    assert pages.take("b") == a1 and dropped == [("a", a1)]  # taken over: a's copy dropped
+    assert pages.take("c") is None and pages.free == 0
+    with pytest.raises(ValueError, match="not handed out"):
+        pages.give(a1 + 10)
+
+
+def test_a_freed_page_stays_with_its_scope_and_is_zeroed_before_another_scope_gets_it() -> None:
+    pool = make_pool(device_pages=1)
+    a, b = session(pool, "chat", ns="a"), session(pool, "other", ns="b")
+    fill(pool, a, [7])
+    assert pool.drop_unpinned() == 1 and pool.device.free == 1
+    region_a = pool.region(a.scope).tensor()
+    assert pool.device.resident(a.scope) == 1 and int(region_a[:BB].min()) == 7  # kept
+    (slot,) = pool.lease(b, 1)
+    assert slot.page == 0 and pool.device.resident(a.scope) == 0
+    assert int(region_a[: pool.page_size].max()) == 0  # a's copy given back before b's use

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -460,4 +461,33 @@ def test_a_peer_restarted_on_a_new_transfer_port_is_found_again(tmp_path: Path) 
             assert transfer_port(a2) != first
             reply = c.call({"op": "pull", "peer": url, "hashes": hashes[1:]})
             assert reply["pulled"] == 1 and reply["failed"] == [], reply
+        c.close()
+
+
+def test_a_pull_into_pages_kept_from_an_earlier_pull_is_verified_the_same(one_stream) -> None:  # type: ignore[no-untyped-def]
+    """The receiver's pool keeps freed pages' memory for their scope, so a second
+    pull is read straight into backed pages: bytes land intact and a flipped
+    byte is still caught before the block becomes visible."""
+    a, b = one_stream
+    hashes = fill(a)
+    c = AgentClient(b.socket, "tok-chat", 4096).connect()
+    assert c.call({"op": "pull", "peer": a.url, "hashes": hashes})["pulled"] == N
+    clear = urllib.request.Request(b.url + "/admin/clear", method="POST")
+    urllib.request.urlopen(clear, timeout=10).read()
+    assert c.lookup(hashes) == [] and b.stats()["pages"]["device"]["kept"] > 0  # type: ignore[index]
+    proxy = Proxy(transfer_port(a), "corrupt", after=600 + 5 * 4096)
+    try:
+        reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+        assert reply["failed"] == [hashes[5]] and reply["pulled"] == N - 1
+        assert b.stats()["transfer"]["corrupt"] == 1  # type: ignore[index]
+        for i, h in enumerate(hashes):
+            got = c.lookup([h])
+            if i == 5:
+                assert got == []
+                continue
+            block = c.block(got[0].page, got[0].index)
+            assert int(block.min()) == int(block.max()) == i + 1
+            c.release([h])
+    finally:
+        proxy.close()
         c.close()
