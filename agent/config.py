@@ -63,6 +63,8 @@ class MigrationConfig:
             raise ConfigError(f"migration.run_bytes {self.run_bytes} must be >= 1")
         if self.timeout_s <= 0:
             raise ConfigError(f"migration.timeout_s {self.timeout_s} must be > 0")
+        if self.checksum not in ("xxh3", "crc32c"):
+            raise ConfigError(f"migration.checksum {self.checksum!r}: use xxh3 or crc32c")
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ class Block:
     tier: str = "device"
     refs: int = 0
     uses: int = 0
-    checksum: int | None = None  # xxh3 of the bytes, computed when first needed
+    checksum: int | None = None  # the pool's checksum of the bytes (at commit, or first need)
     tag: bytes = b""  # a label the committer chose (tensor caches count their values by it)
 
 

@@ -53,6 +53,7 @@ async def serve(cfg: AgentConfig, ready_file: str | None = None) -> None:
         host_pages=cfg.host_pages,
         policy=cfg.eviction,
         block_tokens=cfg.contract().block_size,
+        checksum=cfg.migration.checksum,
     )
     pool.events.max_queue = cfg.event_queue
     proto = AgentProtocol(pool, creds, cfg.contract().digest_bytes, cfg.reclaim_timeout_s)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import xxhash
 
+from kvmarina.agent import checksums
 from kvmarina.agent.credentials import Identity
 from kvmarina.agent.events import EventLog
 from kvmarina.agent.index import Block, BlockIndex, Key, Slot
@@ -105,9 +105,12 @@ class Pool:
         policy: str,
         events: EventLog | None = None,
         block_tokens: int = 16,
+        checksum: str = "xxh3",
     ) -> None:
         self.node, self.backend, self.page_size = node, backend, page_size
         self.block_tokens = block_tokens  # tokens per block (the hashing contract's)
+        self.checksum_name = checksums.check(checksum)  # the pool's migration.checksum
+        self._checksum = checksums.one_shot(checksum)
         self.device = FreePages(device_pages, self._drop_page)
         self.host = FreePages(host_pages)  # one region for every scope: never dropped
         self.index = BlockIndex(policy)
@@ -294,8 +297,11 @@ class Pool:
         tag: bytes = b"",
     ) -> Location:
         """Make a written block shareable; pinned by the session until it releases.
-        ``checksum``: the block's xxh3, when the caller has just verified it (else
-        it is computed on first need: committed bytes never change)."""
+        ``checksum``: the block's checksum, when the caller has just verified it.
+        Else it is computed now, from the committed bytes, so that what a peer
+        later receives is checked against the block as it was committed; in
+        device memory (CUDA) only on first need, to spare a copy to the host
+        for blocks that never move."""
         if slot not in sess.leased:
             raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
         key = (sess.scope, block_hash)
@@ -307,6 +313,8 @@ class Pool:
             return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
         sess.leased.discard(slot)
         block = Block(key, slot, sess.block_bytes, sess.ident.key, checksum=checksum, tag=tag)
+        if checksum is None and self.backend == "cpu":
+            self.checksum(block)
         self.index.insert(block)
         sess.pins[key] += 1
         self.stats["committed"] += 1
@@ -483,7 +491,7 @@ class Pool:
 
     def checksum(self, block: Block) -> int:
         if block.checksum is None:
-            block.checksum = xxhash.xxh3_64_intdigest(self.host_view(block))
+            block.checksum = self._checksum(self.host_view(block))
         return block.checksum
 
     def write_block(self, scope: str, slot: Slot, size: int, data: bytes) -> None:

@@ -275,7 +275,14 @@ class TransferService:
         spans = [self._slot_span(sess, s) for s in slots]
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(
-            self._threads, receive_run, conn, sess.scope, run, spans, sess.block_bytes
+            self._threads,
+            receive_run,
+            conn,
+            sess.scope,
+            run,
+            spans,
+            sess.block_bytes,
+            self.pool.checksum_name,
         )
         try:
             res = await asyncio.shield(fut)

@@ -29,7 +29,7 @@ from kvmarina.agent.transfer_wire import (
     Span,
     TransferError,
     accept,
-    checksums,
+    block_checksums,
     recv_frame,
     send_frame,
     send_run,
@@ -160,7 +160,9 @@ class Server:
         todo = [k for k, b in enumerate(pinned) if b.checksum is None]
         if todo:  # first send of these blocks: hash them off the loop
             where = [(pinned[k].tier, pinned[k].slot) for k in todo]
-            sums = await self._io(checksums, [spans[k].view for k in todo])
+            sums = await self._io(
+                block_checksums, self.pool.checksum_name, [spans[k].view for k in todo]
+            )
             for k, was, digest in zip(todo, where, sums, strict=True):
                 block = pinned[k]
                 if (block.tier, block.slot) != was:  # promoted meanwhile: hash where it is now
@@ -169,7 +171,7 @@ class Server:
                 elif block.checksum is None:
                     block.checksum = digest
         entries = [None if b is None else [b.block_bytes, b.checksum] for b in found]
-        return {"blocks": entries}, spans
+        return {"checksum": self.pool.checksum_name, "blocks": entries}, spans
 
     def _span(self, block: Block) -> Span:
         scope, h = block.key

@@ -4,7 +4,8 @@ A stream is one TCP connection (optionally TLS). After the token handshake the
 puller sends one request per *run* of blocks and the peer answers::
 
     request  frame {"op": "fetch", "scope": str, "hashes": [bytes, ...]}
-    answer   frame {"blocks": [None | [size, xxh3], ...]}   (one entry per hash, in order)
+    answer   frame {"checksum": "xxh3" | "crc32c",
+                    "blocks": [None | [size, checksum], ...]}   (one entry per hash, in order)
              then the payloads of the found blocks, back to back, raw
 
 Frames are ``kvmarina.framing`` frames (length prefix + msgpack; never pickle).
@@ -15,8 +16,10 @@ round trip, so a run streams at socket speed. On a plain socket the sender
 receiver reads each block a chunk at a time into one reused buffer per
 stream, hashes the chunk while it is in cache and ``pwrite``s it into the
 leased slot's memfd (see ``_recv_block`` for why). Everything here runs in the
-streams' threads: socket calls, pwrite and xxhash release the GIL, so streams
+streams' threads: socket calls, pwrite and the checksums release the GIL, so streams
 receive and checksum in parallel.
+
+The checksum is the pool's ``migration.checksum`` (``agent/checksums.py``).
 
 Invariant: a received block's bytes are only ever written into slots leased
 for it, which nobody else can see until the caller verifies and commits.
@@ -34,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import xxhash
 
+from kvmarina.agent import checksums
 from kvmarina.agent.memory import backed
 from kvmarina.framing import HEADER, check_length, decode_body, encode_frame
 
@@ -194,8 +197,9 @@ def accept(sock: socket.socket, tls: ssl.SSLContext | None, timeout: float) -> C
 # ------------------------------------------------------------------ sending
 
 
-def checksums(views: list[memoryview]) -> list[int]:
-    return [xxhash.xxh3_64_intdigest(v) for v in views]
+def block_checksums(name: str, views: list[memoryview]) -> list[int]:
+    fn = checksums.one_shot(name)
+    return [fn(v) for v in views]
 
 
 def send_run(conn: Conn, header: dict[str, Any], spans: list[Span]) -> None:
@@ -243,15 +247,21 @@ class RunResult:
 
 
 def receive_run(
-    conn: Conn, scope: str, hashes: list[bytes], spans: list[Span], block_bytes: int
+    conn: Conn,
+    scope: str,
+    hashes: list[bytes],
+    spans: list[Span],
+    block_bytes: int,
+    checksum: str = "xxh3",
 ) -> RunResult:
-    """Fetch one run into ``spans`` (leased, one per hash). Never raises for the
-    stream's faults: blocks verified before a fault stay usable."""
+    """Fetch one run into ``spans`` (leased, one per hash), verifying each block
+    with the ``checksum`` algorithm. Never raises for the stream's faults:
+    blocks verified before a fault stay usable."""
     n = len(hashes)
     res = RunResult([""] * n, [0] * n, [-1] * n)
     try:
         send_frame(conn.sock, {"op": "fetch", "scope": scope, "hashes": hashes})
-        entries = _run_header(recv_frame(conn.sock), n)
+        entries = _run_header(recv_frame(conn.sock), n, checksum)
         used = 0
         for i, entry in enumerate(entries):
             if entry is None:
@@ -263,7 +273,7 @@ def receive_run(
                     f"peer block of {size} bytes, this session's are {block_bytes}: "
                     "a different model layout"
                 )
-            got = _recv_block(conn, spans[used], size)
+            got = _recv_block(conn, spans[used], size, checksum)
             res.target[i], used = used, used + 1
             res.nbytes += size
             res.status[i], res.checksums[i] = ("ok" if got == want else "corrupt"), want
@@ -272,9 +282,15 @@ def receive_run(
     return res
 
 
-def _run_header(head: Any, n: int) -> list[tuple[int, int] | None]:
+def _run_header(head: Any, n: int, checksum: str) -> list[tuple[int, int] | None]:
     if isinstance(head, dict) and head.get("ok") is False:
         raise TransferError(f"peer refused the fetch: {head.get('error')}")
+    theirs = head.get("checksum", "xxh3") if isinstance(head, dict) else None
+    if theirs != checksum:
+        raise TransferError(
+            f"peer checksums blocks with {theirs!r}, this agent with {checksum!r}: "
+            "the pool's agents must share one migration.checksum"
+        )
     entries = head.get("blocks") if isinstance(head, dict) else None
     if not isinstance(entries, list) or len(entries) != n:
         raise TransferError("peer's run header does not match the request")
@@ -293,8 +309,8 @@ def _run_header(head: Any, n: int) -> list[tuple[int, int] | None]:
     return out
 
 
-def _recv_block(conn: Conn, span: Span, size: int) -> int:
-    """Land ``size`` payload bytes in ``span``; their xxh3.
+def _recv_block(conn: Conn, span: Span, size: int, checksum: str) -> int:
+    """Land ``size`` payload bytes in ``span``; their ``checksum``.
 
     A chunk at a time, each hashed while it is still in cache. Where the
     span's pages are backed already (a page this scope used before: the pool
@@ -309,7 +325,7 @@ def _recv_block(conn: Conn, span: Span, size: int) -> int:
     a first pull's receiving cost, and pwrites into one memfd serialize on
     its inode lock, so streams beyond about four add no receive bandwidth
     into one scope's region."""
-    digest = xxhash.xxh3_64()
+    digest = checksums.streaming(checksum)
     direct = span.view if span.view is not None and span.addr and backed(span.addr, size) else None
     done = 0
     while done < size:

@@ -8,9 +8,9 @@ freed page's memory for the scope that used it, as an agent in service reuses
 its pages, so later pulls are read straight into backed pages. The first pull
 of each pair is reported apart (``gbps_first``), not in the medians: it lands
 in never-touched memory (page allocation and zero-fill, ~1.4 GB/s here on its
-own, see ``ceiling_fresh_gbps``), pays the sender's first checksum of every
-block (later sends reuse it) and, in a VM, the hypervisor backing guest memory
-on first touch.
+own, see ``ceiling_fresh_gbps``) and, in a VM, pays the hypervisor backing
+guest memory on first touch. (Checksums are computed when A's blocks are
+committed, before any pull.)
 
 Baselines measured in the same run, interleaved with the pulls so that load
 from other processes on the machine hits both alike:

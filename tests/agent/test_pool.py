@@ -290,3 +290,24 @@ def test_a_freed_page_stays_with_its_scope_and_is_zeroed_before_another_scope_ge
     (slot,) = pool.lease(b, 1)
     assert slot.page == 0 and pool.device.resident(a.scope) == 0
     assert int(region_a[: pool.page_size].max()) == 0  # a's copy given back before b's use
+
+
+@pytest.mark.parametrize("algo", ["xxh3", "crc32c"])
+def test_a_block_is_checksummed_when_committed_with_the_pools_algorithm(algo: str) -> None:
+    import crc32c
+    import xxhash
+
+    pool = Pool(
+        node="n", backend="cpu", page_size=4 * BB, device_pages=1, host_pages=0,
+        policy="lru", checksum=algo,
+    )  # fmt: skip
+    s = session(pool, "chat")
+    (h,) = fill(pool, s, [5])
+    block = pool.index.get((s.scope, h))
+    assert block is not None and block.checksum is not None  # at commit, not at first send
+    data = bytes([5]) * BB
+    want = crc32c.crc32c(data) if algo == "crc32c" else xxhash.xxh3_64_intdigest(data)
+    assert block.checksum == want
+    with pytest.raises(ValueError, match="checksum 'sha1': use one of xxh3, crc32c"):
+        Pool(node="n", backend="cpu", page_size=4 * BB, device_pages=1, host_pages=0,
+             policy="lru", checksum="sha1")  # fmt: skip

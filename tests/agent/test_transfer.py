@@ -491,3 +491,36 @@ def test_a_pull_into_pages_kept_from_an_earlier_pull_is_verified_the_same(one_st
     finally:
         proxy.close()
         c.close()
+
+
+def test_crc32c_pools_verify_with_crc32c_and_agents_that_disagree_refuse(tmp_path: Path) -> None:
+    """``migration.checksum: crc32c``: blocks travel with CRC32C and a flipped byte
+    is caught; an agent set to xxh3 pulling from it fails with a message naming
+    both, and nothing it received becomes visible."""
+    with agent_pair(tmp_path, checksum="crc32c", streams_per_peer=1) as (a, b):
+        hashes = fill(a)
+        c = AgentClient(b.socket, "tok-chat", 4096).connect()
+        proxy = Proxy(transfer_port(a), "corrupt", after=600 + 5 * 4096)
+        try:
+            reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+            assert reply["failed"] == [hashes[5]] and reply["pulled"] == N - 1, reply
+        finally:
+            proxy.close()
+            c.close()
+        d = tmp_path / "x"
+        d.mkdir()
+        mig = migration(d, "shared-pool-token-0123456789")  # xxh3, the default
+        with agent_process(d, node="node-x", migration=mig) as x:
+            cx = AgentClient(x.socket, "tok-chat", 4096).connect()
+            reply = cx.call({"op": "pull", "peer": a.url, "hashes": hashes})
+            assert reply["pulled"] == 0 and reply["failed"] == hashes
+            assert "'crc32c'" in reply["error"] and "'xxh3'" in reply["error"], reply
+            assert cx.lookup(hashes) == []
+            cx.close()
+
+
+def test_a_bad_checksum_setting_is_refused_by_name() -> None:
+    from kvmarina.agent.config import ConfigError, MigrationConfig
+
+    with pytest.raises(ConfigError, match=r"migration\.checksum 'md5': use xxh3 or crc32c"):
+        MigrationConfig(checksum="md5")
