@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import logging
+import mmap
 import os
 import select
 import socket
@@ -34,6 +35,7 @@ import torch
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
 class AgentError(RuntimeError):
@@ -177,8 +179,6 @@ class AgentClient:
         if backend != "cpu":
             os.close(fd)
             raise AgentError(f"the agent offered a {backend!r} region; this client maps cpu/cuda")
-        import mmap
-
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # kept for private mappings of single values (kvmarina.Cache reads)
         if self.region_fd is not None:
@@ -357,6 +357,8 @@ class AgentClient:
             if b"h" not in tiers
             else ("device" if t == 100 else "host" for t in tiers)
         )
+        if b"h" not in tiers:
+            self._map_ahead(pages, indices)
         # tuple.__new__ straight from C: a third faster than Hit(...) per hit
         return list(
             map(
@@ -365,6 +367,29 @@ class AgentClient:
                 zip(hashes[: reply["n"]], pages, indices, names, strict=False),
             )  # names may be endless
         )
+
+    def _map_ahead(self, pages: array.array[int], indices: array.array[int]) -> None:
+        """Enter the hit blocks' pages into this process's page tables now, a few
+        system calls in all (``MADV_POPULATE_READ``), not a page fault per 4 KiB on
+        first touch. Blocks another engine of the node wrote are not mapped here
+        yet: reading them cost ~0.2 ms per block in faults, so a prefix hit on a
+        sibling engine was ~20% slower than on the engine that computed it."""
+        if not isinstance(self._mm, mmap.mmap) or not pages:
+            return
+        bb, ps, os_page = self.block_bytes, self.page_size, mmap.PAGESIZE
+        starts = sorted(p * ps + i * bb for p, i in zip(pages, indices, strict=True))
+        runs: list[list[int]] = []
+        for off in starts:
+            if runs and off <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], off + bb)
+            else:
+                runs.append([off, off + bb])
+        for lo, hi in runs:
+            lo -= lo % os_page
+            try:
+                self._mm.madvise(MADV_POPULATE_READ, lo, hi - lo)
+            except (OSError, ValueError):
+                return  # an older kernel: the pages fault in on first touch instead
 
     def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
         slots = slots or []

@@ -58,7 +58,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvmarina demo", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--users", type=int, default=8, help="conversations (8)")
-    p.add_argument("--turns", type=int, default=4, help="turns per conversation (4)")
+    p.add_argument("--turns", type=int, default=6, help="turns per conversation (6)")
     p.add_argument(
         "--context", type=int, default=600, help="tokens of each user's own document (600)"
     )

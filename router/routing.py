@@ -11,6 +11,10 @@ Cache-aware scoring (DESIGN.md "Routing") estimates each pod's time to first tok
            a prefix copies it here, and under capacity pressure every copy evicts other
            useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
            0.21 at the same TTFT)
+         + w_sibling * recompute of the node's run beyond what this pod was sent: a
+           sibling engine reads the node's blocks too, a little slower than the
+           engine that computed them (the queue term still moves a request to an
+           idle sibling; a busy engine's users spread, an idle one keeps its own)
 
 and takes the minimum, ties broken by load. When the pull is the cheaper path the
 decision carries a ``PullHint`` for the ``x-kvmarina-pull`` header.
@@ -79,6 +83,9 @@ class RoutingCore:
         # on its node would compute it a second time)
         self.recent = BlockIndex(cfg.limits.index_max_blocks)
         self._recent_log: deque[tuple[float, str, Sequence[bytes]]] = deque()
+        # prefixes sent to each pod, kept by LRU (not by time): which engine of a node
+        # computed a prefix, for the sibling term
+        self.sent = BlockIndex(cfg.limits.index_max_blocks)
         self.pods: dict[str, PodState] = {}
         self.live_nodes: set[str] = set()
         # node -> pull bandwidth its agent measured (bytes/s); the config value until then
@@ -94,6 +101,7 @@ class RoutingCore:
         self.contract = cfg.contract
         lim = cfg.limits
         self.index.max_blocks = self.approx.max_blocks = lim.index_max_blocks
+        self.sent.max_blocks = lim.index_max_blocks
         new: dict[str, PodState] = {}
         for pc in cfg.pods:
             old = self.pods.get(pc.name)
@@ -104,6 +112,9 @@ class RoutingCore:
                 new[pc.name] = PodState(pc, cfg.routing.prefill_tokens_per_second)
             new[pc.name].breaker.threshold = lim.breaker_failures
             new[pc.name].breaker.cooldown_s = lim.breaker_cooldown_s
+        for name in self.sent.nodes:
+            if name not in new:
+                self.sent.drop_node(name)
         self.pods = new
         self._agents: dict[str, str] = {}
         for pc in cfg.pods:
@@ -194,7 +205,8 @@ class RoutingCore:
         host = match.host
         n = len(pods)
         offset = next(self._rr)  # rotates among equal scores instead of favouring pod 0
-        wq, wp, wm, wd = w.queue, w.prefill, w.migration, w.duplication
+        wq, wp, wm, wd, ws = w.queue, w.prefill, w.migration, w.duplication, w.sibling
+        sent = self.sent.match(hashes).run if ws else {}
         agents = self._agents
         scored: list[tuple[float, int, int, int, str]] = []
         for i, pod in enumerate(pods):
@@ -209,6 +221,8 @@ class RoutingCore:
                 cost += wd * (run - own) * bs / tps
                 run = own
             cost += (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
+            if sent:
+                cost += ws * max(0, run - sent.get(pod.name, 0)) * bs / tps
             peer = ""
             if runs:
                 if host:
@@ -247,6 +261,7 @@ class RoutingCore:
         if pod is None:  # any pod of the node will do
             pod = next((p.name for p in self.pods.values() if p.node == node), node)
         self.recent.store(pod, hashes, DEVICE)
+        self.sent.store(pod, hashes, DEVICE)
         self._recent_log.append((time.monotonic(), pod, hashes))
 
 

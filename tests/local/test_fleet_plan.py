@@ -57,3 +57,17 @@ def test_mtls_pool_gets_a_ca_and_certificate(tmp_path: Path) -> None:
     for name in ("ca.crt", "tls.crt", "tls.key"):
         assert (d / name).read_text().startswith("-----BEGIN")
     assert (d / "tls.key").stat().st_mode & 0o077 == 0
+
+
+def test_engines_sharing_the_machine_sleep_idle_threads_unless_the_user_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "fleet.yaml"
+    src.write_text((REPO / "examples" / "local.yaml").read_text())
+    pools, servings = load_resources([str(src)])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    plan = plan_fleet(pools, servings, tmp_path / "a", 2)
+    assert plan.engines and all(e.env["OMP_WAIT_POLICY"] == "PASSIVE" for e in plan.engines)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    plan = plan_fleet(pools, servings, tmp_path / "b", 2)
+    assert all("OMP_WAIT_POLICY" not in e.env for e in plan.engines)  # theirs is inherited

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,29 @@ def test_a_prefix_in_flight_stays_with_its_pod_not_only_its_node() -> None:
     # once the agent confirms the blocks, either pod of the node has them
     rc.index.store("n0", rc.hashes(toks, "s"), "device")
     assert rc.decide([*toks, 7], "s").ranked[0].name != first.name
+
+
+def test_a_conversation_stays_on_the_engine_that_computed_it_while_that_engine_is_free() -> None:
+    """Both engines of a node read its blocks, the one that computed them a little
+    faster: an idle one keeps its conversations (long after the in-flight memory
+    has expired), a busy one's next turn goes to its idle sibling."""
+    two_on_one_node = [
+        {"name": n, "url": f"http://127.0.0.1:{20000 + i}", "node": "n0",
+         "agent_url": "http://127.0.0.1:21000"}
+        for i, n in enumerate(("a", "b"))
+    ]  # fmt: skip
+    rc = RoutingCore(parse_config(router_doc(two_on_one_node, routing={"policy": "cache-aware"})))
+    rc.live_nodes = {"n0"}
+    toks = list(range(1600))
+    for turn in range(4):
+        toks = [*toks, *range(100 * turn, 100 * turn + 64)]
+        d = rc.decide(toks, "s")
+        if turn == 0:
+            owner = d.ranked[0]
+        assert d.ranked[0] is owner, f"turn {turn} moved to {d.ranked[0].name}"
+        rc.record_sent(owner.node, d.hashes, 0, owner.name)
+        rc.index.store("n0", d.hashes, "device")  # the agent's events confirm it
+        rc._expire_recent(time.monotonic() + 60)  # the next turn comes much later
+    owner.queued_tokens = 400
+    toks = [*toks, *range(64)]
+    assert rc.decide(toks, "s").ranked[0] is not owner
