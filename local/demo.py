@@ -75,7 +75,9 @@ def workload(args: argparse.Namespace) -> list[WorkRequest]:
         return mooncake_shared(path, limit=args.requests)
     # Each user has a document of their own under a shared system prompt, and each
     # turn resends the conversation so far: a prefix only the node that served the
-    # previous turn holds. That is where placement matters.
+    # previous turn holds. That is where placement matters. A request every 0.1 s
+    # keeps the 4 engines busy enough that a recomputed prefix also delays the
+    # requests queued behind it, as on a loaded fleet.
     return conversations(
         users=args.users,
         turns=args.turns,
@@ -84,7 +86,7 @@ def workload(args: argparse.Namespace) -> list[WorkRequest]:
         context_len=args.context,
         turn_len=60,
         reply_len=40,
-        gap_s=0.25,
+        gap_s=0.1,
         max_tokens=6,
     )
 
