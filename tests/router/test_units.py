@@ -347,17 +347,23 @@ def test_duplication_weight_keeps_prefixes_in_one_place() -> None:
     assert picks[0.0] != "p2" and picks[2.0] == "p2"
 
 
-def test_a_prefix_in_flight_stays_with_its_pod_not_only_its_node() -> None:
-    """Until its blocks are committed, a new prefix is only in the engine computing it:
-    a second request for it goes to that pod, even behind its queue, not to an idle
-    sibling on the same node that would compute it again."""
-    two_on_one_node = [
+def two_pods_on_one_node() -> RoutingCore:
+    """Pods ``a`` and ``b`` on node ``n0``, whose agent's events are live."""
+    pods_ = [
         {"name": n, "url": f"http://127.0.0.1:{20000 + i}", "node": "n0",
          "agent_url": "http://127.0.0.1:21000"}
         for i, n in enumerate(("a", "b"))
     ]  # fmt: skip
-    rc = RoutingCore(parse_config(router_doc(two_on_one_node, routing={"policy": "cache-aware"})))
+    rc = RoutingCore(parse_config(router_doc(pods_, routing={"policy": "cache-aware"})))
     rc.live_nodes = {"n0"}
+    return rc
+
+
+def test_a_prefix_in_flight_stays_with_its_pod_not_only_its_node() -> None:
+    """Until its blocks are committed, a new prefix is only in the engine computing it:
+    a second request for it goes to that pod, even behind its queue, not to an idle
+    sibling on the same node that would compute it again."""
+    rc = two_pods_on_one_node()
     toks = list(range(1600))  # 100 blocks, nothing committed yet
     first = rc.decide(toks, "s").ranked[0]
     rc.record_sent(first.node, rc.hashes(toks, "s"), 0, first.name)
@@ -372,13 +378,7 @@ def test_a_conversation_stays_on_the_engine_that_computed_it_while_that_engine_i
     """Both engines of a node read its blocks, the one that computed them a little
     faster: an idle one keeps its conversations (long after the in-flight memory
     has expired), a busy one's next turn goes to its idle sibling."""
-    two_on_one_node = [
-        {"name": n, "url": f"http://127.0.0.1:{20000 + i}", "node": "n0",
-         "agent_url": "http://127.0.0.1:21000"}
-        for i, n in enumerate(("a", "b"))
-    ]  # fmt: skip
-    rc = RoutingCore(parse_config(router_doc(two_on_one_node, routing={"policy": "cache-aware"})))
-    rc.live_nodes = {"n0"}
+    rc = two_pods_on_one_node()
     toks = list(range(1600))
     for turn in range(4):
         toks = [*toks, *range(100 * turn, 100 * turn + 64)]
