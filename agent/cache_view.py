@@ -24,8 +24,10 @@ from collections.abc import Callable
 
 import torch
 
+from kvmarina.agent.memory import libc
+
 PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = libc
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
     ctypes.c_void_p,

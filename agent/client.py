@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kvmarina.agent.cache_view import runs
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
@@ -376,18 +377,12 @@ class AgentClient:
         sibling engine was ~20% slower than on the engine that computed it."""
         if not isinstance(self._mm, mmap.mmap) or not pages:
             return
-        bb, ps, os_page = self.block_bytes, self.page_size, mmap.PAGESIZE
-        starts = sorted(p * ps + i * bb for p, i in zip(pages, indices, strict=True))
-        runs: list[list[int]] = []
-        for off in starts:
-            if runs and off <= runs[-1][1]:
-                runs[-1][1] = max(runs[-1][1], off + bb)
-            else:
-                runs.append([off, off + bb])
-        for lo, hi in runs:
-            lo -= lo % os_page
+        bb, ps = self.block_bytes, self.page_size
+        offsets = sorted(p * ps + i * bb for p, i in zip(pages, indices, strict=True))
+        for _, start, n in runs(offsets, bb):
+            lo = start - start % mmap.PAGESIZE
             try:
-                self._mm.madvise(MADV_POPULATE_READ, lo, hi - lo)
+                self._mm.madvise(MADV_POPULATE_READ, lo, start + n * bb - lo)
             except (OSError, ValueError):
                 return  # an older kernel: the pages fault in on first touch instead
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from kvmarina.agent import checksums
 from kvmarina.hashing import HashContract, HashingError
 
 
@@ -63,8 +64,10 @@ class MigrationConfig:
             raise ConfigError(f"migration.run_bytes {self.run_bytes} must be >= 1")
         if self.timeout_s <= 0:
             raise ConfigError(f"migration.timeout_s {self.timeout_s} must be > 0")
-        if self.checksum not in ("xxh3", "crc32c"):
-            raise ConfigError(f"migration.checksum {self.checksum!r}: use xxh3 or crc32c")
+        if self.checksum not in checksums.ALGORITHMS:
+            raise ConfigError(
+                f"migration.checksum {self.checksum!r}: use {' or '.join(checksums.ALGORITHMS)}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

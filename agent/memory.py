@@ -13,7 +13,6 @@ tier's pages.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 from typing import Any, Protocol
@@ -73,7 +72,7 @@ class CpuRegion:
         os.close(self.fd)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)  # this process's C library (mmap, mincore)
 _OS_PAGE = mmap.PAGESIZE
 
 
@@ -85,7 +84,7 @@ def backed(addr: int, size: int) -> bool:
     start = addr - addr % _OS_PAGE
     n = -(-(addr + size - start) // _OS_PAGE)
     vec = (ctypes.c_ubyte * n)()
-    mincore = getattr(_libc, "mincore", None)
+    mincore = getattr(libc, "mincore", None)
     if mincore is None or mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * _OS_PAGE), vec):
         return False
     return all(v & 1 for v in bytes(vec))

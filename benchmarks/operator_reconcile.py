@@ -100,30 +100,17 @@ def emulator() -> Any:
     import kmock as km
 
     class Emulator(km.KubernetesEmulator):  # type: ignore[misc]
-        counted = 0
+        counted = 0  # the operator's requests served so far
 
         async def _handle(self, request: Any) -> Any:
             if request.headers.get("User-Agent") != UA["User-Agent"]:
-                type(self).counted += 1
+                self.counted += 1
             self._requests[:] = [request]
             for reaction in self._payloads:  # each reaction keeps its own log as well
                 reaction._requests.clear()
             return await super()._handle(request)
 
     return Emulator()
-
-
-class Counter:
-    """The operator's requests served so far by an ``emulator()``."""
-
-    def __init__(self, emu: Any) -> None:
-        self.emu = emu
-
-    def take(self) -> int:
-        return int(self.emu.counted)
-
-    def close(self) -> None:
-        return None
 
 
 async def _converged(http: aiohttp.ClientSession, url: str, n: int) -> int:
@@ -159,7 +146,6 @@ async def _direct(url: str, n: int) -> float:
         base = str(emu.url).rstrip("/")
         from kvmarina.operator.kube import path
 
-        counter = Counter(emu)
         async with aiohttp.ClientSession(headers=UA) as http:
             sem = asyncio.Semaphore(32)
 
@@ -176,7 +162,6 @@ async def _direct(url: str, n: int) -> float:
             t0 = time.perf_counter()
             await asyncio.gather(*(post(m) for m in manifests))
             seconds = time.perf_counter() - t0
-        counter.close()
         return seconds
 
 
@@ -205,13 +190,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             kopf.operator(settings=settings, clusterwide=True, standalone=True)
         )
         pool, servings = _docs(args.servings)
-        counter = Counter(emu)
         try:
             async with aiohttp.ClientSession(headers=UA) as http:
                 async with http.post(f"{url}{API}/kvcachepools", json=pool) as r:
                     assert r.status < 300
                 await asyncio.sleep(1.0)  # the pool's children exist before the rush
-                start_reqs = counter.take()
+                start_reqs = emu.counted
                 t0 = time.perf_counter()
 
                 async def create(s: dict[str, Any]) -> None:
@@ -227,19 +211,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(1.0)
                     done = await _converged(http, url, args.servings)
                 seconds = time.perf_counter() - t0
-                converge_reqs = counter.take() - start_reqs
+                converge_reqs = emu.counted - start_reqs
                 # steady state: let the creation-time handlers and first timers drain
                 await asyncio.sleep(args.resync)
-                mark = counter.take()
+                mark = emu.counted
                 await asyncio.sleep(args.steady)
-                steady = counter.take() - mark
+                steady = emu.counted - mark
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await handlers.close()
-            counter.close()
-    passes = args.steady / args.resync
+        passes = args.steady / args.resync
     return {
         "servings": args.servings,
         "converged": done,
