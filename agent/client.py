@@ -32,11 +32,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kvmarina.agent.cache_view import runs
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
 class AgentError(RuntimeError):
@@ -358,8 +356,6 @@ class AgentClient:
             if b"h" not in tiers
             else ("device" if t == 100 else "host" for t in tiers)
         )
-        if b"h" not in tiers:
-            self._map_ahead(pages, indices)
         # tuple.__new__ straight from C: a third faster than Hit(...) per hit
         return list(
             map(
@@ -368,23 +364,6 @@ class AgentClient:
                 zip(hashes[: reply["n"]], pages, indices, names, strict=False),
             )  # names may be endless
         )
-
-    def _map_ahead(self, pages: array.array[int], indices: array.array[int]) -> None:
-        """Enter the hit blocks' pages into this process's page tables now, a few
-        system calls in all (``MADV_POPULATE_READ``), not a page fault per 4 KiB on
-        first touch. Blocks another engine of the node wrote are not mapped here
-        yet: reading them cost ~0.2 ms per block in faults, so a prefix hit on a
-        sibling engine was ~20% slower than on the engine that computed it."""
-        if not isinstance(self._mm, mmap.mmap) or not pages:
-            return
-        bb, ps = self.block_bytes, self.page_size
-        offsets = sorted(p * ps + i * bb for p, i in zip(pages, indices, strict=True))
-        for _, start, n in runs(offsets, bb):
-            lo = start - start % mmap.PAGESIZE
-            try:
-                self._mm.madvise(MADV_POPULATE_READ, lo, start + n * bb - lo)
-            except (OSError, ValueError):
-                return  # an older kernel: the pages fault in on first touch instead
 
     def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
         slots = slots or []
