@@ -375,8 +375,18 @@ class AgentClient:
     def ping(self) -> str:
         return str(self._call({"op": "ping"})["boot_id"])
 
+    def pull(self, peer: str, hashes: list[bytes], node: str | None = None) -> dict[str, Any]:
+        """Have the agent fetch ``hashes`` from ``peer`` (an agent URL, or the
+        ``host:port`` of its transfer service) into this session's pool. The reply
+        says how many were ``pulled`` and which were ``missing`` at the peer or
+        ``failed`` (with ``error``); only verified blocks become visible."""
+        msg: dict[str, Any] = {"op": "pull", "peer": peer, "hashes": list(hashes)}
+        if node is not None:
+            msg["node"] = node
+        return self._call(msg)
+
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Any other operation (e.g. ``pull``), with the same error handling."""
+        """Any other operation, with the same error handling."""
         return self._call(msg)
 
     # ------------------------------------------------------------ memory
@@ -471,6 +481,9 @@ class LocalPool:
 
     def stats(self) -> dict[str, Any]:
         return self._pool.summary()
+
+    def pull(self, peer: str, hashes: list[bytes], node: str | None = None) -> dict[str, Any]:
+        raise AgentError("'pull' needs a node agent (engine runs with --no-agent)")
 
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         raise AgentError(f"{msg.get('op')!r} needs a node agent (engine runs with --no-agent)")

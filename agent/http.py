@@ -88,9 +88,16 @@ class PoolCollector(Collector):
             moved = CounterMetricFamily(
                 "kvmarina_agent_transfer_bytes", "Bytes pulled from each peer", labels=["peer"]
             )
+            rate = GaugeMetricFamily(
+                "kvmarina_agent_transfer_gbps",
+                "Achieved pull bandwidth from each peer (GB/s, bytes over time spent pulling)",
+                labels=["peer"],
+            )
             for peer, st in t["peers"].items():
                 moved.add_metric([peer], st["bytes"])
+                rate.add_metric([peer], st["gbps"])
             yield moved
+            yield rate
             yield CounterMetricFamily(
                 "kvmarina_agent_transfer_corrupt",
                 "Pulled blocks dropped on a checksum mismatch",

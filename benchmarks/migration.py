@@ -218,7 +218,7 @@ class Pair:
         """(GB/s, sender CPU s, receiver CPU s) of one verified pull of every block."""
         ca, cb = cpu_seconds(self.a.pid), cpu_seconds(self.b.pid)
         t0 = time.perf_counter()
-        reply = self.reader.call({"op": "pull", "peer": self.url_a, "hashes": self.hashes})
+        reply = self.reader.pull(self.url_a, self.hashes)
         elapsed = time.perf_counter() - t0
         used = cpu_seconds(self.a.pid) - ca, cpu_seconds(self.b.pid) - cb
         assert reply["pulled"] == len(self.hashes) and not reply["failed"], reply

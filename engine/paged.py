@@ -47,7 +47,7 @@ class PoolClient(Protocol):
 
     def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None: ...
 
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]: ...
+    def pull(self, peer: str, hashes: list[bytes], node: str | None = None) -> dict[str, Any]: ...
 
 
 @dataclass(eq=False)
@@ -162,9 +162,7 @@ class PagedStore:
 
     def _pull(self, hint: PullHint, hashes: list[bytes]) -> None:
         try:
-            reply = self.client.call(
-                {"op": "pull", "peer": hint.agent, "node": hint.node, "hashes": hashes}
-            )
+            reply = self.client.pull(hint.agent, hashes, hint.node)
             self.pulled_blocks += int(reply.get("pulled", 0))
         except AgentError as exc:  # the pull is an optimisation: recompute instead
             log.info(

@@ -82,7 +82,7 @@ def test_pull_a_long_prefix_then_lookup_returns_the_same_bytes(two_agents) -> No
     a, b = two_agents
     hashes = fill(a)
     client = AgentClient(b.socket, "tok-code", 4096).connect()
-    reply = client.call({"op": "pull", "peer": a.url, "hashes": [*hashes, b"\xfe" * 16]})
+    reply = client.pull(a.url, [*hashes, b"\xfe" * 16])
     assert reply["pulled"] == N and reply["missing"] == [b"\xfe" * 16] and reply["failed"] == []
     hits = client.lookup(hashes)
     assert len(hits) == N
@@ -102,7 +102,7 @@ def test_concurrent_pulls_of_the_same_blocks_fetch_once(two_agents) -> None:  # 
 
     def pull() -> None:
         c = AgentClient(b.socket, "tok-chat", 4096).connect()
-        results.append(c.call({"op": "pull", "peer": a.url, "hashes": hashes}))
+        results.append(c.pull(a.url, hashes))
         c.close()
 
     threads = [threading.Thread(target=pull) for _ in range(3)]
@@ -131,7 +131,7 @@ def test_wrong_token_is_refused(tmp_path: Path) -> None:
     ):
         hashes = fill(a, 2)
         c = AgentClient(b.socket, "tok-chat", 4096).connect()
-        reply = c.call({"op": "pull", "peer": a.url, "hashes": hashes})
+        reply = c.pull(a.url, hashes)
         assert reply["pulled"] == 0 and reply["failed"] == hashes and "token" in reply["error"]
         assert c.lookup(hashes) == []
         assert a.stats()["transfer"]["refused"] >= 1  # type: ignore[index]
@@ -209,7 +209,7 @@ def test_faults_on_the_wire_leave_nothing_partial_visible(one_stream, mode: str)
     proxy = Proxy(transfer_port(a), mode, after=600 + 5 * 4096)
     try:
         c = AgentClient(b.socket, "tok-chat", 4096).connect()
-        reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+        reply = c.pull(f"127.0.0.1:{proxy.port}", hashes)
         assert reply["failed"] and reply["pulled"] + len(reply["failed"]) == N
         for h in reply["failed"]:
             assert c.lookup([h]) == []  # a damaged or partial block never becomes visible
@@ -298,9 +298,9 @@ def test_mutual_tls_pull_and_a_foreign_certificate_refused(tmp_path: Path) -> No
     ):
         hashes = fill(a, 3)
         ok = AgentClient(b.socket, "tok-chat", 4096).connect()
-        assert ok.call({"op": "pull", "peer": a.url, "hashes": hashes})["pulled"] == 3
+        assert ok.pull(a.url, hashes)["pulled"] == 3
         bad = AgentClient(c.socket, "tok-chat", 4096).connect()
-        reply = bad.call({"op": "pull", "peer": a.url, "hashes": hashes})
+        reply = bad.pull(a.url, hashes)
         assert reply["pulled"] == 0 and reply["failed"] == hashes
         assert bad.lookup(hashes) == []
         ok.close()
@@ -316,7 +316,7 @@ def test_multi_stream_pull_drops_only_the_corrupted_block_mid_run(tmp_path: Path
         proxy = Proxy(transfer_port(a), "corrupt", after=600 + 4096)
         try:
             c = AgentClient(b.socket, "tok-chat", 4096).connect()
-            reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+            reply = c.pull(f"127.0.0.1:{proxy.port}", hashes)
             assert proxy.connections == 3  # the hash list was split over three streams
             assert reply["pulled"] == N - 1 and len(reply["failed"]) == 1, reply
             bad = hashes.index(reply["failed"][0])
@@ -341,7 +341,7 @@ def test_pull_larger_than_one_run_per_stream_and_a_bad_fetch_is_refused(tmp_path
     with agent_pair(tmp_path, streams_per_peer=2, run_bytes=4096) as (a, b):
         hashes = fill(a)
         c = AgentClient(b.socket, "tok-chat", 4096).connect()
-        reply = c.call({"op": "pull", "peer": a.url, "hashes": hashes})
+        reply = c.pull(a.url, hashes)
         assert reply["pulled"] == N and reply["failed"] == [] and "error" not in reply
         assert len(c.lookup(hashes)) == N
         c.close()
@@ -413,9 +413,7 @@ def test_an_agent_stopping_mid_pull_does_not_wait_out_the_transfer_timeout(
         def pull() -> None:
             c = AgentClient(b.socket, "tok-chat", 4096, timeout=60).connect()
             try:
-                replies.append(
-                    c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
-                )
+                replies.append(c.pull(f"127.0.0.1:{proxy.port}", hashes))
             except (OSError, RuntimeError) as exc:  # the agent went away mid-call
                 replies.append(exc)
 
@@ -449,7 +447,7 @@ def test_a_peer_restarted_on_a_new_transfer_port_is_found_again(tmp_path: Path) 
         ) as a:
             url, first = a.url, transfer_port(a)
             hashes = fill(a, 2)
-            assert c.call({"op": "pull", "peer": url, "hashes": hashes[:1]})["pulled"] == 1
+            assert c.pull(url, hashes[:1])["pulled"] == 1
         http_port = int(url.rsplit(":", 1)[1])
         with agent_process(
             tmp_path / "a2",
@@ -459,7 +457,7 @@ def test_a_peer_restarted_on_a_new_transfer_port_is_found_again(tmp_path: Path) 
         ) as a2:
             fill(a2, 2)
             assert transfer_port(a2) != first
-            reply = c.call({"op": "pull", "peer": url, "hashes": hashes[1:]})
+            reply = c.pull(url, hashes[1:])
             assert reply["pulled"] == 1 and reply["failed"] == [], reply
         c.close()
 
@@ -471,13 +469,13 @@ def test_a_pull_into_pages_kept_from_an_earlier_pull_is_verified_the_same(one_st
     a, b = one_stream
     hashes = fill(a)
     c = AgentClient(b.socket, "tok-chat", 4096).connect()
-    assert c.call({"op": "pull", "peer": a.url, "hashes": hashes})["pulled"] == N
+    assert c.pull(a.url, hashes)["pulled"] == N
     clear = urllib.request.Request(b.url + "/admin/clear", method="POST")
     urllib.request.urlopen(clear, timeout=10).read()
     assert c.lookup(hashes) == [] and b.stats()["pages"]["device"]["kept"] > 0  # type: ignore[index]
     proxy = Proxy(transfer_port(a), "corrupt", after=600 + 5 * 4096)
     try:
-        reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+        reply = c.pull(f"127.0.0.1:{proxy.port}", hashes)
         assert reply["failed"] == [hashes[5]] and reply["pulled"] == N - 1
         assert b.stats()["transfer"]["corrupt"] == 1  # type: ignore[index]
         for i, h in enumerate(hashes):
@@ -502,7 +500,7 @@ def test_crc32c_pools_verify_with_crc32c_and_agents_that_disagree_refuse(tmp_pat
         c = AgentClient(b.socket, "tok-chat", 4096).connect()
         proxy = Proxy(transfer_port(a), "corrupt", after=600 + 5 * 4096)
         try:
-            reply = c.call({"op": "pull", "peer": f"127.0.0.1:{proxy.port}", "hashes": hashes})
+            reply = c.pull(f"127.0.0.1:{proxy.port}", hashes)
             assert reply["failed"] == [hashes[5]] and reply["pulled"] == N - 1, reply
         finally:
             proxy.close()
@@ -512,7 +510,7 @@ def test_crc32c_pools_verify_with_crc32c_and_agents_that_disagree_refuse(tmp_pat
         mig = migration(d, "shared-pool-token-0123456789")  # xxh3, the default
         with agent_process(d, node="node-x", migration=mig) as x:
             cx = AgentClient(x.socket, "tok-chat", 4096).connect()
-            reply = cx.call({"op": "pull", "peer": a.url, "hashes": hashes})
+            reply = cx.pull(a.url, hashes)
             assert reply["pulled"] == 0 and reply["failed"] == hashes
             assert "'crc32c'" in reply["error"] and "'xxh3'" in reply["error"], reply
             assert cx.lookup(hashes) == []
@@ -524,3 +522,17 @@ def test_a_bad_checksum_setting_is_refused_by_name() -> None:
 
     with pytest.raises(ConfigError, match=r"migration\.checksum 'md5': use xxh3 or crc32c"):
         MigrationConfig(checksum="md5")
+
+
+def test_per_peer_bandwidth_is_in_stats_and_metrics(two_agents) -> None:  # type: ignore[no-untyped-def]
+    a, b = two_agents
+    hashes = fill(a)
+    c = AgentClient(b.socket, "tok-code", 4096).connect()
+    assert c.pull(a.url, hashes)["pulled"] == N
+    c.close()
+    gbps = b.stats()["transfer"]["peers"][a.url]["gbps"]  # type: ignore[index]
+    with urllib.request.urlopen(b.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("kvmarina_agent_transfer_gbps{"))
+    assert f'peer="{a.url}"' in line and float(line.rsplit(" ", 1)[1]) == pytest.approx(gbps)
+    assert gbps > 0
