@@ -11,7 +11,7 @@ The workload is the demo's (``kvmarina.local.demo.workload``): generated
 conversations where each user has a document of their own under a shared system
 prompt, or the Mooncake trace with ``--trace``.
 
-    python benchmarks/fleet.py [--users 8] [--turns 6] [--context 600] [--trace PATH --requests 40]
+    python benchmarks/fleet.py [--users 24] [--turns 6] [--context 600] [--trace PATH --requests 40]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def start_sglang(engines: list[str]) -> tuple[subprocess.Popen[bytes], str] | No
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--users", type=int, default=24)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--trace")

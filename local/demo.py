@@ -57,10 +57,15 @@ spec:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvmarina demo", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
-    p.add_argument("--users", type=int, default=8, help="conversations (8)")
-    p.add_argument("--turns", type=int, default=6, help="turns per conversation (6)")
+    p.add_argument("--users", type=int, default=24, help="conversations (24)")
     p.add_argument(
-        "--context", type=int, default=600, help="tokens of each user's own document (600)"
+        "--turns", type=int, default=6, help="turns of a typical conversation (6; 1 to 10 drawn)"
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=600,
+        help="tokens of a typical user's own document (600; 200 to 1200 drawn)",
     )
     p.add_argument("--trace", help="replay this Mooncake trace instead of generated chats")
     p.add_argument("--requests", type=int, default=40, help="trace requests to replay (40)")
@@ -75,9 +80,10 @@ def workload(args: argparse.Namespace) -> list[WorkRequest]:
         return mooncake_shared(path, limit=args.requests)
     # Each user has a document of their own under a shared system prompt, and each
     # turn resends the conversation so far: a prefix only the node that served the
-    # previous turn holds. That is where placement matters. A request every 0.1 s
-    # keeps the 4 engines busy enough that a recomputed prefix also delays the
-    # requests queued behind it, as on a loaded fleet.
+    # previous turn holds. That is where placement matters. Users arrive one every
+    # 0.3 s, differ in document size and conversation length, and pause ~0.4 s
+    # between turns: busy moments come and go, as on a real fleet, and a request
+    # sent to a busy engine waits behind its prefills.
     return conversations(
         users=args.users,
         turns=args.turns,
@@ -86,7 +92,8 @@ def workload(args: argparse.Namespace) -> list[WorkRequest]:
         context_len=args.context,
         turn_len=60,
         reply_len=40,
-        gap_s=0.1,
+        start_gap_s=0.3,
+        think_s=0.4,
         max_tokens=6,
     )
 

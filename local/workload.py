@@ -116,6 +116,12 @@ def mooncake_shared(
     return out
 
 
+#: A user's document is this many times ``context_len`` (mean ~1.1), and their
+#: conversation this many times ``turns`` long (mean ~0.8): chat traffic is uneven.
+DOC_SCALE = (1 / 3, 2 / 3, 4 / 3, 2.0)
+TURN_SCALE = tuple(k / 6 for k in (1, 2, 3, 4, 6, 8, 10))
+
+
 def conversations(
     *,
     users: int,
@@ -125,30 +131,37 @@ def conversations(
     turn_len: int = 80,
     context_len: int = 0,
     reply_len: int = 16,
-    gap_s: float = 0.05,
+    start_gap_s: float = 0.3,
+    think_s: float = 0.4,
+    varied: bool = True,
     max_tokens: int = 8,
     seed: int = 0,
 ) -> list[WorkRequest]:
-    """Multi-turn chats: each user has one of a few long system prompts, then
-    ``context_len`` tokens of their own (a document, a repository map), and each
-    turn resends the whole conversation so far (the common agent/chat pattern)."""
+    """Multi-turn chats: each user has one of a few long system prompts, then a
+    document of their own (a file, a repository map), and each turn resends the
+    whole conversation so far (the common agent/chat pattern).
+
+    Users arrive one every ``start_gap_s`` and wait about ``think_s`` between
+    turns. ``varied`` draws each user's document length and number of turns
+    (``DOC_SCALE``, ``TURN_SCALE``) and jitters the think times by +-50%, as real
+    users differ; without it every user is the same. Sorted by send time."""
     rng = random.Random(seed)
     systems = [block_text(1_000 + i, system_len) for i in range(system_prompts)]
     out: list[WorkRequest] = []
-    history = {
-        u: systems[u % system_prompts] + block_text(300_000 + u, context_len) for u in range(users)
-    }
-    t = 0.0
-    for turn in range(turns):
-        order = list(range(users))
-        rng.shuffle(order)
-        for u in order:
-            history[u] += "\nuser: " + block_text(100_000 + u * 1000 + turn, turn_len)
+    for u in range(users):
+        doc_len, n_turns, t = context_len, turns, u * start_gap_s
+        if varied:
+            doc_len = round(context_len * rng.choice(DOC_SCALE))
+            n_turns = max(1, round(turns * rng.choice(TURN_SCALE)))
+        history = systems[u % system_prompts] + block_text(300_000 + u, doc_len)
+        for turn in range(n_turns):
+            history += "\nuser: " + block_text(100_000 + u * 1000 + turn, turn_len)
             out.append(
-                WorkRequest(at=t, prompt=history[u], max_tokens=max_tokens, session=f"user-{u}")
+                WorkRequest(at=t, prompt=history, max_tokens=max_tokens, session=f"user-{u}")
             )
-            history[u] += "\nassistant: " + block_text(200_000 + u * 1000 + turn, reply_len)
-            t += gap_s
+            history += "\nassistant: " + block_text(200_000 + u * 1000 + turn, reply_len)
+            t += think_s * (rng.uniform(0.5, 1.5) if varied else 1.0)
+    out.sort(key=lambda w: w.at)
     return out
 
 

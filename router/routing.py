@@ -11,6 +11,9 @@ Cache-aware scoring (DESIGN.md "Routing") estimates each pod's time to first tok
            a prefix copies it here, and under capacity pressure every copy evicts other
            useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
            0.21 at the same TTFT)
+         + w_inflight * recompute of blocks a sibling engine is computing right now
+           (they reach the node's cache moments later; computing them again is
+           pure duplicate work and forfeits those hits)
          + w_sibling * recompute of the node's run beyond what this pod was sent: a
            sibling engine reads the node's blocks too, a little slower than the
            engine that computed them (the queue term still moves a request to an
@@ -127,6 +130,14 @@ class RoutingCore:
                     idx.drop_node(node)
         self.live_nodes &= nodes
 
+    def forget_node(self, node: str) -> None:
+        """The node's agent cleared its cache: what was sent to its pods is gone too
+        (the sibling term would otherwise favour a pod for blocks nobody holds)."""
+        for pod in self.pods.values():
+            if pod.node == node:
+                self.sent.drop_node(pod.name)
+                self.recent.drop_node(pod.name)
+
     @property
     def mode(self) -> str:
         """``events`` (every node live), ``mixed``, or ``approximate`` (no events)."""
@@ -206,6 +217,7 @@ class RoutingCore:
         n = len(pods)
         offset = next(self._rr)  # rotates among equal scores instead of favouring pod 0
         wq, wp, wm, wd, ws = w.queue, w.prefill, w.migration, w.duplication, w.sibling
+        wi = w.inflight
         sent = self.sent.match(hashes).run if ws else {}
         agents = self._agents
         scored: list[tuple[float, int, int, int, str]] = []
@@ -216,9 +228,9 @@ class RoutingCore:
             cost = 0.0
             if recent:
                 # a sibling's prefill in progress is not this pod's yet: computing it
-                # again costs like leaving the node that holds it
+                # again here duplicates work whose result the node has moments later
                 own = max(match.run.get(node, 0), recent.get(pod.name, 0))
-                cost += wd * (run - own) * bs / tps
+                cost += wi * (run - own) * bs / tps
                 run = own
             cost += (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
             if sent:

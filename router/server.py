@@ -144,7 +144,14 @@ class Router:
                 self.core.index.drop_node(node)
         for node, url in wanted.items():
             if node not in self.followers:
-                f = NodeFollower(node, url, self.core.index, self._on_live, self._events_session)
+                f = NodeFollower(
+                    node,
+                    url,
+                    self.core.index,
+                    self._on_live,
+                    self._events_session,
+                    on_cleared=self.core.forget_node,
+                )
                 self.followers[node] = f
                 f.start()
 

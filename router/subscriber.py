@@ -40,8 +40,10 @@ class NodeFollower:
         on_live: Callable[[str, bool], None],
         session: aiohttp.ClientSession,
         max_frame: int = 64 * 1024 * 1024,
+        on_cleared: Callable[[str], None] | None = None,
     ) -> None:
         self.node = node
+        self.on_cleared = on_cleared
         self.agent_url = agent_url.rstrip("/")
         self.index = index
         self.on_live = on_live
@@ -126,3 +128,5 @@ class NodeFollower:
             self.index.evict(self.node, rec.hashes)
         else:  # cleared
             self.index.drop_node(self.node)
+            if self.on_cleared is not None:
+                self.on_cleared(self.node)

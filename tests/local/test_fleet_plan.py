@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from kvmarina.local.fleet import load_resources, plan_fleet
+from kvmarina.local.fleet import load_resources, plan_fleet, share_cores
+from kvmarina.local.supervisor import ProcessSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,15 +61,29 @@ def test_mtls_pool_gets_a_ca_and_certificate(tmp_path: Path) -> None:
     assert (d / "tls.key").stat().st_mode & 0o077 == 0
 
 
-def test_engines_sharing_the_machine_sleep_idle_threads_unless_the_user_says(
+def test_engines_sharing_the_machine_split_its_cores_unless_the_user_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = tmp_path / "fleet.yaml"
     src.write_text((REPO / "examples" / "local.yaml").read_text())
     pools, servings = load_resources([str(src)])
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     plan = plan_fleet(pools, servings, tmp_path / "a", 2)
-    assert plan.engines and all(e.env["OMP_WAIT_POLICY"] == "PASSIVE" for e in plan.engines)
+    engines = plan.engines
+    assert engines and all(e.env["OMP_WAIT_POLICY"] == "PASSIVE" for e in engines)
+    cores = len(os.sched_getaffinity(0))
+    assert all(e.env["OMP_NUM_THREADS"] == str(max(1, cores // len(engines))) for e in engines)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
     plan = plan_fleet(pools, servings, tmp_path / "b", 2)
-    assert all("OMP_WAIT_POLICY" not in e.env for e in plan.engines)  # theirs is inherited
+    for e in plan.engines:  # theirs is inherited
+        assert "OMP_WAIT_POLICY" not in e.env and "OMP_NUM_THREADS" not in e.env
+
+
+def test_cores_are_split_evenly_and_every_engine_gets_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, n, want in ((2, 4, "1"), (8, 4, "2"), (9, 4, "2"), (16, 1, "16"), (1, 3, "1")):
+        engines = [ProcessSpec(f"e{i}", "engine", ("true",)) for i in range(n)]
+        share_cores(engines, cores)
+        assert [e.env["OMP_NUM_THREADS"] for e in engines] == [want] * n

@@ -10,6 +10,7 @@ import pytest
 from kvmarina.local.replay import replay
 from kvmarina.local.workload import (
     DEFAULT_TRACE,
+    WorkRequest,
     conversations,
     find_trace,
     mooncake,
@@ -68,7 +69,7 @@ def test_missing_trace_is_explained(tmp_path: Path) -> None:
 
 
 def test_conversations_resend_growing_history() -> None:
-    work = conversations(users=3, turns=2, system_len=100, turn_len=10)
+    work = conversations(users=3, turns=2, system_len=100, turn_len=10, varied=False)
     assert len(work) == 6
     by_user: dict[str, list[str]] = {}
     for w in work:
@@ -77,8 +78,30 @@ def test_conversations_resend_growing_history() -> None:
         assert prompts[1].startswith(prompts[0])
 
 
+def test_varied_conversations_differ_per_user_and_arrive_staggered() -> None:
+    work = conversations(
+        users=12, turns=6, system_len=50, context_len=300, turn_len=10, start_gap_s=0.3
+    )
+    assert [w.at for w in work] == sorted(w.at for w in work)
+    turns: dict[str, int] = {}
+    first: dict[str, WorkRequest] = {}
+    for w in work:
+        turns[w.session] = turns.get(w.session, 0) + 1
+        first.setdefault(w.session, w)
+    assert len(turns) == 12 and len(set(turns.values())) > 2  # uneven conversations
+    assert len({len(w.prompt) for w in first.values()}) > 1  # documents of different sizes
+    assert first["user-11"].at == pytest.approx(11 * 0.3)
+    # the same seed gives the same workload: every policy replays the same requests
+    again = conversations(
+        users=12, turns=6, system_len=50, context_len=300, turn_len=10, start_gap_s=0.3
+    )
+    assert again == work
+
+
 async def test_replay_measures_ttft_and_usage() -> None:
-    work = conversations(users=2, turns=2, system_len=60, turn_len=10, gap_s=0.0, max_tokens=3)
+    work = conversations(
+        users=2, turns=2, system_len=60, turn_len=10, start_gap_s=0, think_s=0, max_tokens=3
+    )
     with engine_process("--no-agent", "--preset", "tiny", "--model", "tiny") as url:
         summary = await replay(url, "tiny", work, policy="direct", concurrency=2)
     assert summary.requests == 4 and summary.errors == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmarina.events import BlockEvent, Snapshot
 from kvmarina.hashing import HashContract
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, load_config, parse_config
@@ -18,6 +19,7 @@ from kvmarina.router.headers import PullHint, PullHintError, parse_pull_hint
 from kvmarina.router.index import BlockIndex
 from kvmarina.router.pods import Breaker
 from kvmarina.router.routing import NoPodAvailable, RoutingCore
+from kvmarina.router.subscriber import NodeFollower
 from kvmarina.router.tenancy import derive_salt
 
 from .conftest import router_doc
@@ -392,3 +394,22 @@ def test_a_conversation_stays_on_the_engine_that_computed_it_while_that_engine_i
     owner.queued_tokens = 400
     toks = [*toks, *range(64)]
     assert rc.decide(toks, "s").ranked[0] is not owner
+
+
+def test_a_cleared_node_forgets_which_of_its_pods_computed_what() -> None:
+    """After the agent's ``cleared`` event nothing on the node holds the prefix, so
+    the pod it was sent to has no claim on it (the sibling term must not keep
+    favouring it); the follower applies the event to the index and the pods."""
+    rc = two_pods_on_one_node()
+    toks = list(range(1600))
+    hs = rc.hashes(toks, "s")
+    rc.record_sent("n0", hs, 0, "a")
+    follower = NodeFollower(
+        "n0", "http://127.0.0.1:21000", rc.index, lambda n, live: None, None,  # type: ignore[arg-type]
+        on_cleared=rc.forget_node,
+    )  # fmt: skip
+    follower.apply(Snapshot("boot-1", 1, "n0", dict.fromkeys(hs, "device")))
+    assert rc.sent.match(hs).run == {"a": 100} and rc.index.match(hs).run == {"n0": 100}
+    follower.apply(BlockEvent("cleared", "boot-1", 2))
+    assert rc.sent.match(hs).run == {} and rc.index.match(hs).run == {}
+    assert rc.recent.match(hs).run == {}
