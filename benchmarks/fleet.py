@@ -101,7 +101,7 @@ def run_rounds(sup: Supervisor, work: list[WorkRequest], rounds: int) -> dict[st
     always runs first (or last) on a machine whose load drifts."""
     router = next(p for p in sup.procs if p.spec.role == "router")
     url, model, cfg = router.spec.info["url"], router.spec.info["model"], router.spec.info["config"]
-    warm_up(sup, model)
+    warm_up(sup, model, work)
     engines = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
     started = start_sglang(engines)
     policies = [*POLICIES, "sglang"] if started else list(POLICIES)

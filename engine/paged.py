@@ -248,6 +248,24 @@ class PagedStore:
         self.adopted_blocks += len(hits)
         return seq.committed * bsz
 
+    def behind(self, seq_id: int) -> bool:
+        """The next block this sequence would compute is one an earlier sequence of
+        this engine is computing now (in its chain, not committed yet): computing it
+        in the same step would duplicate that work and forfeit the hit, so the
+        scheduler skips this sequence for a step and it adopts the block after.
+
+        Only earlier sequences count, so two never wait for each other. Equal hashes
+        at one position mean equal prefixes (the hashes are chained)."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.committed >= len(seq.hashes):
+            return False
+        i = seq.committed
+        h = seq.hashes[i]
+        return any(
+            other_id < seq_id and other.committed <= i < len(other.hashes) and other.hashes[i] == h
+            for other_id, other in self.seqs.items()
+        )
+
     def close(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is None:

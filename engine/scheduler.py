@@ -66,6 +66,11 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cancelled: bool = False
+    #: the router's word that another engine of this node is computing the prompt's
+    #: first ``inflight_tokens`` now: worth waiting for until ``inflight_until``
+    #: (``time.perf_counter``) rather than computing them a second time
+    inflight_tokens: int = 0
+    inflight_until: float = 0.0
     admitted_at_step: int = -1
     sampler: Sampler = field(init=False)
 
@@ -108,6 +113,7 @@ class Scheduler:
         self.step_tokens, self.max_model_len = step_tokens, max_model_len
         self.on_step = on_step
         self.stats = SchedulerStats()
+        self._ticks = 0  # step() calls, with or without a forward pass
         self._ids = itertools.count(1)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -178,7 +184,9 @@ class Scheduler:
             time.sleep(0.005)  # waiting requests cannot be admitted yet (KV full)
             return
         batch, tokens, seqs = self._build_batch()
+        self._ticks += 1
         if not seqs:
+            time.sleep(0.002)  # every running sequence waits for blocks in flight
             return
         logits = self.model(
             torch.tensor(tokens, dtype=torch.int64),
@@ -229,7 +237,7 @@ class Scheduler:
             with self._cv:
                 self._waiting.popleft()
             seq.computed = seq.cached_len
-            seq.admitted_at_step = self.stats.steps
+            seq.admitted_at_step = self._ticks
             self.stats.prompt_tokens += len(seq.prompt)
             self.stats.cached_prompt_tokens += seq.cached_len
             self._running.append(seq)
@@ -251,6 +259,8 @@ class Scheduler:
         for seq in list(self._running):
             if seq.prefilling and budget > 0:
                 self._adopt(seq)
+                if self._behind(seq):
+                    continue
                 n = min(len(seq.prompt) - seq.computed, max(budget, 1))
                 if not self._grow(seq, seq.computed + n):
                     continue
@@ -265,13 +275,24 @@ class Scheduler:
     def _adopt(self, seq: Sequence) -> None:
         """Prompt blocks another sequence committed meanwhile count as cached."""
         adopt = getattr(self.store, "adopt", None)
-        if adopt is None or seq.admitted_at_step == self.stats.steps:
+        if adopt is None or seq.admitted_at_step == self._ticks:
             return  # admitted this step: its lookup has just run
         done = adopt(seq.seq_id, seq.computed, len(seq.prompt))
         if done > seq.computed:
             self.stats.cached_prompt_tokens += done - seq.computed
             seq.cached_len += done - seq.computed
             seq.computed = done
+
+    def _behind(self, seq: Sequence) -> bool:
+        """Another sequence (an earlier one of this engine, or one of another engine
+        on the node, as the router said) is computing this one's next prompt block:
+        wait, and adopt it once committed. Only while nothing was computed yet."""
+        if seq.computed != seq.cached_len:
+            return False
+        if seq.cached_len < seq.inflight_tokens and time.perf_counter() < seq.inflight_until:
+            return True
+        behind = getattr(self.store, "behind", None)
+        return behind is not None and bool(behind(seq.seq_id))
 
     def _grow(self, seq: Sequence, total_tokens: int) -> bool:
         """Room for ``total_tokens`` (a no-op unless reserved blocks were given back under

@@ -17,7 +17,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       policy: cache-aware             # cache-aware | least-load | round-robin | session
       session_header: x-session-id
       weights: {queue: 1.0, prefill: 1.0, migration: 1.0, duplication: 2.0,
-                inflight: 10.0, sibling: 0.05}
+                inflight: 1.0, sibling: 0.05}
       prefill_tokens_per_second: 8000 # initial per-pod rate, refined from observed TTFTs
       host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
       block_bytes: 131072             # KV bytes of one block (for migration estimates)
@@ -85,9 +85,9 @@ class Weights:
     prefill: float = 1.0
     migration: float = 1.0
     duplication: float = 2.0
-    # computing again blocks a sibling engine is computing right now: pure duplicate
-    # work, since they reach the node's cache moments later
-    inflight: float = 10.0
+    # blocks a sibling engine is computing right now: this engine waits for them
+    # (at most as long as computing them), then reads them like any cached block
+    inflight: float = 1.0
     # a hit served by a sibling of the engine that computed the prefix (same node,
     # same agent) costs this fraction of recomputing it: mapping another engine's
     # pages and colder CPU caches

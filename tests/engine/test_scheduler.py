@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from kvmarina.engine.config import preset
 from kvmarina.engine.kvstore import ContiguousStore
 from kvmarina.engine.model import build_model
+from kvmarina.engine.paged import PagedStore
 from kvmarina.engine.sampling import SamplingParams
 from kvmarina.engine.scheduler import Output, QueueFull, Scheduler, Sequence
 
@@ -124,3 +126,77 @@ def test_prompt_blocks_committed_meanwhile_are_adopted_not_recomputed() -> None:
     assert seqs[1].cached_len == 12 * 16 and store.adopted_blocks == 12
     alone = run_all([prompt], max_batch=1, step_tokens=4096)[0]
     assert cols[0].tokens == cols[1].tokens == alone.tokens[:6]
+
+
+def test_a_prefix_an_earlier_request_is_computing_is_waited_for_not_computed_twice() -> None:
+    """A conversation's next turn arrives while its previous turn is still
+    prefilling on this engine. Computing in the same step as the last chunk of
+    that prefill would compute the shared part twice and forfeit the hit; instead
+    the next turn waits a step, adopts those blocks, and gives what it gives alone."""
+    from kvmarina.agent.client import LocalPool
+    from kvmarina.engine.paged import PagedStore
+    from kvmarina.hashing import HashContract
+
+    cfg = preset("tiny")
+    model = build_model(cfg, seed=11)
+    layout = cfg.kv_layout(16)
+    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)
+    store = PagedStore(pool, layout, HashContract(16), "tiny@main")
+    sched = Scheduler(model, store, eos_id=None, max_batch=2, step_tokens=128)
+    first = list(range(3, 203))  # 200 tokens: 128 in step 1, the last 72 in step 2
+    second = [*first, *range(60, 100)]
+    cols = [Collector(), Collector()]
+    seqs = [
+        Sequence(p, SamplingParams(max_tokens=6, temperature=0.0), c)
+        for p, c in zip((first, second), cols, strict=True)
+    ]
+    for seq in seqs:
+        sched.submit(seq)
+    while not all(c.done.is_set() for c in cols):
+        sched.step()
+    assert seqs[0].cached_len == 0
+    assert seqs[1].cached_len == 12 * 16  # the first prompt's full blocks, adopted
+    alone = run_all([second], max_batch=1, step_tokens=4096)[0]
+    assert cols[1].tokens == alone.tokens[:6]
+
+
+def _two_engines_on_one_node() -> tuple[Scheduler, Scheduler, PagedStore]:
+    from kvmarina.agent.client import LocalPool
+    from kvmarina.engine.paged import PagedStore
+    from kvmarina.hashing import HashContract
+
+    cfg = preset("tiny")
+    model = build_model(cfg, seed=11)
+    layout = cfg.kv_layout(16)
+    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)  # the node's agent, shared
+    stores = [PagedStore(pool, layout, HashContract(16), "tiny@main") for _ in range(2)]
+    a, b = (Scheduler(model, s, eos_id=None, max_batch=2, step_tokens=64) for s in stores)
+    return a, b, stores[1]
+
+
+@pytest.mark.parametrize("worth_waiting", [True, False])
+def test_a_prefix_a_sibling_engine_is_computing_is_waited_for_as_the_router_says(
+    worth_waiting: bool,
+) -> None:
+    """The router sent the next turn to engine B while engine A (same node) is still
+    prefilling the previous one, and said so (x-kvmarina-inflight). B waits for A's
+    blocks and uses them; past the time it was told to wait, it computes them."""
+    a, b, b_store = _two_engines_on_one_node()
+    first = list(range(3, 203))
+    second = [*first, *range(60, 100)]
+    cols = [Collector(), Collector()]
+    s_a = Sequence(first, SamplingParams(max_tokens=6, temperature=0.0), cols[0])
+    s_b = Sequence(second, SamplingParams(max_tokens=6, temperature=0.0), cols[1])
+    s_b.inflight_tokens = 12 * 16
+    s_b.inflight_until = time.perf_counter() + (30.0 if worth_waiting else -1.0)
+    a.submit(s_a)
+    b.submit(s_b)
+    while not all(c.done.is_set() for c in cols):
+        a.step()
+        b.step()
+    if worth_waiting:  # all of A's prompt blocks: found at admission or adopted after
+        assert s_b.cached_len == 12 * 16 and b_store.adopted_blocks > 0
+    else:  # B computed part of the shared prefix itself
+        assert s_b.cached_len < 12 * 16
+    alone = run_all([second], max_batch=1, step_tokens=4096)[0]
+    assert cols[1].tokens == alone.tokens[:6]

@@ -361,19 +361,29 @@ def two_pods_on_one_node() -> RoutingCore:
     return rc
 
 
-def test_a_prefix_in_flight_stays_with_its_pod_not_only_its_node() -> None:
-    """Until its blocks are committed, a new prefix is only in the engine computing it:
-    a second request for it goes to that pod, even behind its queue, not to an idle
-    sibling on the same node that would compute it again."""
+def test_a_prefix_in_flight_is_waited_for_not_computed_twice() -> None:
+    """Until its blocks are committed, a new prefix is only in the engine computing it.
+    A second request for it stays with that pod unless its queue is longer than the
+    prefix; then it goes to the idle sibling, told to wait for the blocks in flight
+    (x-kvmarina-inflight) rather than compute them a second time."""
     rc = two_pods_on_one_node()
     toks = list(range(1600))  # 100 blocks, nothing committed yet
     first = rc.decide(toks, "s").ranked[0]
     rc.record_sent(first.node, rc.hashes(toks, "s"), 0, first.name)
     first.queued_tokens = 1600
-    assert rc.decide([*toks, 7], "s").ranked[0].name == first.name
+    d = rc.decide([*toks, 7], "s")
+    assert d.ranked[0].name == first.name and d.inflight is None
+    first.queued_tokens = 8000
+    d = rc.decide([*toks, 7], "s")
+    assert d.ranked[0].name != first.name and d.inflight is not None
+    blocks, wait_s = d.inflight
+    # worth waiting until the busy pod is through its queue, which holds that prefill
+    assert blocks == 100 and wait_s == pytest.approx(1.5 * 8000 / first.prefill_tps)
     # once the agent confirms the blocks, either pod of the node has them
     rc.index.store("n0", rc.hashes(toks, "s"), "device")
-    assert rc.decide([*toks, 7], "s").ranked[0].name != first.name
+    first.queued_tokens = 1600
+    d = rc.decide([*toks, 7], "s")
+    assert d.ranked[0].name != first.name and d.inflight is None
 
 
 def test_a_conversation_stays_on_the_engine_that_computed_it_while_that_engine_is_free() -> None:
