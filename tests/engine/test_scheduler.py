@@ -100,20 +100,27 @@ def test_reclaim_returns_reserved_blocks_and_decoding_goes_on() -> None:
     assert run(reclaim=True) == run(reclaim=False)
 
 
-def test_prompt_blocks_committed_meanwhile_are_adopted_not_recomputed() -> None:
-    """Two requests with one new prefix admitted together: the second one's lookup
-    found nothing, but by the time its prefill starts the first has committed the
-    prefix; it takes those blocks and its output is what it would be alone."""
+def _engines_on_one_node(n: int, step_tokens: int) -> list[tuple[Scheduler, PagedStore]]:
+    """``n`` engines (scheduler and paged store each) on one node's pool."""
     from kvmarina.agent.client import LocalPool
-    from kvmarina.engine.paged import PagedStore
     from kvmarina.hashing import HashContract
 
     cfg = preset("tiny")
     model = build_model(cfg, seed=11)
     layout = cfg.kv_layout(16)
-    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)
-    store = PagedStore(pool, layout, HashContract(16), "tiny@main")
-    sched = Scheduler(model, store, eos_id=None, max_batch=2, step_tokens=64)
+    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)  # the node's agent, shared
+    stores = [PagedStore(pool, layout, HashContract(16), "tiny@main") for _ in range(n)]
+    return [
+        (Scheduler(model, st, eos_id=None, max_batch=2, step_tokens=step_tokens), st)
+        for st in stores
+    ]
+
+
+def test_prompt_blocks_committed_meanwhile_are_adopted_not_recomputed() -> None:
+    """Two requests with one new prefix admitted together: the second one's lookup
+    found nothing, but by the time its prefill starts the first has committed the
+    prefix; it takes those blocks and its output is what it would be alone."""
+    ((sched, store),) = _engines_on_one_node(1, step_tokens=64)
     prompt = list(range(3, 203))
     cols = [Collector(), Collector()]
     seqs = [Sequence(prompt, SamplingParams(max_tokens=6, temperature=0.0), c) for c in cols]
@@ -133,16 +140,7 @@ def test_a_prefix_an_earlier_request_is_computing_is_waited_for_not_computed_twi
     prefilling on this engine. Computing in the same step as the last chunk of
     that prefill would compute the shared part twice and forfeit the hit; instead
     the next turn waits a step, adopts those blocks, and gives what it gives alone."""
-    from kvmarina.agent.client import LocalPool
-    from kvmarina.engine.paged import PagedStore
-    from kvmarina.hashing import HashContract
-
-    cfg = preset("tiny")
-    model = build_model(cfg, seed=11)
-    layout = cfg.kv_layout(16)
-    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)
-    store = PagedStore(pool, layout, HashContract(16), "tiny@main")
-    sched = Scheduler(model, store, eos_id=None, max_batch=2, step_tokens=128)
+    ((sched, _),) = _engines_on_one_node(1, step_tokens=128)
     first = list(range(3, 203))  # 200 tokens: 128 in step 1, the last 72 in step 2
     second = [*first, *range(60, 100)]
     cols = [Collector(), Collector()]
@@ -160,20 +158,6 @@ def test_a_prefix_an_earlier_request_is_computing_is_waited_for_not_computed_twi
     assert cols[1].tokens == alone.tokens[:6]
 
 
-def _two_engines_on_one_node() -> tuple[Scheduler, Scheduler, PagedStore]:
-    from kvmarina.agent.client import LocalPool
-    from kvmarina.engine.paged import PagedStore
-    from kvmarina.hashing import HashContract
-
-    cfg = preset("tiny")
-    model = build_model(cfg, seed=11)
-    layout = cfg.kv_layout(16)
-    pool = LocalPool(layout.bytes_per_block, 16 * 2**20)  # the node's agent, shared
-    stores = [PagedStore(pool, layout, HashContract(16), "tiny@main") for _ in range(2)]
-    a, b = (Scheduler(model, s, eos_id=None, max_batch=2, step_tokens=64) for s in stores)
-    return a, b, stores[1]
-
-
 @pytest.mark.parametrize("worth_waiting", [True, False])
 def test_a_prefix_a_sibling_engine_is_computing_is_waited_for_as_the_router_says(
     worth_waiting: bool,
@@ -181,7 +165,7 @@ def test_a_prefix_a_sibling_engine_is_computing_is_waited_for_as_the_router_says
     """The router sent the next turn to engine B while engine A (same node) is still
     prefilling the previous one, and said so (x-kvmarina-inflight). B waits for A's
     blocks and uses them; past the time it was told to wait, it computes them."""
-    a, b, b_store = _two_engines_on_one_node()
+    (a, _), (b, b_store) = _engines_on_one_node(2, step_tokens=64)
     first = list(range(3, 203))
     second = [*first, *range(60, 100)]
     cols = [Collector(), Collector()]
