@@ -287,12 +287,12 @@ class Scheduler:
         """Another sequence (an earlier one of this engine, or one of another engine
         on the node, as the router said) is computing this one's next prompt block:
         wait, and adopt it once committed. Only while nothing was computed yet."""
-        if seq.computed != seq.cached_len:
-            return False
+        behind = getattr(self.store, "behind", None)
+        if behind is None or seq.computed != seq.cached_len:
+            return False  # a store that cannot adopt blocks gains nothing by waiting
         if seq.cached_len < seq.inflight_tokens and time.perf_counter() < seq.inflight_until:
             return True
-        behind = getattr(self.store, "behind", None)
-        return behind is not None and bool(behind(seq.seq_id))
+        return bool(behind(seq.seq_id))
 
     def _grow(self, seq: Sequence, total_tokens: int) -> bool:
         """Room for ``total_tokens`` (a no-op unless reserved blocks were given back under

@@ -139,3 +139,20 @@ async def test_a_stalled_peer_delays_only_the_request_that_pulls(
         assert other["choices"][0]["text"] and not stalled.done()  # type: ignore[index]
         done = await asyncio.wait_for(stalled, 30)
     assert done["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
+
+
+async def test_an_inflight_hint_beyond_what_a_lookup_may_use_does_not_stall(
+    two_nodes: dict[str, str],
+) -> None:
+    """The router may count the prompt's last full block in what the node will hold;
+    the engine always computes at least one token, so it waits for no more than the
+    blocks a lookup may use: a prompt whose every block is cached already is served
+    at once, not after wait_ms."""
+    prompt = "Sixteen bytes!! " * 12  # all-full blocks
+    first = await complete(two_nodes["engine-a"], prompt)
+    hint = {"x-kvmarina-inflight": "blocks=99;wait_ms=60000"}
+    again = await asyncio.wait_for(complete(two_nodes["engine-a"], prompt, hint), 20)
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]  # type: ignore[index]
+    prompt_tokens = again["usage"]["prompt_tokens"]  # type: ignore[index]
+    assert cached == (prompt_tokens - 1) // 16 * 16
+    assert first["choices"][0]["text"] == again["choices"][0]["text"]  # type: ignore[index]

@@ -184,3 +184,15 @@ def test_a_prefix_a_sibling_engine_is_computing_is_waited_for_as_the_router_says
         assert s_b.cached_len < 12 * 16
     alone = run_all([second], max_batch=1, step_tokens=4096)[0]
     assert cols[1].tokens == alone.tokens[:6]
+
+
+def test_a_store_that_cannot_adopt_blocks_never_waits_for_them() -> None:
+    model = build_model(preset("tiny"), seed=11)
+    sched = Scheduler(model, ContiguousStore(model.config.num_layers), eos_id=None)
+    col = Collector()
+    seq = Sequence(list(range(3, 100)), SamplingParams(max_tokens=2, temperature=0.0), col)
+    seq.inflight_tokens, seq.inflight_until = 96, time.perf_counter() + 3600
+    sched.submit(seq)
+    for _ in range(10):  # one prefill step and one decode step, not an hour
+        sched.step()
+    assert col.done.is_set() and seq.cached_len == 0
