@@ -30,6 +30,11 @@ from kvmarina.engine.kvstore import KVFull, KVStore, PullHint
 from kvmarina.engine.model import LlamaForCausalLM
 from kvmarina.engine.sampling import Sampler, SamplingParams
 
+#: How long a step with nothing to compute sleeps: every waiting request is held
+#: by the agent (KV full) or waits for blocks another engine is computing, and
+#: each waiting step asks the agent again.
+IDLE_S = 0.005
+
 log = logging.getLogger(__name__)
 
 
@@ -181,12 +186,12 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         if not self._running:
-            time.sleep(0.005)  # waiting requests cannot be admitted yet (KV full)
+            time.sleep(IDLE_S)  # waiting requests cannot be admitted yet (KV full)
             return
         batch, tokens, seqs = self._build_batch()
         self._ticks += 1
         if not seqs:
-            time.sleep(0.002)  # every running sequence waits for blocks in flight
+            time.sleep(IDLE_S)  # every running sequence waits for blocks in flight
             return
         logits = self.model(
             torch.tensor(tokens, dtype=torch.int64),
@@ -290,7 +295,10 @@ class Scheduler:
         behind = getattr(self.store, "behind", None)
         if behind is None or seq.computed != seq.cached_len:
             return False  # a store that cannot adopt blocks gains nothing by waiting
-        if seq.cached_len < seq.inflight_tokens and time.perf_counter() < seq.inflight_until:
+        # no more than a lookup may use: one prompt token is always computed
+        bs = self.store.block_size
+        expected = min(seq.inflight_tokens, (len(seq.prompt) - 1) // bs * bs)
+        if seq.cached_len < expected and time.perf_counter() < seq.inflight_until:
             return True
         return bool(behind(seq.seq_id))
 

@@ -174,10 +174,7 @@ class EngineServer:
             pull = None
         seq = Sequence(req.prompt_tokens, req.params, emit, salt=salt, pull=pull)
         if inflight is not None:
-            bs = self.store.block_size
-            # at most the blocks a lookup may use: one prompt token is always computed
-            usable = (len(req.prompt_tokens) - 1) // bs * bs
-            seq.inflight_tokens = min(inflight[0] * bs, usable)
+            seq.inflight_tokens = inflight[0] * self.store.block_size
             seq.inflight_until = seq.arrival + inflight[1]
         try:
             self.scheduler.submit(seq)

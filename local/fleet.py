@@ -192,8 +192,10 @@ def share_cores(engines: list[ProcessSpec], cores: int | None = None) -> None:
     each), the first turns 231 against 334 ms. OpenMP's default spinning, on its
     own, let one engine's idle threads take the cores another's prefill needed
     (per-round p50 jumped by up to 2x). A setting the user made wins."""
-    n = cores if cores is not None else len(os.sched_getaffinity(0))
-    threads = str(max(1, n // max(1, len(engines))))
+    if cores is None:  # the CPUs this process may use; macOS has no affinity call
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    threads = str(max(1, cores // max(1, len(engines))))
     for var, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", threads)):
         if var in os.environ:
             continue
