@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report
 
 from kvmarina.local.demo import DEMO_YAML, replay_measured, set_policy, warm_up, workload
+from kvmarina.local.ports import free_ports
 from kvmarina.local.replay import Summary
 from kvmarina.local.supervisor import Supervisor
 from kvmarina.local.up import start
@@ -39,17 +39,11 @@ from kvmarina.local.workload import WorkRequest
 POLICIES = ("cache-aware", "round-robin", "least-load")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_sglang(engines: list[str]) -> tuple[subprocess.Popen[bytes], str] | None:
     exe = shutil.which("sglang-router") or str(Path(sys.executable).parent / "sglang-router")
     if not Path(exe).exists():
         return None
-    port = free_port()
+    port, metrics_port = free_ports(2)
     proc = subprocess.Popen(
         [
             exe,
@@ -63,7 +57,7 @@ def start_sglang(engines: list[str]) -> tuple[subprocess.Popen[bytes], str] | No
             "--policy",
             "cache_aware",
             "--prometheus-port",
-            str(free_port()),
+            str(metrics_port),
             "--log-level",
             "error",
             "--worker-startup-check-interval",

@@ -38,6 +38,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, percentile, report
 
+from kvmarina.local.ports import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO / ".." / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 IDENT = "sim@v1|simulated|tp0of1"
@@ -141,21 +143,13 @@ def start_router(
     return p, p.stdout.readline().split()[-1]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_sglang(
     procs: Procs, urls: list[str], cpu: int | None
 ) -> tuple[subprocess.Popen[str], str] | None:
     exe = shutil.which("sglang-router") or str(Path(PY).parent / "sglang-router")
     if not Path(exe).exists():
         return None
-    port = free_port()
+    port, metrics_port = free_ports(2)
     p = procs.start(
         [
             *pinned(cpu),
@@ -170,7 +164,7 @@ def start_sglang(
             "--policy",
             "cache_aware",
             "--prometheus-port",
-            str(free_port()),
+            str(metrics_port),
             "--log-level",
             "error",
             "--worker-startup-check-interval",

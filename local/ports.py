@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 
 class PortInUse(RuntimeError):
     pass
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports that were free a moment ago.
+#: Linux's range for ports the kernel hands out itself (port-0 binds, and the source
+#: port of every outgoing connection)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST = 10_000
 
-    All sockets stay bound until every port is picked, so the kernel cannot hand
-    the same port out twice within one call.
-    """
-    socks = []
+
+def ephemeral_range() -> tuple[int, int] | None:
     try:
-        for _ in range(n):
+        low, high = (int(x) for x in EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago, below the kernel's ephemeral
+    range where it has one: a port planned for a process that starts later must not
+    be taken meanwhile by the source port of some outgoing connection (a readiness
+    probe, a client), which the kernel picks from that range.
+
+    All sockets stay bound until every port is picked, so no port is handed out
+    twice within one call; the candidates are random, so two fleets rarely try the
+    same ones.
+    """
+    socks: list[socket.socket] = []
+    try:
+        span = ephemeral_range()
+        if span is not None and span[0] - LOWEST >= 4 * n:
+            for port in random.sample(range(LOWEST, span[0]), min(span[0] - LOWEST, 64 * n)):
+                if len(socks) == n:
+                    break
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)
+        while len(socks) < n:  # no range known (or all taken): let the kernel choose
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)

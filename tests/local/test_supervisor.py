@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmarina.local.ports import PortInUse, check_free, free_ports
+from kvmarina.local.ports import LOWEST, PortInUse, check_free, ephemeral_range, free_ports
 from kvmarina.local.supervisor import (
     FleetError,
     ProcessSpec,
@@ -110,3 +110,15 @@ def test_ports_are_distinct_and_taken_ports_explained() -> None:
         s.listen()
         with pytest.raises(PortInUse, match="for router is already in use"):
             check_free(s.getsockname()[1], "router")
+
+
+def test_planned_ports_stay_out_of_the_kernels_ephemeral_range() -> None:
+    """A port planned for a process that starts later cannot be taken meanwhile by
+    the source port of an outgoing connection (the kernel picks those from its
+    ephemeral range): CI once lost a demo to exactly that."""
+    ports = free_ports(12)
+    assert len(set(ports)) == 12
+    span = ephemeral_range()
+    if span is None:
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range on this system")
+    assert all(LOWEST <= p < span[0] for p in ports), (ports, span)
