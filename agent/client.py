@@ -346,7 +346,17 @@ class AgentClient:
 
     def lookup(self, hashes: list[bytes]) -> list[Hit]:
         """The longest cached run of ``hashes`` from the first, pinned until released."""
-        reply = self._call({"op": "lookup", "hashes": hashes})
+        return self.lookup_claim(hashes, claim=False)[0]
+
+    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[list[Hit], int]:
+        """``lookup``, and how many blocks after the hits another engine of the node
+        is computing now; ``claim``: the blocks after those are this session's to
+        compute (others then wait for them) until committed or given up
+        (``release(unclaim=...)``)."""
+        msg: dict[str, Any] = {"op": "lookup", "hashes": hashes}
+        if claim:
+            msg["claim"] = True
+        reply = self._call(msg)
         pages, indices = array.array("I"), array.array("I")
         pages.frombytes(reply["pages"])
         indices.frombytes(reply["indices"])
@@ -357,17 +367,29 @@ class AgentClient:
             else ("device" if t == 100 else "host" for t in tiers)
         )
         # tuple.__new__ straight from C: a third faster than Hit(...) per hit
-        return list(
+        hits = list(
             map(
                 tuple.__new__,
                 repeat(Hit),
                 zip(hashes[: reply["n"]], pages, indices, names, strict=False),
             )  # names may be endless
         )
+        return hits, int(reply.get("pending", 0))
 
-    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
-        slots = slots or []
-        self._call({"op": "release", "hashes": list(hashes), "slots": [list(s) for s in slots]})
+    def release(
+        self,
+        hashes: list[bytes],
+        slots: list[tuple[int, int]] | None = None,
+        unclaim: list[bytes] | None = None,
+    ) -> None:
+        msg: dict[str, Any] = {
+            "op": "release",
+            "hashes": list(hashes),
+            "slots": [list(s) for s in slots or []],
+        }
+        if unclaim:
+            msg["unclaim"] = list(unclaim)
+        self._call(msg)
 
     def stats(self) -> dict[str, Any]:
         return self._call({"op": "stats"})
@@ -444,6 +466,17 @@ class LocalPool:
     def connect(self) -> LocalPool:
         return self
 
+    def sibling(self) -> LocalPool:
+        """Another engine's session on this same pool: two engines of one node in one
+        process (what tests and benchmarks of node-level sharing need)."""
+        from kvmarina.agent.pool import Budget as PoolBudget
+
+        other = object.__new__(LocalPool)
+        other.block_bytes, other._pool = self.block_bytes, self._pool
+        other._sess = self._pool.open_session(self._sess.ident, self.block_bytes, PoolBudget())
+        other.region, other.info = self.region, self.info
+        return other
+
     def close(self) -> None:
         self._pool.close_session(self._sess)
 
@@ -470,14 +503,24 @@ class LocalPool:
         return out
 
     def lookup(self, hashes: list[bytes]) -> list[Hit]:
-        locs = self._guard(self._pool.lookup, self._sess, hashes)
-        return [Hit(x.hash, x.page, x.index, x.tier) for x in locs]
+        return self.lookup_claim(hashes, claim=False)[0]
 
-    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None:
+    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[list[Hit], int]:
+        locs = self._guard(self._pool.lookup, self._sess, hashes)
+        pending = self._pool.in_flight(self._sess, hashes[len(locs) :], claim)
+        return [Hit(x.hash, x.page, x.index, x.tier) for x in locs], pending
+
+    def release(
+        self,
+        hashes: list[bytes],
+        slots: list[tuple[int, int]] | None = None,
+        unclaim: list[bytes] | None = None,
+    ) -> None:
         from kvmarina.agent.index import Slot
 
         self._guard(self._pool.release, self._sess, list(hashes))
         self._guard(self._pool.release_slots, self._sess, [Slot(p, i) for p, i in slots or []])
+        self._pool.unclaim(self._sess, list(unclaim or []))
 
     def stats(self) -> dict[str, Any]:
         return self._pool.summary()

@@ -9,7 +9,9 @@ needs no locks. Engines act through ``Session`` objects:
   block enters the index, pinned by the session, shareable by every engine of
   the scope (a hash already present keeps the existing copy);
 * ``lookup`` returns the longest cached run from block 0 and pins it; host-tier
-  hits are copied back into the device tier first;
+  hits are copied back into the device tier first; ``in_flight`` then says how
+  many blocks past that run another engine is computing, and claims the rest
+  for this one (``ClaimTable``);
 * ``release`` unpins and frees what the session no longer needs; a session that
   disconnects is released whole.
 
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 from kvmarina.agent import checksums
+from kvmarina.agent.claims import ClaimTable
 from kvmarina.agent.credentials import Identity
 from kvmarina.agent.events import EventLog
 from kvmarina.agent.index import Block, BlockIndex, Key, Slot
@@ -114,6 +117,7 @@ class Pool:
         self.device = FreePages(device_pages, self._drop_page)
         self.host = FreePages(host_pages)  # one region for every scope: never dropped
         self.index = BlockIndex(policy)
+        self.claims = ClaimTable()
         self.regions: dict[str, Region] = {}
         self.host_region: CpuRegion | None = (
             CpuRegion(f"{node}-host", host_pages * page_size) if host_pages else None
@@ -219,6 +223,7 @@ class Pool:
         sess.pins.clear()
         for slot in list(sess.leased):
             self._free_leased(sess, slot)
+        self.claims.drop_session(sess.id)
         self.sessions.pop(sess.id, None)
 
     # ------------------------------------------------------------ lease / commit
@@ -305,6 +310,8 @@ class Pool:
         if slot not in sess.leased:
             raise PoolError(f"slot {slot.page}/{slot.index} is not leased by this session")
         key = (sess.scope, block_hash)
+        if self.claims.owner:
+            self.claims.settle(key)
         existing = self.index.get(key)
         if existing is not None:
             # Someone committed the same prefix first: keep theirs, use it, free ours.
@@ -355,6 +362,25 @@ class Pool:
         self.stats["hit_blocks"] += len(out)
         self.stats["miss_blocks"] += len(hashes) - len(out)
         return out
+
+    def in_flight(self, sess: Session, hashes: list[bytes], claim: bool) -> int:
+        """How many of ``hashes`` (the blocks past a lookup's cached run), from the
+        first, other engines of the node are computing now; with ``claim``, the
+        rest that nobody computes become this session's to compute."""
+        claims = self.claims
+        if not claim and not claims.owner:
+            return 0
+        scope = sess.scope
+        keys = [(scope, h) for h in hashes]
+        pending = claims.pending(sess.id, keys)
+        if claim:
+            claims.claim(sess.id, keys[pending:])
+        return pending
+
+    def unclaim(self, sess: Session, hashes: list[bytes]) -> None:
+        """This session will not compute these blocks after all (a sequence ended)."""
+        if hashes:
+            self.claims.unclaim(sess.id, [(sess.scope, h) for h in hashes])
 
     def _pin(self, sess: Session, block: Block) -> None:
         self.index.pin(block)
@@ -606,6 +632,7 @@ class Pool:
             },
             "blocks": {"device": tiers.get("device", 0), "host": tiers.get("host", 0)},
             "sessions": len(self.sessions),
+            "claimed_blocks": len(self.claims),  # being computed by an engine now
             "reserved_pages": self.reserved_pages(),
             "usage": dict(self.usage),
             "stats": dict(self.stats),

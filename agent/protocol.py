@@ -19,9 +19,13 @@ slots (``[page, index]``) and hashes only.
               -> {locations: [[hash, page, index, tier]], replaced?: [bytes | None]}
               (replace: one item, bound to its hash in place of the serving's own
               unpinned block; code "busy" while a reader pins it)
-    lookup    {hashes: [...]}          -> {n, pages: uint32 array, indices: uint32 array,
-                                           tiers: b"d"/b"h" per hit}  (hit i is hashes[i])
-    release   {hashes: [...], slots: [[page, index], ...]} -> {}
+    lookup    {hashes: [...], claim?: bool}
+              -> {n, pages: uint32 array, indices: uint32 array,
+                  tiers: b"d"/b"h" per hit,   (hit i is hashes[i])
+                  pending}  (blocks from hashes[n] on that another engine is computing;
+              claim: the blocks after those become this session's to compute, until
+              committed or unclaimed: see ``kvmarina.agent.claims``)
+    release   {hashes: [...], slots: [[page, index], ...], unclaim?: [hash]} -> {}
     drop      {hashes, peek?: n}       -> {removed: [hash], busy: [hash], peeked: [bytes|None]}
               (the serving's own blocks only; pinned ones stay, listed as busy)
     probe     {hashes, peek?: n}       -> {n, peek: bytes | None}  (no pin, no use counted)
@@ -286,7 +290,9 @@ class AgentProtocol:
                 locs = self.pool.commit_many(sess, list(zip(slots, hashes, strict=True)))
                 return {"ok": True, "locations": [[x.hash, x.page, x.index, x.tier] for x in locs]}
             if op == "lookup":
-                hits = self.pool.lookup_blocks(sess, self._hashes(msg.get("hashes")))
+                hashes = self._hashes(msg.get("hashes"))
+                hits = self.pool.lookup_blocks(sess, hashes)
+                pending = self.pool.in_flight(sess, hashes[len(hits) :], bool(msg.get("claim")))
                 # Compact reply: the client knows the hashes it asked for; hit i is
                 # hashes[i] for i < n. Pages and indices as packed uint32 arrays.
                 return {
@@ -295,12 +301,15 @@ class AgentProtocol:
                     "pages": array.array("I", [b.slot.page for b in hits]).tobytes(),
                     "indices": array.array("I", [b.slot.index for b in hits]).tobytes(),
                     "tiers": bytes(TIER_CODES[b.tier] for b in hits),
+                    "pending": pending,
                 }
             if op == "release":
                 hashes, slots = self._hashes(msg.get("hashes", [])), _slots(msg.get("slots", []))
+                unclaim = self._hashes(msg.get("unclaim", []))
                 self.pool.check_leased(sess, slots)  # all-or-nothing: check before changing
                 self.pool.release(sess, hashes)
                 self.pool.release_slots(sess, slots)
+                self.pool.unclaim(sess, unclaim)
                 return {"ok": True}
             if op == "stats":
                 return {"ok": True, **self.pool.summary()}

@@ -45,7 +45,14 @@ class PoolClient(Protocol):
 
     def lookup(self, hashes: list[bytes]) -> list[Hit]: ...
 
-    def release(self, hashes: list[bytes], slots: list[tuple[int, int]] | None = None) -> None: ...
+    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[list[Hit], int]: ...
+
+    def release(
+        self,
+        hashes: list[bytes],
+        slots: list[tuple[int, int]] | None = None,
+        unclaim: list[bytes] | None = None,
+    ) -> None: ...
 
     def pull(self, peer: str, hashes: list[bytes], node: str | None = None) -> dict[str, Any]: ...
 
@@ -54,7 +61,10 @@ class PoolClient(Protocol):
 class SeqKV:
     """Invariants: ``block_ids[i]`` holds tokens ``i*B .. (i+1)*B - 1``; blocks below
     ``committed`` are in the index and pinned by us (``pinned``); ``leased`` maps a
-    block number to the slot we leased for it and have not committed."""
+    block number to the slot we leased for it and have not committed; the
+    agent counts this sequence as computing its usable blocks from ``committed``
+    on, except the first ``pending``, which another engine of the node is
+    computing (as of the last lookup)."""
 
     salt: str
     hashes: list[bytes]
@@ -63,6 +73,8 @@ class SeqKV:
     pinned: list[bytes] = field(default_factory=list)
     leased: dict[int, tuple[int, int]] = field(default_factory=dict)
     used_blocks: int = 0  # blocks that hold at least one written token
+    pending: int = 0
+    usable: int = 0  # prompt blocks a lookup may use (one prompt token is always computed)
 
 
 class PagedStore:
@@ -137,14 +149,16 @@ class PagedStore:
         hashes, usable = self._hashes(prompt, salt)
         if pull is not None and usable:
             self._pull(pull, usable[: pull.blocks])
+        hits: list[Hit] = []
+        pending = 0
         try:
-            hits = self.client.lookup(usable) if usable else []
+            if usable:  # claims the blocks this sequence will compute
+                hits, pending = self.client.lookup_claim(usable)
         except AgentUnavailable:
             raise
         except AgentError as exc:
             log.warning("lookup failed (%s); computing the whole prompt", exc)
-            hits = []
-        seq = SeqKV(salt, hashes)
+        seq = SeqKV(salt, hashes, pending=pending, usable=len(usable))
         seq.block_ids = [self._block_id(h.page, h.index) for h in hits]
         seq.pinned = [h.hash for h in hits]
         seq.committed = len(hits)
@@ -226,9 +240,11 @@ class PagedStore:
         if end <= start:
             return computed
         try:
-            hits = self._guard(self.client.lookup, seq.hashes[start:end])
+            # claims again: blocks another engine gave up on are now ours to compute
+            hits, seq.pending = self._guard(self.client.lookup_claim, seq.hashes[start:end])
         except AgentError as exc:
             log.info("late lookup failed (%s); computing", exc)
+            seq.pending = 0
             return computed
         give: list[tuple[int, int]] = []
         for i, hit in enumerate(hits, start):
@@ -266,12 +282,22 @@ class PagedStore:
             for other_id, other in self.seqs.items()
         )
 
+    def peer_computing(self, seq_id: int) -> bool:
+        """Another engine of the node is computing the next blocks this sequence
+        needs (the agent's claims, as of its last lookup): waiting and adopting them
+        costs nothing but time, computing them again costs the node a copy."""
+        seq = self.seqs.get(seq_id)
+        return seq is not None and seq.pending > 0
+
     def close(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return
+        # claimed blocks never computed (a cancelled or failed request): others
+        # waiting for them must compute them themselves
+        unclaim = seq.hashes[seq.committed : seq.usable]
         try:
-            self.client.release(seq.pinned, list(seq.leased.values()))
+            self.client.release(seq.pinned, list(seq.leased.values()), unclaim)
         except AgentUnavailable:
             self._reconnect()
         except AgentError as exc:

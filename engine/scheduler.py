@@ -34,6 +34,11 @@ from kvmarina.engine.sampling import Sampler, SamplingParams
 #: by the agent (KV full) or waits for blocks another engine is computing, and
 #: each waiting step asks the agent again.
 IDLE_S = 0.005
+#: The longest a sequence waits for prompt blocks another engine of the node is
+#: computing (the agent's claims). Such a prefill is running, so its blocks
+#: normally land within one TTFT; a claimer this late is stuck without having
+#: dropped its connection, and the sequence computes the blocks itself.
+PEER_WAIT_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +76,6 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cancelled: bool = False
-    #: the router's word that another engine of this node is computing the prompt's
-    #: first ``inflight_tokens`` now: worth waiting for until ``inflight_until``
-    #: (``time.perf_counter``) rather than computing them a second time
-    inflight_tokens: int = 0
-    inflight_until: float = 0.0
     admitted_at_step: int = -1
     sampler: Sampler = field(init=False)
 
@@ -290,16 +290,21 @@ class Scheduler:
 
     def _behind(self, seq: Sequence) -> bool:
         """Another sequence (an earlier one of this engine, or one of another engine
-        on the node, as the router said) is computing this one's next prompt block:
-        wait, and adopt it once committed. Only while nothing was computed yet."""
+        on the node, as the agent's claims say) is computing this one's next prompt
+        block: wait, and adopt it once committed. Only while nothing was computed
+        yet, and for another engine's blocks at most ``PEER_WAIT_S``."""
         behind = getattr(self.store, "behind", None)
         if behind is None or seq.computed != seq.cached_len:
             return False  # a store that cannot adopt blocks gains nothing by waiting
-        # no more than a lookup may use: one prompt token is always computed
-        bs = self.store.block_size
-        expected = min(seq.inflight_tokens, (len(seq.prompt) - 1) // bs * bs)
-        if seq.cached_len < expected and time.perf_counter() < seq.inflight_until:
-            return True
+        peer = getattr(self.store, "peer_computing", None)
+        if peer is not None and peer(seq.seq_id):
+            if time.perf_counter() - seq.arrival < PEER_WAIT_S:
+                return True
+            log.warning(
+                "sequence %d waited %gs for blocks another engine claimed; computing them",
+                seq.seq_id,
+                PEER_WAIT_S,
+            )
         return bool(behind(seq.seq_id))
 
     def _grow(self, seq: Sequence, total_tokens: int) -> bool:

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 SALT_HEADER = "x-kvmarina-salt"
 PULL_HEADER = "x-kvmarina-pull"
-INFLIGHT_HEADER = "x-kvmarina-inflight"
 MAX_BODY = 4 * 1024 * 1024
 
 
@@ -155,7 +154,6 @@ class EngineServer:
                 raw, kind, self.cfg.model_name, self.tokenizer, self.cfg.max_model_len
             )
             pull = parse_pull(request.headers.get(PULL_HEADER))
-            inflight = parse_inflight(request.headers.get(INFLIGHT_HEADER))
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"request body exceeds {MAX_BODY} bytes", "invalid_request_error")
         except RequestError as exc:
@@ -173,9 +171,6 @@ class EngineServer:
             await asyncio.to_thread(prefetch, req.prompt_tokens, salt, pull)
             pull = None
         seq = Sequence(req.prompt_tokens, req.params, emit, salt=salt, pull=pull)
-        if inflight is not None:
-            seq.inflight_tokens = inflight[0] * self.store.block_size
-            seq.inflight_until = seq.arrival + inflight[1]
         try:
             self.scheduler.submit(seq)
         except QueueFull as exc:
@@ -264,23 +259,6 @@ class EngineServer:
 
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response(error_body(message, kind), status=status)
-
-
-def parse_inflight(value: str | None) -> tuple[int, float] | None:
-    """``blocks=<n>;wait_ms=<m>``: (blocks, seconds); a malformed value is a 400."""
-    if not value:
-        return None
-    fields = dict(part.strip().partition("=")[::2] for part in value.split(";") if part.strip())
-    try:
-        blocks, wait_ms = int(fields["blocks"]), float(fields["wait_ms"])
-    except (KeyError, ValueError):
-        blocks = wait_ms = -1
-    if blocks < 0 or not 0 <= wait_ms <= 60_000:
-        raise RequestError(
-            f"{INFLIGHT_HEADER} needs blocks=<int >= 0>;wait_ms=<0..60000>: {value!r}",
-            INFLIGHT_HEADER,
-        )
-    return blocks, wait_ms / 1000
 
 
 def parse_pull(value: str | None) -> PullHint | None:

@@ -16,13 +16,6 @@
     peer holds. Node names are DNS-label-like (no ``;`` ``=`` or spaces); the
     agent URL is an http(s) URL without ``;``. ``parse_pull_hint`` accepts the
     pairs in any order and ignores unknown keys, so the format can grow.
-
-``x-kvmarina-inflight``
-    Sent when another engine on the chosen pod's node is computing part of this
-    prompt right now: ``blocks=<n>;wait_ms=<m>``. The node will hold the first
-    ``n`` blocks of the prompt shortly; the engine may wait up to ``m`` ms for
-    them (about what computing them itself would take) and use them instead of
-    computing them a second time.
 """
 
 from __future__ import annotations
@@ -31,13 +24,11 @@ from dataclasses import dataclass
 
 SALT_HEADER = "x-kvmarina-salt"
 PULL_HEADER = "x-kvmarina-pull"
-INFLIGHT_HEADER = "x-kvmarina-inflight"
 #: Headers a client may never pass through to an engine (hop-by-hop ones included).
 STRIPPED_HEADERS = frozenset(
     {
         SALT_HEADER,
         PULL_HEADER,
-        INFLIGHT_HEADER,
         "host",
         "content-length",
         "transfer-encoding",

@@ -12,8 +12,8 @@ Cache-aware scoring (DESIGN.md "Routing") estimates each pod's time to first tok
            useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
            0.21 at the same TTFT)
          + w_inflight * recompute of blocks a sibling engine is computing right now:
-           the engine waits for them (``x-kvmarina-inflight``) at most that long, and
-           uses them instead of computing them twice
+           the engine waits for them (the agent's claims say which) and uses them
+           instead of computing them twice
          + w_sibling * recompute of the node's run beyond what this pod was sent: a
            sibling engine reads the node's blocks too, a little slower than the
            engine that computed them (the queue term still moves a request to an
@@ -60,9 +60,6 @@ class Decision:
     cached_blocks: dict[str, int]
     est_ttft_s: float
     pull: PullHint | None = None
-    #: (blocks the node will hold, seconds worth waiting) when another engine of
-    #: ``ranked[0]``'s node is computing part of this prompt now
-    inflight: tuple[int, float] | None = None
 
     def uncached_tokens(self, pod: PodState, n_tokens: int, block_size: int) -> int:
         cached = self.cached_blocks.get(pod.node, 0)
@@ -223,21 +220,19 @@ class RoutingCore:
         wi = w.inflight
         sent = self.sent.match(hashes).run if ws else {}
         agents = self._agents
-        scored: list[tuple[float, int, int, int, str, float]] = []
+        scored: list[tuple[float, int, int, int, str]] = []
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
             node = pod.cfg.node
             run = runs.get(node, 0) if runs else 0
-            cost = wait = 0.0
+            cost = 0.0
             if recent:
                 # a sibling's prefill in progress is not this pod's yet: the engine
-                # waits for those blocks (x-kvmarina-inflight) instead of computing
-                # them twice; costed as computing them, and worth waiting for until
-                # the sibling is through its queue (which holds that prefill)
+                # waits for those blocks instead of computing them twice, about as
+                # long as computing them would take
                 own = max(match.run.get(node, 0), recent.get(pod.name, 0))
                 if run > own:
                     cost += wi * (run - own) * bs / tps
-                    wait = max((run - own) * bs / tps, self._queue_s(recent, node, run))
             cost += (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
             if sent:
                 cost += ws * max(0, run - sent.get(pod.name, 0)) * bs / tps
@@ -257,22 +252,12 @@ class RoutingCore:
                         if saved > 0:
                             cost -= saved
                             peer = cand
-            scored.append((cost, pod.inflight, (i - offset) % n, i, peer, wait))
+            scored.append((cost, pod.inflight, (i - offset) % n, i, peer))
         scored.sort()
-        cost, _, _, first, peer, wait = scored[0]
+        cost, _, _, _, peer = scored[0]
         hint = PullHint(peer, agents[peer], runs[peer]) if peer else None
-        inflight = (runs[pods[first].node], wait) if wait > 0 else None
         ranked = [pods[t[3]] for t in scored]
-        return Decision(ranked, hashes, dict(runs), cost, hint, inflight)
-
-    def _queue_s(self, recent: Mapping[str, int], node: str, run: int) -> float:
-        """Seconds until the pod of ``node`` computing the ``run`` blocks now is
-        through everything queued on it (1.5x: its rate is an estimate)."""
-        for name, r in recent.items():
-            pod = self.pods.get(name)
-            if pod is not None and pod.node == node and r >= run:
-                return 1.5 * pod.queued_tokens / pod.prefill_tps
-        return 0.0
+        return Decision(ranked, hashes, dict(runs), cost, hint)
 
     def record_sent(
         self, node: str, hashes: Sequence[bytes], matched: int = 0, pod: str | None = None

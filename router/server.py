@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, RouterConfig, load_config
-from kvmarina.router.headers import INFLIGHT_HEADER, PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS
+from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request
@@ -371,11 +371,6 @@ class Router:
                 self.metrics.pull_hints.inc()
             else:
                 headers.pop(PULL_HEADER, None)
-            if attempt == 0 and decision.inflight is not None:
-                blocks, wait_s = decision.inflight
-                headers[INFLIGHT_HEADER] = f"blocks={blocks};wait_ms={wait_s * 1000:.0f}"
-            else:
-                headers.pop(INFLIGHT_HEADER, None)
             try:
                 resp = await self._forward(request, pod, path, raw, headers, parsed, decision)
             except UpstreamFailed as exc:

@@ -100,6 +100,34 @@ def test_killed_client_has_its_leases_reclaimed_and_shared_blocks_survive(agent:
     reader.close()
 
 
+def test_engines_see_the_blocks_another_engine_is_computing(agent: AgentProc) -> None:
+    """Over the socket: a lookup with ``claim`` makes the missing blocks this
+    engine's to compute; another engine's lookup says how many past its hits are
+    being computed; a commit, an unclaim or a closed connection ends a claim."""
+    a = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    b = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    hs = [bytes([n + 1]) * 16 for n in range(8)]
+    assert a.lookup_claim(hs[:6]) == ([], 0)
+    assert b.lookup_claim(hs) == ([], 6)  # and b claims the last two
+    (slot,) = a.lease(1)
+    a.commit([(*slot, hs[0])])
+    hits, pending = b.lookup_claim(hs)
+    assert [h.hash for h in hits] == hs[:1] and pending == 5
+    a.release([hs[0]], unclaim=hs[1:3])  # a gives two up: they become b's
+    hits, pending = b.lookup_claim(hs[1:])
+    assert hits == [] and pending == 0
+    assert a.lookup_claim(hs[1:], claim=False) == ([], 2)  # b's claims come first now
+    assert agent.stats()["claimed_blocks"] == 7
+    with pytest.raises(AgentError, match="every hash must be 16 bytes"):
+        b.release([], unclaim=[b"short"])  # refused whole: b's claims stay
+    b.close()
+    deadline = time.monotonic() + 5
+    while agent.stats()["claimed_blocks"] != 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a.lookup_claim(hs[1:], claim=False) == ([], 0)  # only a's own claims are left
+    a.close()
+
+
 def test_bad_requests_get_clear_errors_and_hurt_no_one(agent: AgentProc) -> None:
     c = AgentClient(agent.socket, "tok-chat", 4096, Budget(max_blocks=4)).connect()
     with pytest.raises(AgentError, match="every hash must be 16 bytes"):
@@ -141,7 +169,7 @@ _requests = st.one_of(
     st.binary(max_size=64),  # not msgpack, or msgpack of anything
     st.fixed_dictionaries(
         {"op": st.one_of(_ops, _values)},
-        optional={k: _values for k in ("n", "hashes", "items", "slots")},
+        optional={k: _values for k in ("n", "hashes", "items", "slots", "claim", "unclaim")},
     ),
 )
 

@@ -1,4 +1,5 @@
-"""A prefix computed on node A reaches node B's engine by a pull, with identical output."""
+"""A prefix computed on node A reaches node B's engine by a pull, with identical output;
+two engines of node A share what either computes, even while it is being computed."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def two_nodes(tmp_path: Path):  # type: ignore[no-untyped-def]
     )
     (tmp_path / "token").write_text("s3cret")
     (tmp_path / "transfer").write_text("pool-transfer-token-0123456789")
-    ha, hb, ea, eb, ep = free_ports(5)
+    ha, hb, ea, eb, ep, ea2 = free_ports(6)
     sup = Supervisor(tmp_path / "run")
     urls = {}
     for node, http in (("a", ha), ("b", hb)):
@@ -56,14 +57,16 @@ def two_nodes(tmp_path: Path):  # type: ignore[no-untyped-def]
         urls[f"agent-{node}"] = f"http://127.0.0.1:{http}"
     sup.wait_ready(30)
     common = ("--preset", "tiny", "--model", "tiny")
-    for node, port in (("a", ea), ("b", eb)):
+    for name, node, port in (("engine-a", "a", ea), ("engine-b", "b", eb), ("engine-a2", "a", ea2)):
         sup.start(
             ProcessSpec(
-                f"engine-{node}",
+                name,
                 "engine",
                 python_cmd(
                     "engine",
                     *common,
+                    "--step-tokens",
+                    "64",  # a long prefill takes many steps: time for a sibling to arrive
                     "--port",
                     str(port),
                     "--agent-socket",
@@ -74,7 +77,7 @@ def two_nodes(tmp_path: Path):  # type: ignore[no-untyped-def]
                 ready_url=f"http://127.0.0.1:{port}/health",
             )
         )
-        urls[f"engine-{node}"] = f"http://127.0.0.1:{port}"
+        urls[name] = f"http://127.0.0.1:{port}"
     sup.start(
         ProcessSpec(
             "engine-private",
@@ -141,18 +144,21 @@ async def test_a_stalled_peer_delays_only_the_request_that_pulls(
     assert done["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
 
 
-async def test_an_inflight_hint_beyond_what_a_lookup_may_use_does_not_stall(
+async def test_a_sibling_engine_waits_for_a_prefix_being_computed_instead_of_computing_it(
     two_nodes: dict[str, str],
 ) -> None:
-    """The router may count the prompt's last full block in what the node will hold;
-    the engine always computes at least one token, so it waits for no more than the
-    blocks a lookup may use: a prompt whose every block is cached already is served
-    at once, not after wait_ms."""
-    prompt = "Sixteen bytes!! " * 12  # all-full blocks
-    first = await complete(two_nodes["engine-a"], prompt)
-    hint = {"x-kvmarina-inflight": "blocks=99;wait_ms=60000"}
-    again = await asyncio.wait_for(complete(two_nodes["engine-a"], prompt, hint), 20)
-    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]  # type: ignore[index]
-    prompt_tokens = again["usage"]["prompt_tokens"]  # type: ignore[index]
-    assert cached == (prompt_tokens - 1) // 16 * 16
-    assert first["choices"][0]["text"] == again["choices"][0]["text"]  # type: ignore[index]
+    """The next turn of a conversation reaches the other engine of the node while
+    the first engine is still prefilling the previous turn: the agent's claims tell
+    it those blocks are coming, and it uses them (every usable block of the first
+    prompt is a hit, whether it waited or they had landed) instead of computing
+    them a second time. The output is what an engine alone gives."""
+    first = "A long shared document. " * 100  # 2400 tokens: 38 steps of 64
+    second = first + "And a follow-up question?"
+    one = asyncio.create_task(complete(two_nodes["engine-a"], first))
+    await asyncio.sleep(0.05)
+    two = await complete(two_nodes["engine-a2"], second)
+    await one
+    cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]  # type: ignore[index]
+    assert cached == len(first) // 16 * 16
+    alone = await complete(two_nodes["private"], second)
+    assert two["choices"][0]["text"] == alone["choices"][0]["text"]  # type: ignore[index]

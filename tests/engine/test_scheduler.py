@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -109,7 +108,8 @@ def _engines_on_one_node(n: int, step_tokens: int) -> list[tuple[Scheduler, Page
     model = build_model(cfg, seed=11)
     layout = cfg.kv_layout(16)
     pool = LocalPool(layout.bytes_per_block, 16 * 2**20)  # the node's agent, shared
-    stores = [PagedStore(pool, layout, HashContract(16), "tiny@main") for _ in range(n)]
+    clients = [pool] + [pool.sibling() for _ in range(n - 1)]  # a session per engine
+    stores = [PagedStore(c, layout, HashContract(16), "tiny@main") for c in clients]
     return [
         (Scheduler(model, st, eos_id=None, max_batch=2, step_tokens=step_tokens), st)
         for st in stores
@@ -158,30 +158,40 @@ def test_a_prefix_an_earlier_request_is_computing_is_waited_for_not_computed_twi
     assert cols[1].tokens == alone.tokens[:6]
 
 
-@pytest.mark.parametrize("worth_waiting", [True, False])
-def test_a_prefix_a_sibling_engine_is_computing_is_waited_for_as_the_router_says(
-    worth_waiting: bool,
+@pytest.mark.parametrize("claimer", ["computes", "is-cancelled", "waited-too-long"])
+def test_a_prefix_a_sibling_engine_is_computing_is_waited_for_not_computed_twice(
+    claimer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The router sent the next turn to engine B while engine A (same node) is still
-    prefilling the previous one, and said so (x-kvmarina-inflight). B waits for A's
-    blocks and uses them; past the time it was told to wait, it computes them."""
+    """Engine B gets the next turn while engine A (same node) is still prefilling the
+    previous one. A's lookup claimed the blocks it computes, so B's lookup learns
+    that A is computing them: B waits and adopts them as A commits. If A's request
+    is cancelled its claims go with it, and past PEER_WAIT_S B stops waiting: in
+    both cases B computes the rest itself. B's output is what it is alone."""
+    from kvmarina.engine import scheduler as sched_mod
+
+    if claimer == "waited-too-long":
+        monkeypatch.setattr(sched_mod, "PEER_WAIT_S", 0.0)
     (a, _), (b, b_store) = _engines_on_one_node(2, step_tokens=64)
     first = list(range(3, 203))
     second = [*first, *range(60, 100)]
     cols = [Collector(), Collector()]
     s_a = Sequence(first, SamplingParams(max_tokens=6, temperature=0.0), cols[0])
     s_b = Sequence(second, SamplingParams(max_tokens=6, temperature=0.0), cols[1])
-    s_b.inflight_tokens = 12 * 16
-    s_b.inflight_until = time.perf_counter() + (30.0 if worth_waiting else -1.0)
     a.submit(s_a)
+    a.step()  # A is admitted, claims its 12 blocks, computes and commits 4
     b.submit(s_b)
-    while not all(c.done.is_set() for c in cols):
+    b.step()  # B finds 4 blocks, and 8 more that A is computing
+    if claimer == "is-cancelled":
+        a.cancel(s_a)
         a.step()
+    while not cols[1].done.is_set():
+        if claimer == "computes":
+            a.step()
         b.step()
-    if worth_waiting:  # all of A's prompt blocks: found at admission or adopted after
-        assert s_b.cached_len == 12 * 16 and b_store.adopted_blocks > 0
-    else:  # B computed part of the shared prefix itself
-        assert s_b.cached_len < 12 * 16
+    if claimer == "computes":  # all of A's prompt blocks: found at admission or adopted
+        assert s_b.cached_len == 12 * 16 and b_store.adopted_blocks == 8
+    else:  # B computed the rest of the shared prefix itself
+        assert s_b.cached_len == 4 * 16 and b_store.adopted_blocks == 0
     alone = run_all([second], max_batch=1, step_tokens=4096)[0]
     assert cols[1].tokens == alone.tokens[:6]
 
@@ -191,7 +201,6 @@ def test_a_store_that_cannot_adopt_blocks_never_waits_for_them() -> None:
     sched = Scheduler(model, ContiguousStore(model.config.num_layers), eos_id=None)
     col = Collector()
     seq = Sequence(list(range(3, 100)), SamplingParams(max_tokens=2, temperature=0.0), col)
-    seq.inflight_tokens, seq.inflight_until = 96, time.perf_counter() + 3600
     sched.submit(seq)
     for _ in range(10):  # one prefill step and one decode step, not an hour
         sched.step()

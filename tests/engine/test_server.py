@@ -6,10 +6,8 @@ import asyncio
 import json
 
 import aiohttp
-import pytest
 
-from kvmarina.engine.openai import RequestError, StopChecker
-from kvmarina.engine.server import parse_inflight
+from kvmarina.engine.openai import StopChecker
 
 
 async def post(url: str, path: str, body: object, **kw: object) -> tuple[int, object]:
@@ -108,12 +106,3 @@ def test_stop_checker_holds_back_partial_stops() -> None:
     assert sc.push("abcENX") == "ENX"
     assert sc.push("abcENXEND tail") == ""
     assert sc.stopped
-
-
-def test_the_inflight_header_is_parsed_or_refused_with_what_it_needs() -> None:
-    assert parse_inflight(None) is None and parse_inflight("") is None
-    assert parse_inflight("blocks=12;wait_ms=250") == (12, 0.25)
-    assert parse_inflight(" wait_ms=0 ; blocks=0 ") == (0, 0.0)
-    for bad in ("blocks=12", "blocks=x;wait_ms=1", "blocks=-1;wait_ms=1", "blocks=1;wait_ms=1e9"):
-        with pytest.raises(RequestError, match=r"blocks=<int >= 0>;wait_ms=<0\.\.60000>"):
-            parse_inflight(bad)

@@ -364,26 +364,23 @@ def two_pods_on_one_node() -> RoutingCore:
 def test_a_prefix_in_flight_is_waited_for_not_computed_twice() -> None:
     """Until its blocks are committed, a new prefix is only in the engine computing it.
     A second request for it stays with that pod unless its queue is longer than the
-    prefix; then it goes to the idle sibling, told to wait for the blocks in flight
-    (x-kvmarina-inflight) rather than compute them a second time."""
+    prefix; then it goes to the idle sibling (whose engine waits for the blocks in
+    flight, as the agent's claims say, rather than compute them a second time)."""
     rc = two_pods_on_one_node()
     toks = list(range(1600))  # 100 blocks, nothing committed yet
     first = rc.decide(toks, "s").ranked[0]
     rc.record_sent(first.node, rc.hashes(toks, "s"), 0, first.name)
     first.queued_tokens = 1600
     d = rc.decide([*toks, 7], "s")
-    assert d.ranked[0].name == first.name and d.inflight is None
+    assert d.ranked[0].name == first.name
     first.queued_tokens = 8000
     d = rc.decide([*toks, 7], "s")
-    assert d.ranked[0].name != first.name and d.inflight is not None
-    blocks, wait_s = d.inflight
-    # worth waiting until the busy pod is through its queue, which holds that prefill
-    assert blocks == 100 and wait_s == pytest.approx(1.5 * 8000 / first.prefill_tps)
+    assert d.ranked[0].name != first.name and d.cached_blocks == {"n0": 100}
     # once the agent confirms the blocks, either pod of the node has them
     rc.index.store("n0", rc.hashes(toks, "s"), "device")
     first.queued_tokens = 1600
     d = rc.decide([*toks, 7], "s")
-    assert d.ranked[0].name != first.name and d.inflight is None
+    assert d.ranked[0].name != first.name
 
 
 def test_a_conversation_stays_on_the_engine_that_computed_it_while_that_engine_is_free() -> None:
