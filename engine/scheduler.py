@@ -76,6 +76,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     cancelled: bool = False
+    waited_out: bool = False  # waited PEER_WAIT_S for another engine's blocks
     admitted_at_step: int = -1
     sampler: Sampler = field(init=False)
 
@@ -88,6 +89,11 @@ class Sequence:
 
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+
+def _left(seq: Sequence | None) -> int:
+    """Prompt tokens still to compute."""
+    return 0 if seq is None else len(seq.prompt) - seq.computed
 
 
 @dataclass
@@ -261,21 +267,40 @@ class Scheduler:
                 tokens.append(seq.output[-1])
                 seqs.append(seq)
                 budget -= 1
-        for seq in list(self._running):
-            if seq.prefilling and budget > 0:
-                self._adopt(seq)
-                if self._behind(seq):
-                    continue
-                n = min(len(seq.prompt) - seq.computed, max(budget, 1))
-                if not self._grow(seq, seq.computed + n):
-                    continue
-                ids.append(seq.seq_id)
-                cached.append(seq.computed)
-                new.append(n)
-                tokens.extend(seq.prompt[seq.computed : seq.computed + n])
-                seqs.append(seq)
-                budget -= n
+        ready = self._ready_prefills() if budget > 0 else []
+        oldest = min(ready, key=lambda s: s.seq_id, default=None)
+        # the oldest prefill keeps part of every step: short prompts arriving all
+        # the time never starve a long one
+        reserve = min(self.step_tokens // 4, _left(oldest)) if len(ready) > 1 else 0
+        for seq in sorted(ready, key=_left):
+            if seq is oldest:
+                reserve = 0
+            if budget - reserve <= 0:
+                continue
+            n = min(_left(seq), budget - reserve)
+            if not self._grow(seq, seq.computed + n):
+                continue
+            ids.append(seq.seq_id)
+            cached.append(seq.computed)
+            new.append(n)
+            tokens.extend(seq.prompt[seq.computed : seq.computed + n])
+            seqs.append(seq)
+            budget -= n
         return StepBatch(tuple(ids), tuple(cached), tuple(new)), tokens, seqs
+
+    def _ready_prefills(self) -> list[Sequence]:
+        """Prefilling sequences that may compute now: blocks committed meanwhile are
+        adopted first, and one whose next block another sequence is computing waits.
+        The step then takes the shortest remaining prefill first: a follow-up turn's
+        few new tokens would otherwise wait behind another prompt's long prefill,
+        chunk after chunk, for a first token that needs one step."""
+        ready = []
+        for seq in self._running:
+            if seq.prefilling:
+                self._adopt(seq)
+                if not self._behind(seq):
+                    ready.append(seq)
+        return ready
 
     def _adopt(self, seq: Sequence) -> None:
         """Prompt blocks another sequence committed meanwhile count as cached."""
@@ -297,9 +322,10 @@ class Scheduler:
         if behind is None or seq.computed != seq.cached_len:
             return False  # a store that cannot adopt blocks gains nothing by waiting
         peer = getattr(self.store, "peer_computing", None)
-        if peer is not None and peer(seq.seq_id):
+        if not seq.waited_out and peer is not None and peer(seq.seq_id):
             if time.perf_counter() - seq.arrival < PEER_WAIT_S:
                 return True
+            seq.waited_out = True
             log.warning(
                 "sequence %d waited %gs for blocks another engine claimed; computing them",
                 seq.seq_id,

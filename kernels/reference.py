@@ -49,23 +49,24 @@ def paged_attention(
     absolute position ``ctx - n + i`` and sees cache positions ``0 .. ctx - n + i``.
     """
     out = torch.empty_like(q)
-    bsz = k_cache.shape[1]
+    bsz, d = k_cache.shape[1], k_cache.shape[3]
     h_q, h_kv = q.shape[1], k_cache.shape[2]
     groups = h_q // h_kv
     for s in range(block_tables.shape[0]):
         start, n, ctx = int(q_starts[s]), int(q_lens[s]), int(ctx_lens[s])
         nblk = -(-ctx // bsz)
         ids = block_tables[s, :nblk].to(torch.int64)
-        k = k_cache[ids].reshape(-1, h_kv, k_cache.shape[3])[:ctx].float()
-        v = v_cache[ids].reshape(-1, h_kv, v_cache.shape[3])[:ctx].float()
-        qs = q[start : start + n].float().view(n, h_kv, groups, -1)
-        scores = torch.einsum("nhgd,khd->hgnk", qs, k) * scale
-        pos = torch.arange(ctx - n, ctx)[:, None]
-        mask = torch.arange(ctx)[None, :] <= pos  # [n, ctx]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgnk,khd->nhgd", probs, v)
-        out[start : start + n] = o.reshape(n, h_q, -1).to(q.dtype)
+        k = k_cache[ids].reshape(-1, h_kv, d)[:ctx].float().transpose(0, 1)  # [H_kv, ctx, D]
+        v = v_cache[ids].reshape(-1, h_kv, d)[:ctx].float().transpose(0, 1)
+        # the query heads that share a KV head as one batch of rows: [H_kv, G*n, D]
+        qs = q[start : start + n].float().view(n, h_kv, groups, d).permute(1, 2, 0, 3)
+        scores = torch.bmm(qs.reshape(h_kv, groups * n, d), k.transpose(1, 2)).mul_(scale)
+        # every query sees the whole cached prefix: only the last n columns (the new
+        # tokens themselves) need the causal mask, so the mask is [n, n], not [n, ctx]
+        future = torch.ones(n, n, dtype=torch.bool).triu_(1)
+        scores.view(h_kv, groups, n, ctx)[..., ctx - n :].masked_fill_(future, float("-inf"))
+        o = torch.bmm(torch.softmax(scores, dim=-1), v)  # [H_kv, G*n, D]
+        out[start : start + n] = o.view(h_kv, groups, n, d).permute(2, 0, 1, 3).reshape(n, h_q, d)
     return out
 
 

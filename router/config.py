@@ -86,7 +86,8 @@ class Weights:
     migration: float = 1.0
     duplication: float = 2.0
     # blocks a sibling engine is computing right now: this engine waits for them
-    # (at most as long as computing them), then reads them like any cached block
+    # (the agent says which until they are committed), then reads them like any
+    # cached block
     inflight: float = 1.0
     # a hit served by a sibling of the engine that computed the prefix (same node,
     # same agent) costs this fraction of recomputing it: mapping another engine's

@@ -205,3 +205,34 @@ def test_a_store_that_cannot_adopt_blocks_never_waits_for_them() -> None:
     for _ in range(10):  # one prefill step and one decode step, not an hour
         sched.step()
     assert col.done.is_set() and seq.cached_len == 0
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prefill_and_the_long_one_still_progresses() -> (
+    None
+):
+    """A step takes the shortest remaining prefill first: a follow-up turn's few new
+    tokens get their first token in the next step, not after every chunk of a long
+    prompt admitted before them. The oldest prefill keeps a quarter of each step,
+    so a stream of short prompts never starves it. Outputs are what they are alone."""
+    model = build_model(preset("tiny"), seed=11)
+    sched = Scheduler(
+        model, ContiguousStore(model.config.num_layers), eos_id=None, max_batch=8, step_tokens=64
+    )
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    long_col = Collector()
+    long_seq = Sequence([3 + i % 250 for i in range(400)], params, long_col)
+    sched.submit(long_seq)
+    sched.step()
+    assert long_seq.computed == 64
+    shorts = [Collector() for _ in range(4)]
+    prompts = [[5 + i, *range(40, 59)] for i in range(4)]  # 20 tokens each
+    for prompt, col in zip(prompts, shorts, strict=True):
+        sched.submit(Sequence(prompt, params, col))
+    sched.step()  # 64 tokens: two short prompts (40), 8 of a third, 16 of the long one
+    assert [len(c.tokens) for c in shorts] == [1, 1, 0, 0]
+    assert long_seq.computed == 64 + 16
+    while not all(c.done.is_set() for c in [long_col, *shorts]):
+        sched.step()
+    alone = run_all([*prompts, long_seq.prompt], max_batch=1, step_tokens=4096)
+    assert [c.tokens for c in shorts] == [a.tokens[:2] for a in alone[:4]]
+    assert long_col.tokens == alone[4].tokens[:2]
