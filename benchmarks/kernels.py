@@ -2,7 +2,10 @@
 
 CPU (always): ``gather_gbps`` — gather 2 MiB blocks into a staging buffer — vs
 ``memcpy_gbps`` (a torch copy of the same bytes); ``decode_ratio`` — paged
-decode attention time / torch SDPA over the same KV made contiguous.
+decode attention time / torch SDPA over the same KV made contiguous;
+``prefill_ratio`` — a chunked-prefill step (``--chunk`` new tokens over
+``--context`` cached, the ``small`` preset's heads) through paged attention /
+torch SDPA with the causal mask over the same KV made contiguous.
 CUDA (when a GPU is present): the same keys on the device plus ``d2d_gbps``.
 Targets: CPU gather >= 50% of memcpy; CUDA gather >= 80% of d2d, decode_ratio <= 1.
 
@@ -21,7 +24,7 @@ from torch.nn.functional import scaled_dot_product_attention
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import median, report, time_runs
 
-from kvmarina.kernels import gather_blocks, paged_decode
+from kvmarina.kernels import gather_blocks, paged_attention, paged_decode
 
 BLOCK_BYTES = 2 * 1024 * 1024
 
@@ -101,17 +104,50 @@ def decode(
     }
 
 
+def prefill(chunk: int, context: int, runs: int) -> dict[str, float]:
+    h_q, h_kv, d, b = 8, 2, 32, 16  # preset small, the one the CPU demo runs
+    ctx = context + chunk
+    nblk = -(-ctx // b)
+    gen = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(nblk * 2, b, h_kv, d, generator=gen) for _ in range(2))
+    table = torch.randperm(nblk * 2, generator=gen)[:nblk].to(torch.int32)[None]
+    q = torch.randn(chunk, h_q, d, generator=gen)
+    args = (torch.tensor([0]), torch.tensor([chunk]), torch.tensor([ctx]))
+    # the same KV, contiguous: [heads, ctx, d]
+    k_c, v_c = (
+        c[table[0].long()].reshape(-1, h_kv, d)[:ctx].repeat_interleave(h_q // h_kv, 1)
+        .transpose(0, 1).contiguous()
+        for c in (kc, vc)
+    )  # fmt: skip
+    mask = torch.arange(ctx)[None, :] <= torch.arange(context, ctx)[:, None]
+
+    def paged() -> None:
+        paged_attention(q, kc, vc, table, *args)
+
+    def sdpa() -> None:
+        scaled_dot_product_attention(q.transpose(0, 1), k_c, v_c, attn_mask=mask)
+
+    tp, ts = median(time_runs(paged, runs)), median(time_runs(sdpa, runs))
+    return {
+        "prefill_paged_ms": round(tp * 1e3, 3),
+        "prefill_sdpa_ms": round(ts * 1e3, 3),
+        "prefill_ratio": round(tp / ts, 3),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=64, help="2 MiB blocks gathered per run")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=128, help="new tokens of the prefill step")
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
     result: dict[str, object] = {"device": "cpu"}
     cpu = torch.device("cpu")
     result.update(bandwidth(cpu, args.blocks, args.runs))
     result.update(decode(cpu, args.batch, args.context, args.runs, torch.float32))
+    result.update(prefill(args.chunk, args.context, args.runs))
     result["target_cpu_gather_over_memcpy"] = 0.5
     rows = [
         ("figure", "value", "baseline"),
@@ -124,6 +160,11 @@ def main() -> int:
             "paged decode ms",
             str(result["decode_paged_ms"]),
             f"SDPA contiguous {result['decode_sdpa_ms']}",
+        ),
+        (
+            f"paged prefill ms ({args.chunk} over {args.context})",
+            str(result["prefill_paged_ms"]),
+            f"SDPA contiguous {result['prefill_sdpa_ms']}",
         ),
     ]
     if torch.cuda.is_available():

@@ -14,8 +14,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from kvmarina.local.fleet import load_resources, plan_fleet
+from kvmarina.local.fleet import FleetPlan, load_resources, plan_fleet
 from kvmarina.local.progress import Progress
 from kvmarina.local.rundir import run_dir
 from kvmarina.local.supervisor import FleetError, Supervisor, load_state, pid_alive, stop_processes
@@ -33,10 +34,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: Start-ups tried when a process finds its planned port taken: ports are chosen
+#: free at planning time, and another program on the machine may bind one before
+#: the process that was to use it does (seen on shared CI hosts).
+START_ATTEMPTS = 3
+
+
 def start(
     files: list[str], nodes: int, rdir_arg: str | None, model_dir: str | None, timeout: float
 ) -> Supervisor:
-    """Validate, plan, start and wait; stops what it started on any failure."""
+    """Validate, plan, start and wait; stops what it started on any failure, and
+    starts again with fresh ports if a planned port was taken meanwhile."""
     if nodes < 1:
         raise FleetError("--nodes must be at least 1")
     pools, servings = load_resources(files)
@@ -44,9 +52,27 @@ def start(
     _, leftover = load_state(rdir)
     if any(p.alive() for p in leftover):
         raise FleetError(f"a fleet is already running from {rdir}; run `kvmarina down` first")
-    shutil.rmtree(rdir, ignore_errors=True)
-    rdir.mkdir(parents=True)
-    plan = plan_fleet(pools, servings, rdir, nodes, model_dir)
+    attempt = 0
+    while True:
+        attempt += 1
+        shutil.rmtree(rdir, ignore_errors=True)
+        rdir.mkdir(parents=True)
+        plan = plan_fleet(pools, servings, rdir, nodes, model_dir)
+        try:
+            return _start_plan(plan, rdir, files, timeout)
+        except FleetError as exc:
+            bind = [ln for ln in str(exc).splitlines() if "address already in use" in ln]
+            if not bind or attempt == START_ATTEMPTS:
+                raise
+            part = str(exc).split(" exited", 1)[0]
+            print(
+                f"{part}: a planned port was taken meanwhile ({bind[-1].strip()}); "
+                "starting again with other ports",
+                file=sys.stderr,
+            )
+
+
+def _start_plan(plan: FleetPlan, rdir: Path, files: list[str], timeout: float) -> Supervisor:
     sup = Supervisor(rdir)
     sup.meta = {"up_pid": os.getpid(), "files": files, "started": time.time()}
     bar = Progress("starting", len(plan.all))

@@ -158,3 +158,37 @@ def test_demo_runs_and_writes_a_chart(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cache-aware" in res.stdout and "round-robin" in res.stdout
     assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_a_planned_port_taken_before_its_process_binds_it_means_a_fresh_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ports are free when planned, but another program may bind one before the
+    process it was planned for starts: that start-up fails, everything it started
+    stops, and the fleet starts again on other ports."""
+    import socket
+
+    from kvmarina.local import fleet, up
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real, calls = fleet.free_ports, []
+
+    def first_one_taken(n: int, host: str = "127.0.0.1") -> list[int]:
+        calls.append(n)
+        ports = real(n, host)
+        return [taken, *ports[1:]] if len(calls) == 1 else ports
+
+    monkeypatch.setattr(fleet, "free_ports", first_one_taken)
+    sup = up.start([str(REPO / "examples" / "local.yaml")], 1, str(tmp_path / "run"), None, 120)
+    try:
+        assert len(calls) > 2  # planned twice: agents, then engines and routers, again
+        router = next(p for p in sup.procs if p.spec.role == "router")
+        assert complete(router.spec.info["url"], "Hello")["choices"]
+        assert all(p.alive() for p in sup.procs)
+        assert f"{taken}" in capsys.readouterr().err
+    finally:
+        sup.stop_all()
+        squatter.close()
