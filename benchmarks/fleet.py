@@ -11,7 +11,7 @@ The workload is the demo's (``kvmarina.local.demo.workload``): generated
 conversations where each user has a document of their own under a shared system
 prompt, or the Mooncake trace with ``--trace``.
 
-    python benchmarks/fleet.py [--users 24] [--turns 6] [--context 600] [--trace PATH --requests 40]
+    python benchmarks/fleet.py [--users 24] [--turns 6] [--context 1000] [--trace PATH --requests 40]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=24)
     ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--context", type=int, default=600)
+    ap.add_argument("--context", type=int, default=1000)
     ap.add_argument("--trace")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--preset", default="small")
@@ -128,6 +128,7 @@ def figures(runs: list[Summary]) -> dict[str, object]:
         "migrated_blocks": med(s.migrated_blocks for s in runs),
         "errors": sum(s.errors for s in runs),
         "ttft_p50_ms_rounds": [s.ttft_p50_ms for s in runs],
+        "hit_rate_rounds": [s.hit_rate for s in runs],
     }
 
 

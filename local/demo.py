@@ -64,8 +64,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--context",
         type=int,
-        default=600,
-        help="tokens of a typical user's own document (600; 200 to 1200 drawn)",
+        default=1000,
+        help="tokens of a typical user's own document (1000; 333 to 2000 drawn)",
     )
     p.add_argument("--trace", help="replay this Mooncake trace instead of generated chats")
     p.add_argument("--requests", type=int, default=40, help="trace requests to replay (40)")
