@@ -11,7 +11,8 @@ The workload is the demo's (``kvmarina.local.demo.workload``): generated
 conversations where each user has a document of their own under a shared system
 prompt, or the Mooncake trace with ``--trace``.
 
-    python benchmarks/fleet.py [--users 24] [--turns 6] [--context 1000] [--trace PATH --requests 40]
+    python benchmarks/fleet.py [--users 24] [--turns 6] [--context 1000] [--rounds 3]
+                               [--trace PATH --requests 40]
 """
 
 from __future__ import annotations

@@ -177,10 +177,25 @@ class PagedStore:
     def _pull(self, hint: PullHint, hashes: list[bytes]) -> None:
         try:
             reply = self.client.pull(hint.agent, hashes, hint.node)
-            self.pulled_blocks += int(reply.get("pulled", 0))
         except AgentError as exc:  # the pull is an optimisation: recompute instead
             log.info(
                 "pull of %d blocks from %s failed (%s); recomputing", len(hashes), hint.node, exc
+            )
+            return
+        self.pulled_blocks += int(reply.get("pulled", 0))
+        missing, failed = len(reply.get("missing") or ()), len(reply.get("failed") or ())
+        if missing or failed or reply.get("error"):
+            # the router's hint was stale (evicted, or not committed yet) or the peer
+            # failed: say so, since the cost is a recomputation nobody else sees
+            log.info(
+                "pull from %s: %d of %d blocks pulled, %d missing there, %d failed%s; "
+                "recomputing the rest",
+                hint.node,
+                int(reply.get("pulled", 0)),
+                len(hashes),
+                missing,
+                failed,
+                f" ({reply['error']})" if reply.get("error") else "",
             )
 
     def reserve(self, seq_id: int, total_tokens: int) -> None:

@@ -122,6 +122,19 @@ async def test_pull_from_a_peer_agent_then_identical_output(two_nodes: dict[str,
     assert stats["transfer"]["peers"][two_nodes["agent-a"]]["blocks"] == blocks
 
 
+async def test_a_pull_of_blocks_the_peer_does_not_hold_is_logged_and_recomputed(
+    two_nodes: dict[str, str], tmp_path: Path
+) -> None:
+    """A stale hint (the peer evicted the blocks, or has not committed them yet) costs
+    a recomputation: the request is served all the same, and the engine's log says so."""
+    prompt = "Nobody computed this preamble anywhere. " * 8 + "Question?"
+    hint = f"node=a;agent={two_nodes['agent-a']};blocks=10"
+    done = await complete(two_nodes["engine-b"], prompt, {"x-kvmarina-pull": hint})
+    assert done["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
+    log = (tmp_path / "run" / "logs" / "engine-b.log").read_text()
+    assert "pull from a: 0 of 10 blocks pulled, 10 missing there" in log
+
+
 async def test_a_stalled_peer_delays_only_the_request_that_pulls(
     two_nodes: dict[str, str],
 ) -> None:
