@@ -245,17 +245,20 @@ class RoutingCore:
                     extra = peer_run - run
                     # leaving the holder copies its blocks here, evicting others later
                     cost += wd * extra * bs / tps
-                    if pull_ok and cand in agents:
+                    # only blocks the peer's agent announced can be pulled: a prefill
+                    # still running there (``recent``) has nothing to give yet
+                    pullable = match.run.get(cand, 0) - run
+                    if pull_ok and pullable > 0 and cand in agents:
                         bw = self.bandwidth.get(node)
                         per_block = r.block_bytes / bw if bw else pull_s_per_block
-                        saved = wp * extra * bs / tps - wm * extra * per_block
+                        saved = wp * pullable * bs / tps - wm * pullable * per_block
                         if saved > 0:
                             cost -= saved
                             peer = cand
             scored.append((cost, pod.inflight, (i - offset) % n, i, peer))
         scored.sort()
         cost, _, _, _, peer = scored[0]
-        hint = PullHint(peer, agents[peer], runs[peer]) if peer else None
+        hint = PullHint(peer, agents[peer], match.run[peer]) if peer else None
         ranked = [pods[t[3]] for t in scored]
         return Decision(ranked, hashes, dict(runs), cost, hint)
 

@@ -420,3 +420,19 @@ def test_a_cleared_node_forgets_which_of_its_pods_computed_what() -> None:
     follower.apply(BlockEvent("cleared", "boot-1", 2))
     assert rc.sent.match(hs).run == {} and rc.index.match(hs).run == {}
     assert rc.recent.match(hs).run == {}
+
+
+def test_a_pull_hint_names_only_blocks_the_peer_agent_announced() -> None:
+    """A prefix sent to n0 a moment ago (its prefill still running there) draws the
+    next request to n0, but cannot be pulled from it yet: a request that must go
+    elsewhere gets no hint for those blocks; once n0's agent announces them, it does."""
+    rc = core(transfer_bytes_per_second=1e12)
+    toks = list(range(1600))
+    hs = rc.hashes(toks, "s")
+    rc.record_sent("n0", hs, 0, "p0")  # in flight on p0, not committed
+    rc.pods["p0"].queued_tokens = 10**6
+    d = rc.decide(toks, "s")
+    assert d.ranked[0].name != "p0" and d.pull is None
+    rc.index.store("n0", hs[:40], "device")  # the first 40 blocks are committed now
+    d = rc.decide(toks, "s")
+    assert d.ranked[0].name != "p0" and d.pull == PullHint("n0", "http://127.0.0.1:21000", 40)
