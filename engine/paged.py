@@ -182,20 +182,21 @@ class PagedStore:
                 "pull of %d blocks from %s failed (%s); recomputing", len(hashes), hint.node, exc
             )
             return
-        self.pulled_blocks += int(reply.get("pulled", 0))
+        pulled, error = int(reply.get("pulled", 0)), reply.get("error")
+        self.pulled_blocks += pulled
         missing, failed = len(reply.get("missing") or ()), len(reply.get("failed") or ())
-        if missing or failed or reply.get("error"):
+        if missing or failed or error:
             # the router's hint was stale (evicted, or not committed yet) or the peer
             # failed: say so, since the cost is a recomputation nobody else sees
             log.info(
                 "pull from %s: %d of %d blocks pulled, %d missing there, %d failed%s; "
                 "recomputing the rest",
                 hint.node,
-                int(reply.get("pulled", 0)),
+                pulled,
                 len(hashes),
                 missing,
                 failed,
-                f" ({reply['error']})" if reply.get("error") else "",
+                f" ({error})" if error else "",
             )
 
     def reserve(self, seq_id: int, total_tokens: int) -> None:
