@@ -1,6 +1,6 @@
 """The ``kvmarina`` command.
 
-Core subcommands (``version``, ``validate``, ``blocks``, ``crds``) live here.
+Core subcommands (``version``, ``validate``, ``blocks``, ``crds``, ``model``) live here.
 The parts' subcommands are dispatched lazily: ``PART_COMMANDS`` maps a name to a
 module that exposes ``main(argv: list[str]) -> int`` and owns its own argument
 parsing, so ``kvmarina --help`` never imports torch, aiohttp or kopf.
@@ -64,6 +64,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p_blk.add_argument("--algorithm", default="blake2b", help="blake2b (default) or sha256")
     p_blk.add_argument("--digest-bits", type=int, default=128, help="digest length (128)")
 
+    p_mod = sub.add_parser("model", help="write a preset model as a Hugging Face folder")
+    mod = p_mod.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p_exp = mod.add_parser(
+        "export",
+        help="config, byte-level tokenizer, chat template and seeded weights of a preset "
+        "(for engines that load only folders, such as vLLM)",
+    )
+    p_exp.add_argument("--preset", required=True, help="tiny or small")
+    p_exp.add_argument("--dtype", default="float32", help="float32 (default), float16, bfloat16")
+    p_exp.add_argument("--out", required=True, help="the folder to write")
+    p_exp.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="tokenizer and config.json only (what a router reads; needs no torch)",
+    )
+
     p_crd = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
     p_crd.add_argument("--out", help="write one file per CRD into this folder")
 
@@ -104,12 +120,30 @@ def main(argv: list[str] | None = None) -> int:
         return validate_files(args.files)
     if args.command == "blocks":
         return _blocks(args)
+    if args.command == "model":
+        return _export_model(args)
     if args.command == "crds":
         from kvmarina.crd import write_crds
 
         return write_crds(args.out)
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from kvmarina.presets import PresetError, write_preset_folder
+
+    try:
+        if args.no_weights:
+            out = write_preset_folder(args.preset, args.dtype, args.out)
+        else:  # the weights are the reference engine's seeded model (torch)
+            weights = importlib.import_module("kvmarina.engine.weights")
+            out = weights.export_preset(args.preset, args.dtype, args.out)
+    except (PresetError, OSError) as exc:
+        print(f"kvmarina model export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote preset {args.preset} ({args.dtype}) to {out}")
+    return 0
 
 
 def _blocks(args: argparse.Namespace) -> int:

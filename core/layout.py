@@ -14,7 +14,11 @@ hashing contract seeds every chain with it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from kvmarina.presets import PRESET_CONFIGS
 
 #: dtype name -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
@@ -142,12 +146,27 @@ class ModelIdentity:
         )
 
 
-#: KV shape (num_layers, num_kv_heads, head_dim) of the engine's size presets, so that
-#: planners (operator, local mode) can name a preset model's identity without loading
-#: the engine. ``tests/engine`` checks the engine's presets against this table.
+def hf_kv_shape(config: dict[str, object]) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a Hugging Face ``config.json``."""
+
+    def field(key: str, default: object = None) -> int:
+        value = config.get(key, default)
+        if value is None:
+            raise LayoutError(f"config.json is missing {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LayoutError(f"config.json: {key} must be a positive integer, got {value!r}")
+        return value
+
+    heads = field("num_attention_heads")
+    head_dim = field("head_dim") if config.get("head_dim") else field("hidden_size") // heads
+    return field("num_hidden_layers"), field("num_key_value_heads", heads), head_dim
+
+
+#: KV shape (num_layers, num_kv_heads, head_dim) of the size presets (``kvmarina.presets``),
+#: so that planners (operator, local mode) can name a preset model's identity without
+#: loading the engine.
 PRESET_KV_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 2, 16),
-    "small": (4, 2, 32),
+    name: hf_kv_shape(doc) for name, doc in PRESET_CONFIGS.items()
 }
 
 
@@ -155,4 +174,23 @@ def preset_identity(
     preset: str, name: str, revision: str, dtype: str, block_size: int
 ) -> ModelIdentity:
     layers, heads, dim = PRESET_KV_SHAPES[preset]
+    return ModelIdentity(name, KVLayout(layers, heads, dim, dtype, block_size), revision)
+
+
+def folder_identity(
+    folder: str | Path, name: str, revision: str, dtype: str, block_size: int
+) -> ModelIdentity:
+    """The identity of a Hugging Face model folder, from its ``config.json``: the one
+    function router, engine and local mode use for a model that is not a preset, so all
+    of them seed block hashes alike."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError as exc:
+        raise LayoutError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise LayoutError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise LayoutError(f"{path} is not a JSON object")
+    layers, heads, dim = hf_kv_shape(config)
     return ModelIdentity(name, KVLayout(layers, heads, dim, dtype, block_size), revision)

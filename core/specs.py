@@ -266,19 +266,87 @@ class ModelSpec(Spec):
         return self
 
 
+#: The engines a ModelServing can run; SGLang may follow.
+ENGINE_TYPES = ("reference", "vllm")
+EngineType = Literal["reference", "vllm"]
+
+
+class VLLMSpec(Spec):
+    """Pod ports of a vLLM engine (``engine.type: vllm``). Every vLLM flag the pool's
+    contract implies (block size, prefix caching, KV events, prompt-token details, KV
+    cache size) is derived by kvmarina; these are the only vLLM settings of its own."""
+
+    events_port: int = Field(
+        5557,
+        ge=1024,
+        le=65535,
+        description="Pod port of vLLM's KV-event publisher (ZMQ PUB); the router subscribes.",
+    )
+    replay_port: int = Field(
+        5558,
+        ge=1024,
+        le=65535,
+        description="Pod port of vLLM's KV-event replay service (ZMQ ROUTER); the router asks "
+        "it for event batches it missed.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> VLLMSpec:
+        if self.events_port == self.replay_port:
+            raise ValueError(f"eventsPort and replayPort are both {self.events_port}")
+        return self
+
+
 class EngineSpec(Spec):
     """The engine pods."""
 
-    image: str | None = Field(None, description="Engine image; defaults to the operator's.")
+    type: EngineType = Field(
+        "reference",
+        description="Which model server the pods run: reference (kvmarina's own engine) or "
+        "vllm (flags derived from the pool's contract; the router follows its KV events).",
+    )
+    image: str | None = Field(
+        None, description="Engine image; defaults to the operator's image for the engine type."
+    )
     simulate: bool = Field(
-        False, description="Run the simulated engine (timing model, no weights) for testing."
+        False,
+        description="Run the simulated engine (timing model, no weights) for testing "
+        "(reference engine only).",
     )
     resources: Resources = Field(
         default_factory=Resources, description="Engine container resources."
     )
-    max_batch_size: int = Field(32, ge=1, le=4096, description="Running sequences per engine.")
-    max_waiting: int = Field(256, ge=0, le=100000, description="Queued requests before 429.")
-    args: list[str] = Field(default_factory=list, description="Extra engine arguments.")
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Running sequences per engine (vLLM: --max-num-seqs)."
+    )
+    max_waiting: int = Field(
+        256,
+        ge=0,
+        le=100000,
+        description="Queued requests before the engine refuses more (reference: 429; vLLM: "
+        "--max-num-queued-reqs of maxBatchSize + maxWaiting, 503).",
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        description="Extra engine arguments, appended to the ones kvmarina derives (which they "
+        "may not repeat).",
+    )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description=VLLMSpec.__doc__)
+
+    @model_validator(mode="after")
+    def _fields_of_the_type(self) -> EngineSpec:
+        if self.type == "vllm":
+            if self.simulate:
+                raise ValueError(
+                    "simulate runs kvmarina's simulated engine; it cannot be combined with "
+                    "type vllm (remove simulate, or use type reference)"
+                )
+        elif "vllm" in self.model_fields_set:
+            raise ValueError(
+                f"engine.vllm configures vLLM pods, but engine.type is {self.type!r} "
+                "(set type: vllm, or remove the vllm section)"
+            )
+        return self
 
 
 class BudgetSpec(Spec):

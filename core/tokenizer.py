@@ -3,7 +3,9 @@
 Both the router and the engine must hash the same token ids, so both obtain
 their tokenizer here. ``ByteTokenizer`` needs no files: each UTF-8 byte is one
 token (ids 0..255) and a few special ids follow. Real tokenizers (Hugging Face
-``tokenizer.json``) plug in behind the same ``Tokenizer`` protocol.
+``tokenizer.json``) plug in behind the same ``Tokenizer`` protocol, with the
+folder's chat template and special tokens (``tokenizer_config.json`` or
+``chat_template.jinja``), so a router in front of vLLM renders chats as vLLM does.
 """
 
 from __future__ import annotations
@@ -21,8 +23,17 @@ class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
+    #: the model's chat template (Jinja), ``None`` for kvmarina's own chat format
+    chat_template: str | None
+    #: template variables naming special tokens (``bos_token``, ``eos_token``, ...)
+    special_tokens: dict[str, str]
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_special_tokens: bool = False
+    ) -> list[int]:
+        """``add_special_tokens``: what the tokenizer itself adds around a text, as a
+        Hugging Face tokenizer does for a completion prompt (e.g. Llama's BOS)."""
+        ...
 
     def decode(self, token_ids: list[int]) -> str: ...
 
@@ -34,8 +45,15 @@ class ByteTokenizer:
     vocab_size = 258
     bos_id: int | None = 256
     eos_id: int | None = 257
+    chat_template: str | None = None
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def __init__(self) -> None:
+        self.special_tokens: dict[str, str] = {}
+
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_special_tokens: bool = False
+    ) -> list[int]:
+        # bytes have no post-processor: add_special_tokens adds nothing
         ids = list(text.encode("utf-8"))
         if add_bos:
             ids.insert(0, 256)
@@ -59,10 +77,15 @@ class HFTokenizer:
             raise TokenizerError(f"cannot load {self.path}: {exc}") from exc
         self.name = f"hf:{self.path.parent.name}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id, self.eos_id = _special_ids(self.path.parent, self._tok)
+        settings = _tokenizer_config(self.path.parent)
+        self.bos_id, self.eos_id = _special_ids(settings, self._tok)
+        self.special_tokens = _special_tokens(settings)
+        self.chat_template = _chat_template(self.path.parent, settings)
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_special_tokens: bool = False
+    ) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
@@ -75,20 +98,53 @@ class TokenizerError(ValueError):
     pass
 
 
-def _special_ids(folder: Path, tok: Any) -> tuple[int | None, int | None]:
-    """BOS/EOS ids from ``tokenizer_config.json`` when present, else common names."""
-    names: dict[str, Any] = {}
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
     cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            names = json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
-            raise TokenizerError(f"{cfg} is not valid JSON: {exc}") from exc
+    if not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{cfg} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{cfg} is not a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_tokens(names: dict[str, Any]) -> dict[str, str]:
+    """The special-token variables a chat template sees (as Hugging Face passes them)."""
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        text = _token_text(names.get(key))
+        if text is not None:
+            out[key] = text
+    return out
+
+
+def _chat_template(folder: Path, names: dict[str, Any]) -> str | None:
+    """The folder's default chat template: ``chat_template.jinja`` (newer exports), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    value = names.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _special_ids(names: dict[str, Any], tok: Any) -> tuple[int | None, int | None]:
+    """BOS/EOS ids from ``tokenizer_config.json`` when present, else common names."""
 
     def token_id(key: str, fallbacks: tuple[str, ...]) -> int | None:
-        value = names.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
+        value = _token_text(names.get(key))
         for cand in ((value,) if value else ()) + fallbacks:
             tid = tok.token_to_id(cand)
             if tid is not None:

@@ -232,10 +232,27 @@ def _label(doc: Any, path: str, n: int) -> str:
     return f"{path} [document {n + 1}]"
 
 
+def pair_issues(resources: Sequence[Resource]) -> list[tuple[str, Issue]]:
+    """Problems of each serving on its pool, for the servings whose pool is among
+    ``resources`` (what the operator reports as ``InvalidSpec``)."""
+    from kvmarina.serving import check_serving
+
+    pools = {r.name: r for r in resources if r.kind == "KVCachePool"}
+    out = []
+    for s in resources:
+        pool = pools.get(s.spec.pool_ref.name) if s.kind == "ModelServing" else None
+        if pool is not None:
+            label = f"[ModelServing/{s.name} on KVCachePool/{pool.name}]"
+            out += [(label, Issue("", p)) for p in check_serving(s.spec, pool.name, pool.spec)]
+    return out
+
+
 def validate_files(paths: Sequence[str]) -> int:
-    """``kvmarina validate``: print every problem of every file; 1 if any, else 0."""
+    """``kvmarina validate``: print every problem of every file, and of every serving on
+    a pool given alongside it; 1 if any, else 0."""
     total = 0
     count = 0
+    valid: list[Resource] = []
     for path in paths:
         try:
             resources, problems = load_file(path)
@@ -244,12 +261,16 @@ def validate_files(paths: Sequence[str]) -> int:
             total += 1
             continue
         count += len(resources)
+        valid += resources
         for label, issue in problems:
             print(f"{label}: {issue}", file=sys.stderr)
         total += len(problems)
         for r in resources:
             where = f"{r.namespace}/{r.name}" if r.namespace else r.name
             print(f"ok  {path} [{r.kind}/{where}]")
+    for label, issue in pair_issues(valid):
+        print(f"{label}: {issue}", file=sys.stderr)
+        total += 1
     if total:
         print(f"{total} problem(s) found", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmarina.layout import KVLayout, ModelIdentity
+from kvmarina.presets import PRESET_CONFIGS
 
 
 class ModelConfigError(ValueError):
@@ -126,27 +127,10 @@ def _hf_dtype(value: Any) -> str:
     return "float32"
 
 
-# Sizes chosen to run on a laptop-class CPU: ``tiny`` for tests, ``small`` for
-# the demo and benchmarks (enough compute that prefix reuse is measurable).
+# The presets' shapes are core's (``kvmarina.presets``): one document per preset, from
+# which this engine builds its model and vLLM reads the exported folder.
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        vocab_size=258,
-        hidden_size=64,
-        intermediate_size=172,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position=8192,
-    ),
-    "small": ModelConfig(
-        vocab_size=258,
-        hidden_size=256,
-        intermediate_size=688,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=2,
-        max_position=8192,
-    ),
+    name: ModelConfig.from_hf(doc) for name, doc in PRESET_CONFIGS.items()
 }
 
 

@@ -2,8 +2,8 @@
 
 Parsing is strict and every error names the offending field, so a client gets
 an OpenAI-style 4xx body (``{"error": {"message", "type", "param", "code"}}``)
-instead of a traceback. Prompt rendering goes through ``kvmarina.chat`` and
-the shared tokenizer, exactly as the router does, so both hash the same tokens.
+instead of a traceback. The prompt goes through ``kvmarina.prompts`` with the
+shared tokenizer, exactly as the router does, so both hash the same tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kvmarina.chat import ChatError, render_chat
 from kvmarina.engine.sampling import SamplingError, SamplingParams
+from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer
 
 
@@ -71,19 +71,10 @@ def parse_request(
             404,
             "model_not_found",
         )
-    if kind == "chat":
-        try:
-            text = render_chat(body.get("messages"))  # type: ignore[arg-type]
-        except ChatError as exc:
-            raise RequestError(str(exc), "messages") from None
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError("'prompt' must be a string", "prompt")
-        text = prompt
-    tokens = tokenizer.encode(text)
+    try:
+        tokens = prompt_tokens(body, kind, tokenizer)
+    except PromptError as exc:
+        raise RequestError(str(exc), exc.param) from None
     if not tokens:
         raise RequestError("the prompt is empty", "prompt" if kind != "chat" else "messages")
     try:
@@ -95,7 +86,9 @@ def parse_request(
             f"the prompt has {len(tokens)} tokens; this model's context is {max_model_len}",
             "messages" if kind == "chat" else "prompt",
         )
-    stream = bool(body.get("stream", False))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false", "stream")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     return ParsedRequest(kind, model, tokens, params, stream, include_usage)

@@ -24,6 +24,7 @@ from kvmarina.engine.scheduler import Scheduler
 from kvmarina.engine.server import EngineServer, Metrics, ServerConfig
 from kvmarina.engine.weights import WeightsError, load_model
 from kvmarina.hashing import HashContract
+from kvmarina.layout import folder_identity
 from kvmarina.quantity import parse_size
 from kvmarina.tokenizer import load_tokenizer
 
@@ -105,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 def build_store(args: argparse.Namespace, model_cfg: ModelConfig) -> KVStore:
     contract = HashContract(args.block_size, args.hash_algorithm, args.digest_bits // 8)
     layout = model_cfg.kv_layout(args.block_size)
-    identity = model_cfg.identity(args.model, args.revision, args.block_size).canonical()
+    # a folder's identity comes from its config.json through the one function the
+    # router and the planners use too, so all of them seed block hashes alike
+    ident = (
+        folder_identity(args.model_dir, args.model, args.revision, model_cfg.dtype, args.block_size)
+        if args.model_dir
+        else model_cfg.identity(args.model, args.revision, args.block_size)
+    )
+    identity = ident.canonical()
     client: AgentClient | LocalPool
     if args.no_agent:
         log.warning(

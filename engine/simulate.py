@@ -3,7 +3,7 @@
 For router work and capacity planning. Each simulated pod
 
 * tokenizes and hashes exactly like the engine (``kvmarina.tokenizer``,
-  ``kvmarina.chat.render_chat``, ``HashContract.block_hashes`` with the salt from
+  ``kvmarina.prompts.prompt_tokens``, ``HashContract.block_hashes`` with the salt from
   ``x-kvmarina-salt``);
 * keeps a KV cache of ``kv_blocks`` blocks in LRU order: a prompt's leading
   blocks found there are free (``usage.prompt_tokens_details.cached_tokens``);
@@ -33,10 +33,10 @@ from typing import Any
 
 from aiohttp import web
 
-from kvmarina.chat import ChatError, render_chat
 from kvmarina.events import BlockEvent, Resync, Snapshot
 from kvmarina.framing import encode_frame
 from kvmarina.hashing import HashContract
+from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
 SALT_HEADER = "x-kvmarina-salt"
@@ -231,20 +231,10 @@ class SimEngine:
             raise _BadRequest("request body must be a JSON object")
         if body.get("model") != self.cfg.model:
             raise _BadRequest(f"model {body.get('model')!r} is not served here", 404)
-        if kind == "chat":
-            try:
-                text = render_chat(body.get("messages"))  # type: ignore[arg-type]
-            except ChatError as exc:
-                raise _BadRequest(str(exc)) from None
-            return body, self.tokenizer.encode(text)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return body, self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return body, list(prompt)
-        raise _BadRequest("'prompt' must be a string or a list of token ids")
+        try:
+            return body, prompt_tokens(body, kind, self.tokenizer)
+        except PromptError as exc:
+            raise _BadRequest(str(exc)) from None
 
     def _pull_blocks(self, value: str | None) -> int:
         if not value:

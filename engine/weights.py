@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from kvmarina.engine.config import ModelConfig, ModelConfigError, load_config, preset
 from kvmarina.engine.model import DTYPES, LlamaForCausalLM, build_model
+from kvmarina.presets import write_preset_folder
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,21 @@ def save_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.config
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    save_weights(model, out)
+    return out
+
+
+def save_weights(model: LlamaForCausalLM, folder: Path) -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def export_preset(name: str, dtype: str, folder: str | Path, seed: int = 0) -> Path:
+    """A preset's seeded weights as a Hugging Face folder (``kvmarina.presets`` writes
+    its config, tokenizer and chat template): the same model the engine builds from
+    ``--preset``, for engines that load only folders (vLLM)."""
+    out = write_preset_folder(name, dtype, folder)
+    save_weights(build_model(preset(name, dtype), seed=seed), out)
     return out

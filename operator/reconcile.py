@@ -18,20 +18,15 @@ from typing import Any
 
 from kvmarina.operator import naming as n
 from kvmarina.operator import status as st
-from kvmarina.operator.components import (
-    ENGINE_PORT,
-    Endpoint,
-    PlanError,
-    effective_scope,
-    new_token,
-)
+from kvmarina.operator.components import ENGINE_PORT, Endpoint, PlanError, new_token
 from kvmarina.operator.kube import KubeClient
 from kvmarina.operator.pki import PKIError, make_pool_pki
 from kvmarina.operator.plan_pool import b64, credential_entry, credential_key, plan_pool, unb64
 from kvmarina.operator.plan_serving import plan_serving
+from kvmarina.operator.plan_vllm import EVENTS_PORT_NAME, REPLAY_PORT_NAME
 from kvmarina.operator.scrape import Scraper
-from kvmarina.operator.semantic import check_serving, overcommitted
 from kvmarina.operator.settings import Settings
+from kvmarina.serving import check_serving, effective_scope, overcommitted
 from kvmarina.specs import API_VERSION
 from kvmarina.validate import Resource, SpecError, parse_resource
 
@@ -345,7 +340,7 @@ class Reconciler:
         token_live = await self.kube.get("v1", "Secret", ns, token_key[2])
         token = unb64((token_live or {}).get("data")).get("token") or new_token()
         engines = await self.kube.list("v1", "Pod", ns, n.selector("engine", serving.name))
-        endpoints = await self._endpoints(pool, engines)
+        endpoints = await self._endpoints(pool, engines, serving)
         try:
             manifests = plan_serving(
                 serving, meta.get("uid", ""), pool, self.settings, token, endpoints
@@ -423,8 +418,11 @@ class Reconciler:
             {"data": {k: None}},
         )  # fmt: skip
 
-    async def _endpoints(self, pool: Resource, pods: list[dict[str, Any]]) -> list[Endpoint]:
-        """The ready engine pods as the router sees them, each with its node's agent."""
+    async def _endpoints(
+        self, pool: Resource, pods: list[dict[str, Any]], serving: Resource
+    ) -> list[Endpoint]:
+        """The ready engine pods as the router sees them, each with its node's agent
+        (and a vLLM pod with its KV-event publisher and replay service)."""
         if not any(_pod_ready(p) for p in pods):
             return []  # no engine to route to yet: the agents' pods are not needed
         agents = await self.kube.list(
@@ -436,17 +434,24 @@ class Reconciler:
             for a in agents
             if _pod_ip(a)
         }
+        vllm = serving.spec.engine.vllm if serving.spec.engine.type == "vllm" else None
         out = []
         for p in pods:
             ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
             if not ip or not node or not _pod_ready(p):
                 continue
+            events = replay = None
+            if vllm is not None:
+                events = f"tcp://{ip}:{pod_port(p, EVENTS_PORT_NAME, vllm.events_port)}"
+                replay = f"tcp://{ip}:{pod_port(p, REPLAY_PORT_NAME, vllm.replay_port)}"
             out.append(
                 Endpoint(
                     p["metadata"]["name"],
                     f"http://{ip}:{pod_port(p, 'http', ENGINE_PORT)}",
                     node,
                     agent_by_node.get(node),
+                    events,
+                    replay,
                 )
             )
         return sorted(out, key=lambda e: e.name)

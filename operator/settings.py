@@ -18,6 +18,9 @@ class Settings:
     agent_image: str = "ghcr.io/kvmarina/kvmarina-cuda:0.1.0"
     engine_image: str = "ghcr.io/kvmarina/kvmarina-cuda:0.1.0"
     router_image: str = "ghcr.io/kvmarina/kvmarina-slim:0.1.0"
+    # vLLM's own images (a serving's engine.image wins), one per pool backend
+    vllm_image: str = "vllm/vllm-openai:v0.32.0"
+    vllm_cpu_image: str = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
     pull_policy: str = "IfNotPresent"
     pull_secrets: tuple[str, ...] = ()
     cluster_domain: str = "cluster.local"
@@ -40,6 +43,8 @@ class Settings:
             agent_image=e.get("KVMARINA_AGENT_IMAGE", d.agent_image),
             engine_image=e.get("KVMARINA_ENGINE_IMAGE", d.engine_image),
             router_image=e.get("KVMARINA_ROUTER_IMAGE", d.router_image),
+            vllm_image=e.get("KVMARINA_VLLM_IMAGE", d.vllm_image),
+            vllm_cpu_image=e.get("KVMARINA_VLLM_CPU_IMAGE", d.vllm_cpu_image),
             pull_policy=e.get("KVMARINA_IMAGE_PULL_POLICY", d.pull_policy),
             pull_secrets=_list(e.get("KVMARINA_IMAGE_PULL_SECRETS")),
             cluster_domain=e.get("KVMARINA_CLUSTER_DOMAIN", d.cluster_domain),

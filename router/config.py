@@ -4,10 +4,14 @@ ConfigMap, local mode into a file). Reloaded on change without dropping requests
 Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
 
     model: llama-3-8b                 # the name clients send as "model"
-    model_identity: "llama-3-8b@main|L32/H8/D128/bfloat16/B16|tp0of1"
+    model_identity: "llama-3-8b@main|L32/H8/D128/bfloat16/B16|tp0of1"   # or auto
     serving: chat                     # the ModelServing's name (scope "none" salts with it)
     namespace: team-a
-    tokenizer_dir: null               # folder with tokenizer.json; null -> byte tokenizer
+    tokenizer_dir: null               # the model folder: tokenizer.json, chat template,
+                                      # config.json; null -> byte tokenizer
+    revision: main                    # with dtype: model_identity auto reads the folder's
+    dtype: bfloat16                   # config.json and names it as the engines do
+    engine: reference                 # reference | vllm (vLLM pods: KV events, cache_salt)
     hashing: {block_size: 16, algorithm: blake2b, digest_bits: 128}
     sharing:
       scope: namespace                # none | namespace | cluster
@@ -25,6 +29,8 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       pull_hints: true                # false: never ask an engine to pull from a peer
     pods:
       - {name: chat-0, url: "http://10.0.0.5:8000", node: node-a, agent_url: "http://10.0.0.5:7070"}
+      - {name: vllm-0, url: "http://10.0.0.6:8000", node: node-b,
+         kv_events: "tcp://10.0.0.6:5557", kv_replay: "tcp://10.0.0.6:5558"}
     limits:
       max_body_bytes: 4194304
       max_inflight: 512               # requests being proxied at once
@@ -46,16 +52,18 @@ engine serves ``/v1/events`` itself); pods without one feed no events.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from kvmarina.hashing import HashContract, HashingError
+from kvmarina.layout import LayoutError, folder_identity
 
 SCOPES = ("none", "namespace", "cluster")
 POLICIES = ("cache-aware", "least-load", "round-robin", "session")
+ENGINES = ("reference", "vllm")
 
 
 class ConfigError(ValueError):
@@ -64,12 +72,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PodConfig:
-    """One engine pod. ``name`` is unique; ``url`` is http(s)."""
+    """One engine pod. ``name`` is unique; ``url`` is http(s); ``kv_events`` and
+    ``kv_replay`` (a vLLM pod's KV-event publisher and replay service) are tcp:// URLs."""
 
     name: str
     url: str
     node: str
     agent_url: str | None = None
+    kv_events: str | None = None
+    kv_replay: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +151,9 @@ class RouterConfig:
     serving: str = ""
     namespace: str = "default"
     tokenizer_dir: str | None = None
+    engine: str = "reference"
+    revision: str = "main"
+    dtype: str = "float16"
     hashing: HashingConfig = field(default_factory=HashingConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -228,6 +242,8 @@ def parse_config(data: Any) -> RouterConfig:
         raise ConfigError(f"sharing.scope must be one of {', '.join(SCOPES)}")
     if cfg.routing.policy not in POLICIES:
         raise ConfigError(f"routing.policy must be one of {', '.join(POLICIES)}")
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
     for rate in ("prefill_tokens_per_second", "host_load_tokens_per_second"):
         if getattr(cfg.routing, rate) <= 0:
             raise ConfigError(f"routing.{rate} must be > 0")
@@ -247,11 +263,33 @@ def parse_config(data: Any) -> RouterConfig:
                 raise ConfigError(f"pods[{i}].{key} must be an http(s) URL, got {url!r}")
         if not pod.node:
             raise ConfigError(f"pods[{i}].node must be non-empty")
+        for key in ("kv_events", "kv_replay"):
+            url = getattr(pod, key)
+            if url is not None and not url.startswith("tcp://"):
+                raise ConfigError(f"pods[{i}].{key} must be a tcp:// URL, got {url!r}")
+        if pod.kv_replay is not None and pod.kv_events is None:
+            raise ConfigError(f"pods[{i}].kv_replay needs kv_events (replay of which stream?)")
     try:
         _ = cfg.contract
     except HashingError as exc:
         raise ConfigError(f"hashing: {exc}") from exc
+    if cfg.model_identity == "auto":
+        cfg = replace(cfg, model_identity=_folder_identity(cfg))
     return cfg
+
+
+def _folder_identity(cfg: RouterConfig) -> str:
+    """``model_identity: auto``: the identity of the model folder (``tokenizer_dir``), as
+    the engines derive it from the same ``config.json``."""
+    if cfg.tokenizer_dir is None:
+        raise ConfigError("model_identity auto needs tokenizer_dir (the model folder)")
+    try:
+        ident = folder_identity(
+            cfg.tokenizer_dir, cfg.model, cfg.revision, cfg.dtype, cfg.hashing.block_size
+        )
+    except LayoutError as exc:
+        raise ConfigError(f"model_identity auto: {exc}") from exc
+    return ident.canonical()
 
 
 def load_config(path: str | Path) -> RouterConfig:

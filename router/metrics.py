@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: reasons a vLLM pod's KV events are not followed (labels of ``engine_event_errors``)
+EVENT_ERRORS = ("unreachable", "garbage", "block_size", "silent")
 
 
 class RouterMetrics:
@@ -79,3 +85,57 @@ class RouterMetrics:
         )
         self.queue = Gauge("kvmarina_router_queue", "Requests waiting for a slot", registry=r)
         self.inflight = Gauge("kvmarina_router_inflight", "Requests being proxied", registry=r)
+        self.engine_connected = Gauge(
+            "kvmarina_router_engine_events_connected",
+            "1 while the router is connected to the pod's KV-event publisher (vLLM)",
+            ["pod"],
+            registry=r,
+        )
+        self.engine_live = Gauge(
+            "kvmarina_router_engine_events_live",
+            "1 while the router routes the pod from its KV events (else from its own record)",
+            ["pod"],
+            registry=r,
+        )
+        self.engine_seq = Gauge(
+            "kvmarina_router_engine_events_last_seq",
+            "Sequence number of the pod's last KV-event batch applied",
+            ["pod"],
+            registry=r,
+        )
+        self.engine_lag = Gauge(
+            "kvmarina_router_engine_events_lag_seconds",
+            "Age of the pod's last KV-event batch when it arrived",
+            ["pod"],
+            registry=r,
+        )
+        self.engine_gaps = Gauge(
+            "kvmarina_router_engine_events_gaps",
+            "Sequence gaps seen in the pod's KV events (each replayed or resynced)",
+            ["pod"],
+            registry=r,
+        )
+        self.engine_resyncs = Gauge(
+            "kvmarina_router_engine_events_resyncs",
+            "Gaps the replay service could not fill: the pod's index started over",
+            ["pod"],
+            registry=r,
+        )
+        self.engine_errors = Gauge(
+            "kvmarina_router_engine_events_errors",
+            "Episodes of unreadable KV events, by reason (unreachable, garbage, block_size, "
+            "silent)",
+            ["pod", "reason"],
+            registry=r,
+        )
+
+    def engine_events(self, pod: str, h: Mapping[str, Any]) -> None:
+        """Set one vLLM pod's event-health gauges from ``VLLMFollower.health()``."""
+        self.engine_connected.labels(pod).set(1 if h["connected"] else 0)
+        self.engine_live.labels(pod).set(1 if h["live"] else 0)
+        self.engine_seq.labels(pod).set(h["last_seq"] if h["last_seq"] is not None else -1)
+        self.engine_lag.labels(pod).set(h["lag_s"] or 0.0)
+        self.engine_gaps.labels(pod).set(h["gaps"])
+        self.engine_resyncs.labels(pod).set(h["resyncs"])
+        for reason in EVENT_ERRORS:
+            self.engine_errors.labels(pod, reason).set(h["errors"].get(reason, 0))

@@ -50,10 +50,15 @@ class Breaker:
 @dataclass(slots=True)
 class PodState:
     """One pod as the router sees it. ``inflight``/``queued_tokens`` count requests
-    sent and not yet answered (tokens: their uncached prefill still ahead)."""
+    sent and not yet answered (tokens: their uncached prefill still ahead).
+
+    ``domain`` names where the pod's KV cache lives in the router's indexes: its node
+    (every engine of a node shares the node agent's pool), or ``pod/<name>`` for an
+    engine that keeps its KV to itself (vLLM)."""
 
     cfg: PodConfig
     prefill_tps: float
+    domain: str = ""
     breaker: Breaker = field(default_factory=Breaker)
     healthy: bool = True
     inflight: int = 0
@@ -68,6 +73,10 @@ class PodState:
     @property
     def node(self) -> str:
         return self.cfg.node
+
+    def __post_init__(self) -> None:
+        if not self.domain:
+            self.domain = self.cfg.node
 
     def available(self) -> bool:
         return self.healthy and self.breaker.allows()

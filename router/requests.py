@@ -1,9 +1,8 @@
 """Turning a client's OpenAI request into the token ids the engine will hash.
 
-Completions accept ``prompt`` as a string, a list of token ids, or a one-element
-list of either; chat requests render ``messages`` with ``kvmarina.chat.render_chat``
-and tokenize with the same tokenizer the engine loads, so both hash identical
-tokens. Anything else is a ``BadRequest`` with an OpenAI-style message.
+The prompt goes through ``kvmarina.prompts.prompt_tokens`` with the tokenizer the
+engine loads (the model folder's, chat template included), so router and engine hash
+identical tokens. Anything else is a ``BadRequest`` with an OpenAI-style message.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kvmarina.chat import ChatError, render_chat
+from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer
 
 
@@ -54,21 +53,6 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _prompt_tokens(prompt: Any, tok: Tokenizer) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return tok.encode(prompt)
-    if isinstance(prompt, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt
-    ):
-        return list(prompt)
-    raise BadRequest(
-        "prompt must be a string, a list of token ids, or a one-element list of either",
-        param="prompt",
-    )
-
-
 def parse_request(body: dict[str, Any], kind: str, model: str, tok: Tokenizer) -> ParsedRequest:
     """Validate ``body`` of a ``completions`` or ``chat`` request for serving ``model``."""
     name = body.get("model")
@@ -81,17 +65,10 @@ def parse_request(body: dict[str, Any], kind: str, model: str, tok: Tokenizer) -
             param="model",
             code="model_not_found",
         )
-    if kind == "chat":
-        if "messages" not in body:
-            raise BadRequest("missing required field 'messages'", param="messages")
-        try:
-            tokens = tok.encode(render_chat(body["messages"]))
-        except ChatError as exc:
-            raise BadRequest(str(exc), param="messages") from exc
-    else:
-        if "prompt" not in body:
-            raise BadRequest("missing required field 'prompt'", param="prompt")
-        tokens = _prompt_tokens(body["prompt"], tok)
+    try:
+        tokens = prompt_tokens(body, kind, tok)
+    except PromptError as exc:
+        raise BadRequest(str(exc), param=exc.param) from exc
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")

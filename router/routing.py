@@ -45,6 +45,12 @@ from kvmarina.router.pods import PodState
 RECENT_S = 2.0
 
 
+def pod_domain(pod: str) -> str:
+    """The cache domain of an engine that keeps its KV to itself (no DNS name of a
+    node contains '/', so it never names a node)."""
+    return f"pod/{pod}"
+
+
 class NoPodAvailable(RuntimeError):
     """Every pod is unhealthy or has an open breaker."""
 
@@ -62,7 +68,7 @@ class Decision:
     pull: PullHint | None = None
 
     def uncached_tokens(self, pod: PodState, n_tokens: int, block_size: int) -> int:
-        cached = self.cached_blocks.get(pod.node, 0)
+        cached = self.cached_blocks.get(pod.domain, 0)
         if self.pull is not None and pod is self.ranked[0]:
             cached = max(cached, self.pull.blocks)
         return max(0, n_tokens - cached * block_size)
@@ -71,8 +77,12 @@ class Decision:
 class RoutingCore:
     """Indexes, pods and policy: everything a decision needs, no I/O.
 
-    Invariants: ``pods`` mirrors ``cfg.pods`` by name; ``live_nodes`` are the nodes
-    whose agent stream delivered a snapshot and is current."""
+    Indexes are keyed by cache *domain* (``PodState.domain``): a node, whose agent's
+    stream feeds it, or a vLLM pod (``pod/<name>``), whose own KV events feed it.
+
+    Invariants: ``pods`` mirrors ``cfg.pods`` by name; ``live_nodes`` are the domains
+    whose event stream is current (an agent's snapshot and events, or a vLLM pod's
+    events followed from a known start)."""
 
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
@@ -108,11 +118,12 @@ class RoutingCore:
         new: dict[str, PodState] = {}
         for pc in cfg.pods:
             old = self.pods.get(pc.name)
-            if old is not None and old.cfg.url == pc.url and old.cfg.node == pc.node:
+            domain = pod_domain(pc.name) if cfg.engine == "vllm" else pc.node
+            if old is not None and old.cfg.url == pc.url and old.domain == domain:
                 old.cfg = pc
                 new[pc.name] = old
             else:
-                new[pc.name] = PodState(pc, cfg.routing.prefill_tokens_per_second)
+                new[pc.name] = PodState(pc, cfg.routing.prefill_tokens_per_second, domain)
             new[pc.name].breaker.threshold = lim.breaker_failures
             new[pc.name].breaker.cooldown_s = lim.breaker_cooldown_s
         for name in self.sent.nodes:
@@ -123,7 +134,7 @@ class RoutingCore:
         for pc in cfg.pods:
             if pc.agent_url:
                 self._agents.setdefault(pc.node, pc.agent_url)
-        nodes = self._nodes = {p.node for p in cfg.pods}
+        nodes = self._nodes = {p.domain for p in new.values()}
         for idx in (self.index, self.approx):
             for node in idx.nodes:
                 if node not in nodes:
@@ -134,7 +145,7 @@ class RoutingCore:
         """The node's agent cleared its cache: what was sent to its pods is gone too
         (the sibling term would otherwise favour a pod for blocks nobody holds)."""
         for pod in self.pods.values():
-            if pod.node == node:
+            if pod.domain == node:
                 self.sent.drop_node(pod.name)
                 self.recent.drop_node(pod.name)
 
@@ -172,8 +183,8 @@ class RoutingCore:
         runs = dict(held)
         for name, run in recent.items():
             pod = self.pods.get(name)
-            if pod is not None and run > runs.get(pod.node, 0):
-                runs[pod.node] = run
+            if pod is not None and run > runs.get(pod.domain, 0):
+                runs[pod.domain] = run
         return runs
 
     def _expire_recent(self, now: float) -> None:
@@ -223,7 +234,7 @@ class RoutingCore:
         scored: list[tuple[float, int, int, int, str]] = []
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
-            node = pod.cfg.node
+            node = pod.domain
             run = runs.get(node, 0) if runs else 0
             cost = 0.0
             if recent:
@@ -276,7 +287,7 @@ class RoutingCore:
         if self.mode != "events":
             self.approx.store(node, hashes, DEVICE)
         if pod is None:  # any pod of the node will do
-            pod = next((p.name for p in self.pods.values() if p.node == node), node)
+            pod = next((p.name for p in self.pods.values() if p.domain == node), node)
         self.recent.store(pod, hashes, DEVICE)
         self.sent.store(pod, hashes, DEVICE)
         self._recent_log.append((time.monotonic(), pod, hashes))

@@ -5,6 +5,7 @@ agent event streams, index sweeping and config reloads."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,10 +21,12 @@ from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request
-from kvmarina.router.routing import Decision, NoPodAvailable, RoutingCore
+from kvmarina.router.routing import Decision, NoPodAvailable, RoutingCore, pod_domain
 from kvmarina.router.subscriber import NodeFollower
 from kvmarina.router.tenancy import derive_salt
 from kvmarina.router.upstream import UpstreamError, UpstreamPool
+from kvmarina.router.vllm_events import PodBlocks
+from kvmarina.router.vllm_follower import VLLMFollower
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("kvmarina.router")
@@ -69,6 +72,7 @@ class Router:
         )
         self.metrics = RouterMetrics()
         self.followers: dict[str, NodeFollower] = {}
+        self.vllm: dict[str, VLLMFollower] = {}  # pod name -> its KV-event follower
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: set[asyncio.Task[None]] = set()
@@ -118,6 +122,7 @@ class Router:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(f.stop() for f in self.followers.values()))
+        await asyncio.gather(*(f.stop() for f in self.vllm.values()))
         if self.session is not None:
             await self.session.close()
         self.upstream.close()
@@ -137,9 +142,7 @@ class Router:
         for node in list(self.followers):
             f = self.followers[node]
             if wanted.get(node) != f.agent_url.rstrip("/") and wanted.get(node) != f.agent_url:
-                task = asyncio.create_task(f.stop())
-                self._stopping.add(task)
-                task.add_done_callback(self._stopping.discard)
+                self._background(f.stop())
                 del self.followers[node]
                 self.core.index.drop_node(node)
         for node, url in wanted.items():
@@ -154,6 +157,39 @@ class Router:
                 )
                 self.followers[node] = f
                 f.start()
+        self._sync_vllm_followers()
+
+    def _sync_vllm_followers(self) -> None:
+        """One follower per vLLM pod with a KV-event publisher; a pod whose URLs, model
+        identity or contract changed is followed anew."""
+        cfg = self.cfg
+        wanted = {p.name: p for p in cfg.pods if cfg.engine == "vllm" and p.kv_events is not None}
+        for name, f in list(self.vllm.items()):
+            p = wanted.get(name)
+            b = f.blocks
+            if (
+                p is None
+                or (p.kv_events, p.kv_replay) != (f.events_url, f.replay_url)
+                or (b.contract, b.identity) != (self.core.contract, cfg.model_identity)
+            ):
+                self._background(f.stop())
+                del self.vllm[name]
+                b.clear()
+        for name, p in wanted.items():
+            if name not in self.vllm:
+                assert p.kv_events is not None
+                blocks = PodBlocks(
+                    pod_domain(name), self.core.index, self.core.contract, cfg.model_identity
+                )
+                f = self.vllm[name] = VLLMFollower(
+                    name, p.kv_events, p.kv_replay, blocks, self._on_live
+                )
+                f.start()
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     # -- background loops -------------------------------------------------------------
     async def _bandwidth_loop(self, interval_s: float = 10.0) -> None:
@@ -190,6 +226,9 @@ class Router:
             ok = False
         if ok != pod.healthy:
             log.info("pod %s is now %s", pod.name, "healthy" if ok else "unhealthy")
+            follower = self.vllm.get(pod.name)
+            if not ok and follower is not None:
+                follower.forget("it failed its health check")
         pod.healthy = ok
 
     async def _sweep_loop(self) -> None:
@@ -247,7 +286,7 @@ class Router:
         )
 
     def health_doc(self) -> dict[str, Any]:
-        pods = {
+        pods: dict[str, dict[str, Any]] = {
             p.name: {
                 "node": p.node,
                 "healthy": p.healthy,
@@ -256,6 +295,9 @@ class Router:
             }
             for p in self.core.pods.values()
         }
+        for name, f in self.vllm.items():
+            if name in pods:
+                pods[name]["kv_events"] = f.health()
         available = sum(1 for p in self.core.pods.values() if p.available())
         return {
             "status": "ok"
@@ -284,6 +326,8 @@ class Router:
         m.live_nodes.set(len(core.live_nodes))
         for node, f in self.followers.items():
             m.events.labels(node).set(f.events)
+        for name, v in self.vllm.items():
+            m.engine_events(name, v.health())
         for p in core.pods.values():
             m.pod_inflight.labels(p.name).set(p.inflight)
             m.pod_healthy.labels(p.name).set(1 if p.available() else 0)
@@ -361,6 +405,10 @@ class Router:
         self.metrics.decision.observe(time.perf_counter() - t0)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_HEADERS}
         headers[SALT_HEADER] = salt
+        if self.cfg.engine == "vllm":
+            # vLLM salts its own prefix cache with the request's cache_salt (and reports
+            # it in its events): the router's salt replaces any the client sent
+            raw = json.dumps({**parsed.body, "cache_salt": salt}).encode()
         last_error = "no pod could be tried"
         for attempt, pod in enumerate(decision.ranked[:MAX_ATTEMPTS]):
             if attempt and not pod.available():
@@ -471,8 +519,13 @@ class Router:
     def _sent(self, pod: PodState, decision: Decision, n_tokens: int, uncached: int) -> None:
         pod.served += 1
         self._routed(pod.name).inc()
+        follower = self.vllm.get(pod.name)
+        if follower is not None and len(decision.hashes) > decision.cached_blocks.get(
+            pod.domain, 0
+        ):
+            follower.expect()  # new full blocks: their BlockStored events are due
         self.core.record_sent(
-            pod.node, decision.hashes, max(decision.cached_blocks.values(), default=0), pod.name
+            pod.domain, decision.hashes, max(decision.cached_blocks.values(), default=0), pod.name
         )
         self.metrics.prompt_tokens.inc(n_tokens)
         self.metrics.cached_tokens.inc(n_tokens - uncached)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvmarina.crd import closed
-from kvmarina.operator.semantic import check_serving
+from kvmarina.serving import check_serving
 from kvmarina.validate import Resource, check_document, parse_resource
 
 REPO = Path(__file__).resolve().parents[2]

@@ -28,6 +28,11 @@ PODS = [
     Endpoint("e-0", "http://10.0.1.1:8000", "node-a", "http://10.0.0.1:7470"),
     Endpoint("e-1", "http://10.0.1.2:8000", "node-b", None),
 ]
+VLLM_PODS = [
+    Endpoint(
+        "v-0", "http://10.0.1.3:8000", "node-a", None, "tcp://10.0.1.3:5557", "tcp://10.0.1.3:5558"
+    ),
+]
 
 
 def _example(name: str) -> list[Resource]:
@@ -38,6 +43,8 @@ def _cases() -> dict[str, list[dict[str, Any]]]:
     (pool,) = _example("pool.yaml")
     (serving,) = _example("serving.yaml")
     local_pool, local_serving = _example("local.yaml")
+    (vllm,) = _example("vllm-serving.yaml")
+    vllm_local_pool, vllm_local = _example("vllm-local.yaml")
     scaled = serving.spec.model_copy(
         update={
             "autoscaling": serving.spec.autoscaling.model_copy(
@@ -55,6 +62,12 @@ def _cases() -> dict[str, list[dict[str, Any]]]:
         "serving": plan_serving(serving, "uid-s", pool, SETTINGS, "SERVING-TOKEN", PODS),
         "serving-no-pods": plan_serving(local_serving, "uid-t", local_pool, SETTINGS, "T", []),
         "serving-autoscaled": plan_serving(serving_scaled, "uid-s", pool, SETTINGS, "T", PODS),
+        # a claim's folder (engines and router mount it), a GPU pool
+        "serving-vllm": plan_serving(vllm, "uid-v", pool, SETTINGS, "V", VLLM_PODS),
+        # a preset exported by init containers (weights for vLLM, tokenizer for the router)
+        "serving-vllm-preset": plan_serving(
+            vllm_local, "uid-w", vllm_local_pool, SETTINGS, "W", VLLM_PODS
+        ),
     }
 
 
