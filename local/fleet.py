@@ -17,7 +17,9 @@ from pathlib import Path
 
 from kvmarina.local.ports import free_ports
 from kvmarina.local.supervisor import ProcessSpec, python_cmd
+from kvmarina.local.vllm import bind_cores, model_folder, vllm_python
 from kvmarina.operator.components import (
+    VLLM_MODULE,
     Endpoint,
     PlanError,
     agent_config,
@@ -25,10 +27,12 @@ from kvmarina.operator.components import (
     engine_env,
     new_token,
     router_config,
+    vllm_args,
+    vllm_env,
 )
 from kvmarina.operator.pki import PKIError, make_pool_pki
 from kvmarina.serving import effective_scope
-from kvmarina.validate import Issue, Resource, SpecError, load_file
+from kvmarina.validate import Issue, Resource, SpecError, load_file, pair_issues
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,12 @@ def load_resources(paths: list[str]) -> tuple[list[Resource], list[Resource]]:
             ", ".join(paths), [Issue(i.path, f"{label}: {i.message}") for label, i in problems]
         )
     names = {p.name for p in pools}
+    for label, issue in pair_issues([*pools, *servings]):
+        problems.append((label, issue))
+    if problems:
+        raise SpecError(
+            ", ".join(paths), [Issue(i.path, f"{label}: {i.message}") for label, i in problems]
+        )
     for s in servings:
         if s.spec.pool_ref.name not in names:
             raise SpecError(
@@ -218,37 +228,64 @@ def _plan_serving(
     token_file = pool_dir / f"{s.name}.token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    ports = free_ports(s.spec.replicas + 1)
-    endpoints = []
+    vllm = s.spec.engine.type == "vllm"
+    # the folder engines and router read: a preset is one only for vLLM (the reference
+    # engine builds a preset's model itself and tokenizes bytes)
+    folder = (
+        model_folder(s.spec.model, pool_dir.parent, model_dir)
+        if vllm or s.spec.model.preset is None
+        else None
+    )
+    python = vllm_python() if vllm else None
+    ports = free_ports(s.spec.replicas * (3 if vllm else 1) + 1)
+    endpoints, engines = [], []
     for i in range(s.spec.replicas):
         node = node_names[i % len(node_names)]
-        env = engine_env(
-            s.name,
-            ns,
-            s.spec,
-            pool.spec,
-            port=ports[i],
-            host="127.0.0.1",
-            agent_socket=sockets[node],
-            credential_file=str(token_file),
-            model_dir=model_dir,
-        )
         url = f"http://127.0.0.1:{ports[i]}"
         name = f"engine-{s.name}-{i}"
-        endpoints.append(Endpoint(name, url, node, agent_urls[node]))
-        plan.engines.append(
+        info = {"url": url, "serving": s.name}
+        if python is not None and folder is not None:
+            events, replay = ports[s.spec.replicas + 2 * i : s.spec.replicas + 2 * i + 2]
+            flags = vllm_args(
+                s.spec,
+                pool.spec,
+                model_dir=folder,
+                port=ports[i],
+                host="127.0.0.1",
+                events_port=events,
+                replay_port=replay,
+                log_level="warning",
+            )
+            argv: tuple[str, ...] = (python, "-m", VLLM_MODULE, *flags)
+            # PYTHONSAFEPATH: started from a kvmarina checkout, the working directory
+            # would shadow packages vLLM imports (transformers looks for `kernels`)
+            env = {**vllm_env("warning"), "PYTHONSAFEPATH": "1"}
+            kv = (f"tcp://127.0.0.1:{events}", f"tcp://127.0.0.1:{replay}")
+            endpoints.append(Endpoint(name, url, node, agent_urls[node], *kv))
+        else:
+            argv = python_cmd("engine")
+            env = engine_env(
+                s.name,
+                ns,
+                s.spec,
+                pool.spec,
+                port=ports[i],
+                host="127.0.0.1",
+                agent_socket=sockets[node],
+                credential_file=str(token_file),
+                model_dir=folder,
+            )
+            endpoints.append(Endpoint(name, url, node, agent_urls[node]))
+        engines.append(
             ProcessSpec(
-                name,
-                "engine",
-                python_cmd("engine"),
-                ready_url=url + "/health",
-                env=env,
-                node=node,
-                info={"url": url, "serving": s.name},
+                name, "engine", argv, ready_url=url + "/health", env=env, node=node, info=info
             )
         )
+    if vllm:
+        bind_cores(engines)
+    plan.engines += engines
     router_port = ports[-1]
-    cfg = router_config(s.name, ns, s.spec, pool.spec, endpoints)
+    cfg = router_config(s.name, ns, s.spec, pool.spec, endpoints, model_dir=folder)
     cfg_file = pool_dir / f"{s.name}.router.json"
     cfg_file.write_text(json.dumps(cfg, indent=2))
     url = f"http://127.0.0.1:{router_port}"

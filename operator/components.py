@@ -232,6 +232,8 @@ def vllm_args(
     model_dir: str,
     port: int = ENGINE_PORT,
     host: str = "0.0.0.0",
+    events_port: int | None = None,
+    replay_port: int | None = None,
     log_level: str = "info",
 ) -> list[str]:
     """vLLM's flags, every one the pool's contract and the serving imply: the pool's
@@ -239,13 +241,14 @@ def vllm_args(
     prompt alias another tenant's blocks), KV events on the declared pod ports with
     replay, cached-token counts in ``usage``, the KV cache sized by ``budget.max``, and
     the queue bound; the serving's own ``engine.args`` follow (``kvmarina.serving``
-    refuses any that repeat these)."""
+    refuses any that repeat these). The event ports default to the serving's pod ports
+    (vLLM binds a ``tcp://*`` endpoint; given a host, it would connect instead)."""
     m, e = serving.model, serving.engine
     events = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://*:{e.vllm.events_port}",
-        "replay_endpoint": f"tcp://*:{e.vllm.replay_port}",
+        "endpoint": f"tcp://*:{events_port or e.vllm.events_port}",
+        "replay_endpoint": f"tcp://*:{replay_port or e.vllm.replay_port}",
         "topic": VLLM_EVENTS_TOPIC,
     }
     return [
