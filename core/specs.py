@@ -549,6 +549,31 @@ class KVCachePoolStatus(Spec):
     servings: int | None = Field(None, ge=0, description="ModelServings using the pool.")
 
 
+class EventStreamStatus(Spec):
+    """One engine pod's own KV-event stream (vLLM), as the serving's router follows it."""
+
+    pod: str = Field(description="The engine pod.")
+    connected: bool = Field(False, description="The router is connected to its publisher.")
+    live: bool = Field(
+        False,
+        description="The router routes the pod from its events (else from its own record "
+        "of what it sent there).",
+    )
+    last_seq: int | None = Field(None, description="Sequence number of the last batch applied.")
+    gaps: int = Field(0, ge=0, description="Sequence gaps seen (each replayed, or resynced).")
+    resyncs: int = Field(
+        0, ge=0, description="Gaps the pod's replay service could not fill: the index restarted."
+    )
+    lag_seconds: float | None = Field(
+        None, ge=0, description="Age of the last batch when the router received it."
+    )
+    errors: dict[str, int] = Field(
+        default_factory=dict,
+        description="Episodes of unusable events by reason: unreachable, garbage, block_size "
+        "(another block size than the pool's), silent (new blocks but no events).",
+    )
+
+
 class ModelServingStatus(Spec):
     """Observed state of the serving (written by the operator)."""
 
@@ -562,4 +587,10 @@ class ModelServingStatus(Spec):
         None,
         description="Prompt tokens served from the KV cache / prompt tokens, summed over the "
         "ready engines since they started (from their /metrics).",
+    )
+    event_streams: list[EventStreamStatus] = Field(
+        default_factory=list,
+        description="Per engine pod, its own KV-event stream as the router follows it "
+        "(vLLM engines; from the router's /health, refreshed by the operator's timer).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["pod"]},
     )

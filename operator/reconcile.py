@@ -18,7 +18,7 @@ from typing import Any
 
 from kvmarina.operator import naming as n
 from kvmarina.operator import status as st
-from kvmarina.operator.components import ENGINE_PORT, Endpoint, PlanError, new_token
+from kvmarina.operator.components import ENGINE_PORT, ROUTER_PORT, Endpoint, PlanError, new_token
 from kvmarina.operator.kube import KubeClient
 from kvmarina.operator.pki import PKIError, make_pool_pki
 from kvmarina.operator.plan_pool import b64, credential_entry, credential_key, plan_pool, unb64
@@ -88,7 +88,7 @@ def _carried(body: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 POOL_FIGURES = ("nodes", "blocks", "hitRate")
-SERVING_FIGURES = ("prefixHitRate",)
+SERVING_FIGURES = ("prefixHitRate", "eventStreams")
 
 
 @dataclass
@@ -313,6 +313,21 @@ class Reconciler:
         fetched = await self.scrape.fetch_all(urls)
         return st.prefix_hit_rate([f.body for f in fetched if f.body is not None])
 
+    async def _event_streams(self, serving: Resource) -> list[dict[str, Any]]:
+        """vLLM engines' KV-event health as the first ready router reports it (every
+        replica follows every pod, so one answers for all)."""
+        if serving.spec.engine.type != "vllm":
+            return []
+        ns = serving.namespace or "default"
+        routers = await self.kube.list("v1", "Pod", ns, n.selector("router", serving.name))
+        for r in routers:
+            if _pod_ip(r) and _pod_ready(r):
+                url = f"http://{_pod_ip(r)}:{pod_port(r, 'http', ROUTER_PORT)}/health"
+                (got,) = await self.scrape.fetch_all([url])
+                if got.body is not None:
+                    return st.event_streams(got.body)
+        return []
+
     async def _serving(self, body: dict[str, Any], observe: bool) -> dict[str, Any]:
         meta = body["metadata"]
         gen = meta.get("generation")
@@ -370,11 +385,15 @@ class Reconciler:
             msg += f"; waiting for KVCachePool {pool_name!r} to create its credentials Secret"
         if changed:
             log.info("serving %s/%s: %d object(s) applied", ns, serving.name, changed)
-        figures = (
-            {"prefixHitRate": await self._hit_rate(engines)}
+        figures: dict[str, Any] = (
+            {
+                "prefixHitRate": await self._hit_rate(engines),
+                "eventStreams": await self._event_streams(serving),
+            }
             if observe
             else _carried(body, SERVING_FIGURES)
         )
+        degraded = st.stale_streams(figures.get("eventStreams") or [])
         return st.with_gen(
             gen,
             replicas=want,
@@ -382,10 +401,17 @@ class Reconciler:
             selector=",".join(f"{k}={v}" for k, v in n.selector("engine", serving.name).items()),
             routerUrl=f"http://{router}.{ns}.svc.{self.settings.cluster_domain}",
             prefixHitRate=figures["prefixHitRate"],
+            eventStreams=figures.get("eventStreams") or None,
             conditions=[
                 st.condition("Ready", ok, "EnginesReady" if ok else "EnginesStarting", msg, gen),
                 st.condition("Progressing", not ok, "Rollout" if not ok else "Settled", msg, gen),
-                st.condition("Degraded", False, "None", "", gen),
+                st.condition(
+                    "Degraded",
+                    bool(degraded),
+                    "EventsNotFollowed" if degraded else "None",
+                    degraded,
+                    gen,
+                ),
                 st.condition("InvalidSpec", False, "Valid", "", gen),
             ],
         )

@@ -75,10 +75,11 @@ def invalid(gen: int | None, message: str) -> dict[str, Any]:
 # ------------------------------------------------------------ figures from the pods
 
 UNREACHABLE, NO_IP, NOT_READY, BAD_STATS = "Unreachable", "NoPodIP", "PodNotReady", "BadStats"
-# Engines' prompt-token counters (real engine, simulated engine): (cached, all).
+# Engines' prompt-token counters (reference, simulated, vLLM): (cached, all).
 ENGINE_COUNTERS = (
     ("kvmarina_engine_cached_prompt_tokens_total", "kvmarina_engine_prompt_tokens_total"),
     ("kvmarina_sim_cached_tokens_total", "kvmarina_sim_prompt_tokens_total"),
+    ("vllm:prompt_tokens_cached_total", "vllm:prompt_tokens_total"),
 )
 
 
@@ -212,20 +213,64 @@ def unhealthy_agents(nodes: list[dict[str, Any]]) -> str:
 
 
 def prometheus_counters(text: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text exposition (``name value``); labelled
-    series and comments are skipped, as are lines that do not parse."""
+    """Samples of a Prometheus text exposition summed per metric name (the series of a
+    labelled metric, e.g. vLLM's per-engine counters, add up); comments and lines that
+    do not parse are skipped."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line or line.startswith("#") or "{" in line:
+        if not line or line.startswith("#"):
             continue
-        parts = line.split()
-        if len(parts) < 2:
+        name, _, rest = line.partition("{")
+        if rest:
+            rest = rest.rsplit("}", 1)[-1]
+        else:
+            name, _, rest = line.partition(" ")
+        parts = rest.split()
+        if not name or not parts:
             continue
         try:
-            out[parts[0]] = float(parts[1])
+            out[name.strip()] = out.get(name.strip(), 0.0) + float(parts[0])
         except ValueError:
             continue
     return out
+
+
+def event_streams(health: str | None) -> list[dict[str, Any]]:
+    """The router's ``/health`` JSON -> ``status.eventStreams`` (vLLM pods only)."""
+    try:
+        doc = json.loads(health) if health else {}
+    except json.JSONDecodeError:
+        return []
+    pods = doc.get("pods") if isinstance(doc, dict) else None
+    out = []
+    for name, pod in sorted((pods or {}).items()):
+        ev = pod.get("kv_events") if isinstance(pod, dict) else None
+        if not isinstance(ev, dict):
+            continue
+        out.append(
+            {
+                "pod": name,
+                "connected": bool(ev.get("connected")),
+                "live": bool(ev.get("live")),
+                "lastSeq": ev.get("last_seq"),
+                "gaps": int(ev.get("gaps") or 0),
+                "resyncs": int(ev.get("resyncs") or 0),
+                "lagSeconds": ev.get("lag_s"),
+                "errors": {k: int(v) for k, v in (ev.get("errors") or {}).items()},
+            }
+        )
+    return out
+
+
+def stale_streams(streams: list[dict[str, Any]]) -> str:
+    """A Degraded message for engines the router cannot follow by their events."""
+    bad = [s for s in streams if not s["live"]]
+    return "; ".join(
+        f"engine pod {s['pod']}: KV events "
+        + (", ".join(sorted(s["errors"])) or ("not connected" if not s["connected"] else "stale"))
+        + "; the router routes it from its own record"
+        for s in bad
+    )
 
 
 def prefix_hit_rate(metrics: list[str]) -> float | None:

@@ -634,3 +634,88 @@ def test_timers_first_run_an_interval_after_creation_spread_by_uid() -> None:
     assert handlers.first_resync(uid="uid-7") == delays[7]  # stable for one object
     # objects created together are spread over the second interval, not bunched
     assert len({int(10 * (d - interval) / interval) for d in delays}) == 10
+
+
+# ----------------------------------------------------------------- a vLLM serving
+
+
+async def test_a_vllm_serving_plans_vllm_pods_and_reports_their_event_streams(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The operator plans vLLM pods from the pool's contract, names each ready pod's
+    event ports in the router's config, and reports per pod how the router follows
+    its events (here: a pod whose publisher does not answer)."""
+    pool_doc, serving_doc = (
+        {**d, "metadata": {**d["metadata"], "resourceVersion": "1", "uid": f"uid-{i}"}}
+        for i, d in enumerate(yaml.safe_load_all((REPO / "examples/vllm-local.yaml").read_text()))
+    )
+    await cluster.create(pool_doc)
+    await cluster.create(serving_doc)
+    serving_path = f"{API}/namespaces/default/modelservings/small-vllm"
+    await settled(cluster, serving_path)
+    engine = await wait_for(lambda: cluster.get(f"{DEP}/small-vllm-engine"))
+    pod = engine["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(c["args"][::2], c["args"][1::2], strict=False))
+    assert flags["--block-size"] == "32" and "--enable-prefix-caching" in c["args"]
+    assert json.loads(c["args"][c["args"].index("--kv-events-config") + 1])["endpoint"] == (
+        "tcp://*:5557"
+    )
+    assert [p["name"] for p in c["ports"]] == ["http", "kv-events", "kv-replay"]
+    assert pod["initContainers"][0]["args"][:4] == ["model", "export", "--preset", "small"]
+    router_dep = await cluster.get(f"{DEP}/small-vllm-router")
+    assert "--no-weights" in router_dep["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    policy = await cluster.get(
+        "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/small-vllm-engine"
+    )
+    assert {"port": 5557} in policy["spec"]["ingress"][1]["ports"]
+
+    # a ready vLLM pod whose publisher does not answer (its HTTP side is a simulated
+    # engine), and a real router from the config the operator writes for it
+    pods = "/api/v1/namespaces/default/pods"
+    silent_events, http_port = _free_port(), _free_port()
+    vllm_pod = _pod("small-vllm-engine-a", "default", "engine", "small-vllm", ("http", http_port))
+    vllm_pod["spec"]["containers"][0]["ports"] += [
+        {"name": "kv-events", "containerPort": silent_events},
+        {"name": "kv-replay", "containerPort": _free_port()},
+    ]
+    await cluster.call("POST", pods, vllm_pod)
+
+    async def router_cfg() -> Any:
+        cm = await cluster.get("/api/v1/namespaces/default/configmaps/small-vllm-router-config")
+        return cm and json.loads(cm["data"]["router.json"])
+
+    cfg = await wait_for(router_cfg)
+    assert cfg["engine"] == "vllm"
+    assert cfg["pods"][0]["kv_events"] == f"tcp://127.0.0.1:{silent_events}"
+    model_dir = tmp_path / "model"
+    from kvmarina.presets import write_preset_folder
+
+    write_preset_folder("small", "float32", model_dir)  # what the router's init container writes
+    cfg["tokenizer_dir"] = str(model_dir)
+    (tmp_path / "router.json").write_text(json.dumps(cfg))
+    router_port = _free_port()
+    async with (
+        _process(f"http://127.0.0.1:{http_port}/health", "engine", "--simulate", "--port",
+                 str(http_port), "--model", "small-vllm"),
+        _process(f"http://127.0.0.1:{router_port}/health", "router", "--config",
+                 str(tmp_path / "router.json"), "--host", "127.0.0.1", "--port", str(router_port)),
+    ):  # fmt: skip
+        await cluster.call(
+            "POST", pods, _pod("small-vllm-router-a", "default", "router", "small-vllm",
+                               ("http", router_port)),
+        )  # fmt: skip
+
+        async def reported() -> Any:
+            obj = await cluster.get(serving_path)
+            streams = ((obj or {}).get("status") or {}).get("eventStreams") or []
+            return obj if streams and streams[0]["errors"].get("unreachable") else None
+
+        obj = await wait_for(reported, 30)
+    (stream,) = obj["status"]["eventStreams"]
+    assert stream["pod"] == "small-vllm-engine-a"
+    assert stream["connected"] is False and stream["live"] is False
+    degraded = conditions(obj)["Degraded"]
+    assert degraded["status"] == "True" and "small-vllm-engine-a" in degraded["message"]
+    assert "unreachable" in degraded["message"]
