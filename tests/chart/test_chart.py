@@ -174,3 +174,36 @@ def test_invalid_values_fail_naming_the_key(args: list[str], key: str) -> None:
     res = helm("template", "kv", str(CHART), *args, check=False)
     assert res.returncode != 0
     assert key in res.stderr, res.stderr
+
+
+def test_vllm_images_reach_the_vllm_pods_the_operator_plans() -> None:
+    """images.vllm / images.vllmCpu -> the operator's environment -> a vLLM serving's pod."""
+    from kvmarina.operator.components import Endpoint
+    from kvmarina.operator.plan_serving import plan_serving
+    from kvmarina.operator.settings import Settings
+    from kvmarina.validate import parse_resource
+
+    objs = render(
+        "--set", "images.vllm.repository=example.org/vllm", "--set", "images.vllm.tag=v9",
+        "--set", "images.vllmCpu.repository=example.org/vllm-cpu",
+    )  # fmt: skip
+    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    env = {
+        e["name"]: e.get("value", "")
+        for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    settings = Settings.from_env(env)
+    docs = [
+        parse_resource(d)
+        for d in yaml.safe_load_all((REPO / "examples/vllm-local.yaml").read_text())
+    ]
+    pool, serving = docs
+    gpu_pool = parse_resource(yaml.safe_load((REPO / "examples/pool.yaml").read_text()))
+    images = {}
+    for p in (pool, gpu_pool):
+        plan = plan_serving(serving, "u", p, settings, "t", [Endpoint("e", "http://e", "n", None)])
+        engine = next(
+            m for m in plan if m["kind"] == "Deployment" and "engine" in m["metadata"]["name"]
+        )
+        images[p.spec.memory.backend] = engine["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert images == {"cuda": "example.org/vllm:v9", "cpu": "example.org/vllm-cpu:v0.32.0"}
