@@ -7,12 +7,16 @@ the same engines. Caches are cleared between policies. Targets: cache-aware
 ``ttft_p50_ms`` <= 0.5 x round-robin's and <= the SGLang router's; ``hit_rate`` >=
 the SGLang router's.
 
+``--engine vllm`` runs the same fleet with vLLM engines (``make vllm``), the router
+following their own KV events; the round-robin target is then 0.6x (each vLLM keeps
+its KV to itself, so no agent shares a prefix between a node's engines).
+
 The workload is the demo's (``kvmarina.local.demo.workload``): generated
 conversations where each user has a document of their own under a shared system
 prompt, or the Mooncake trace with ``--trace``.
 
-    python benchmarks/fleet.py [--users 24] [--turns 6] [--context 1000] [--rounds 3]
-                               [--trace PATH --requests 40]
+    python benchmarks/fleet.py [--engine reference|vllm] [--users 24] [--turns 6]
+                               [--context 1000] [--rounds 3] [--trace PATH --requests 40]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report
 
-from kvmarina.local.demo import DEMO_YAML, replay_measured, set_policy, warm_up, workload
+from kvmarina.local.demo import fleet_yaml, replay_measured, set_policy, warm_up, workload
 from kvmarina.local.ports import free_ports
 from kvmarina.local.replay import Summary
 from kvmarina.local.supervisor import Supervisor
@@ -87,6 +91,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--trace")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--preset", default="small")
+    ap.add_argument(
+        "--engine", default="reference", choices=["reference", "vllm"], help="engines of the fleet"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="replays per policy (medians)")
     return ap.parse_args()
 
@@ -137,8 +144,8 @@ def main() -> int:
     args = parse()
     tmp = Path(tempfile.mkdtemp(prefix="kvm-fleet-"))
     yaml_path = tmp / "fleet.yaml"
-    yaml_path.write_text(DEMO_YAML.format(preset=args.preset))
-    sup = start([str(yaml_path)], 2, str(tmp / "run"), None, 180)
+    yaml_path.write_text(fleet_yaml(args.engine, args.preset))
+    sup = start([str(yaml_path)], 2, str(tmp / "run"), None, 300)
     work = workload(args)
     try:
         runs = run_rounds(sup, work, args.rounds)
@@ -149,7 +156,10 @@ def main() -> int:
         p.replace("-", "_"): figures(rs) for p, rs in runs.items()
     }
     ca, rr = result["cache_aware"], result["round_robin"]
-    targets = {"ttft_p50<=0.5*round_robin": ca["ttft_p50_ms"] <= 0.5 * rr["ttft_p50_ms"]}  # type: ignore[operator]
+    # against round-robin: 0.5x with the reference engine (its issue), 0.6x with vLLM's
+    # private caches (no agent shares a prefix between a node's engines)
+    k = 0.6 if args.engine == "vllm" else 0.5
+    targets = {f"ttft_p50<={k}*round_robin": ca["ttft_p50_ms"] <= k * rr["ttft_p50_ms"]}  # type: ignore[operator]
     sg = result.get("sglang")
     if sg is not None:
         targets["ttft_p50<=sglang"] = ca["ttft_p50_ms"] <= sg["ttft_p50_ms"]  # type: ignore[operator]
@@ -167,6 +177,7 @@ def main() -> int:
         {
             **result,
             "targets_met": targets,
+            "engine": args.engine,
             "requests_per_policy": len(work),
             "rounds": args.rounds,
         },

@@ -30,6 +30,7 @@ from kvmarina.local.workload import (
     find_trace,
     mooncake_shared,
 )
+from kvmarina.operator.components import PlanError
 from kvmarina.validate import SpecError
 
 POLICIES = ("cache-aware", "round-robin")
@@ -54,8 +55,41 @@ spec:
 """
 
 
+#: The same fleet of vLLM engines: blocks of 32 tokens (vLLM's CPU attention needs a
+#: multiple of 32), the preset exported as a model folder, vLLM's KV cache of 256 MiB.
+VLLM_DEMO_YAML = """\
+apiVersion: kvmarina.io/v1alpha1
+kind: KVCachePool
+metadata: {{name: demo}}
+spec:
+  hashing: {{blockSize: 32}}
+  memory: {{backend: cpu, device: 256Mi, host: "0", pageSize: 2Mi}}
+  migration: {{auth: token}}
+---
+apiVersion: kvmarina.io/v1alpha1
+kind: ModelServing
+metadata: {{name: demo, namespace: default}}
+spec:
+  poolRef: {{name: demo}}
+  model: {{name: demo, preset: {preset}, dtype: float32, maxModelLen: 4096}}
+  replicas: 4
+  budget: {{min: "0", max: 256Mi}}
+  engine: {{type: vllm, maxBatchSize: 8}}
+"""
+
+
+def fleet_yaml(engine: str, preset: str) -> str:
+    return (VLLM_DEMO_YAML if engine == "vllm" else DEMO_YAML).format(preset=preset)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvmarina demo", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--engine",
+        default="reference",
+        choices=["reference", "vllm"],
+        help="kvmarina's reference engine (default) or vLLM (needs `make vllm`)",
+    )
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--users", type=int, default=24, help="conversations (24)")
     p.add_argument(
@@ -124,9 +158,13 @@ def set_policy(config_path: str, policy: str) -> None:
 
 
 def clear_caches(sup: Supervisor) -> None:
+    """Every KV cache of the fleet emptied: the agents', and vLLM's own (its dev-mode
+    reset, which publishes ``AllBlocksCleared`` to the router)."""
     for p in sup.procs:
         if p.spec.role == "agent":
             _post(p.spec.info["url"] + "/admin/clear")
+        elif p.spec.info.get("engine") == "vllm":
+            _post(p.spec.info["url"] + "/reset_prefix_cache")
     time.sleep(0.5)  # let the routers see the 'cleared' events
 
 
@@ -241,11 +279,12 @@ def main(argv: list[str]) -> int:
     rdir = run_dir(args.run_dir or ".kvmarina-demo")
     rdir.mkdir(parents=True, exist_ok=True)
     yaml_path = rdir.parent / (rdir.name + ".yaml")
-    yaml_path.write_text(DEMO_YAML.format(preset=args.preset))
-    print(f"kvmarina demo: 2 nodes x 2 engines (preset {args.preset}) + router, from {yaml_path}")
+    yaml_path.write_text(fleet_yaml(args.engine, args.preset))
+    engines = "vLLM engines" if args.engine == "vllm" else "engines"
+    print(f"kvmarina demo: 2 nodes x 2 {engines} (preset {args.preset}) + router, from {yaml_path}")
     try:
-        sup = start([str(yaml_path)], 2, str(rdir), None, 180)
-    except (FleetError, SpecError) as exc:
+        sup = start([str(yaml_path)], 2, str(rdir), None, 300 if args.engine == "vllm" else 180)
+    except (FleetError, SpecError, PlanError) as exc:
         print(f"kvmarina demo: {exc}", file=sys.stderr)
         return 1
     try:

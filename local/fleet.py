@@ -243,7 +243,7 @@ def _plan_serving(
         node = node_names[i % len(node_names)]
         url = f"http://127.0.0.1:{ports[i]}"
         name = f"engine-{s.name}-{i}"
-        info = {"url": url, "serving": s.name}
+        info = {"url": url, "serving": s.name, "engine": s.spec.engine.type}
         if python is not None and folder is not None:
             events, replay = ports[s.spec.replicas + 2 * i : s.spec.replicas + 2 * i + 2]
             flags = vllm_args(
@@ -258,8 +258,9 @@ def _plan_serving(
             )
             argv: tuple[str, ...] = (python, "-m", VLLM_MODULE, *flags)
             # PYTHONSAFEPATH: started from a kvmarina checkout, the working directory
-            # would shadow packages vLLM imports (transformers looks for `kernels`)
-            env = {**vllm_env("warning"), "PYTHONSAFEPATH": "1"}
+            # would shadow packages vLLM imports (transformers looks for `kernels`);
+            # dev mode: a local fleet may reset vLLM's prefix cache (the demo does)
+            env = {**vllm_env("warning"), "PYTHONSAFEPATH": "1", "VLLM_SERVER_DEV_MODE": "1"}
             kv = (f"tcp://127.0.0.1:{events}", f"tcp://127.0.0.1:{replay}")
             endpoints.append(Endpoint(name, url, node, agent_urls[node], *kv))
         else:
