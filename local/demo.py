@@ -72,7 +72,7 @@ metadata: {{name: demo, namespace: default}}
 spec:
   poolRef: {{name: demo}}
   model: {{name: demo, preset: {preset}, dtype: float32, maxModelLen: 4096}}
-  replicas: 4
+  replicas: 2
   budget: {{min: "0", max: 256Mi}}
   engine: {{type: vllm, maxBatchSize: 8}}
 """

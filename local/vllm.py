@@ -14,12 +14,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
+from kvmarina.local.ports import free_ports
 from kvmarina.local.supervisor import ProcessSpec
-from kvmarina.operator.components import PlanError
-from kvmarina.specs import ModelSpec
+from kvmarina.operator.components import VLLM_MODULE, PlanError, vllm_args, vllm_env
+from kvmarina.specs import KVCachePoolSpec, ModelServingSpec, ModelSpec
 
 VENV = ".venv-vllm"
 
@@ -81,3 +85,61 @@ def bind_cores(engines: list[ProcessSpec], cores: list[int] | None = None) -> No
         mine = cores[start : start + per]
         spec.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
         spec.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+
+
+class VLLMProcess:
+    """One vLLM OpenAI server on loopback, started with the flags kvmarina derives for
+    ``serving`` on ``pool`` (tests and benchmarks; ``kvmarina up`` plans its own through
+    ``fleet.py``). ``start`` returns at once; ``wait`` until ``/health`` answers."""
+
+    def __init__(
+        self,
+        python: str,
+        serving: ModelServingSpec,
+        pool: KVCachePoolSpec,
+        model_dir: str,
+        log: Path,
+        cores: str = "0",
+    ) -> None:
+        self.python, self.serving, self.pool = python, serving, pool
+        self.model_dir, self.log, self.cores = model_dir, log, cores
+        self.port, self.events, self.replay = free_ports(3)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.events_url = f"tcp://127.0.0.1:{self.events}"
+        self.replay_url = f"tcp://127.0.0.1:{self.replay}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = vllm_args(
+            self.serving, self.pool, model_dir=self.model_dir, port=self.port,
+            host="127.0.0.1", events_port=self.events, replay_port=self.replay,
+            log_level="warning",
+        )  # fmt: skip
+        env = {
+            **os.environ, **vllm_env("warning"), "PYTHONSAFEPATH": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": self.cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        }  # fmt: skip
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [self.python, "-m", VLLM_MODULE, *args],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+
+    def wait(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"vLLM not ready in {timeout:g} s: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)

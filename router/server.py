@@ -532,4 +532,4 @@ class Router:
 
     def _first_byte(self, pod: PodState, ttft: float, uncached: int, queue_s: float) -> None:
         self.metrics.ttft.observe(ttft)
-        pod.observe_ttft(uncached, ttft, queue_s, self.cfg.routing.prefill_tokens_per_second)
+        self.core.observe_ttft(pod, uncached, ttft, queue_s)

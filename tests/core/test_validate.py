@@ -107,3 +107,59 @@ def test_scale_subresource_and_short_names() -> None:
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     names = {n for c in all_crds() for n in c["spec"]["names"]["shortNames"]}
     assert "kvcp" not in names
+
+
+def _pair(pool: str, serving: str) -> tuple[specs.KVCachePoolSpec, specs.ModelServingSpec]:
+    return (
+        specs.KVCachePoolSpec.model_validate(yaml.safe_load(pool)),
+        specs.ModelServingSpec.model_validate(yaml.safe_load(serving)),
+    )
+
+
+@pytest.mark.parametrize(
+    "pool, engine, expect",
+    [
+        ("{hashing: {blockSize: 32}, memory: {backend: cpu}}", "{type: vllm}", None),
+        ("{hashing: {blockSize: 16}}", "{type: vllm}", None),  # CUDA: multiples of 16
+        ("{hashing: {blockSize: 24}}", "{type: vllm}", "multiple of 16; set the pool's "
+         "spec.hashing.blockSize to 16"),
+        ("{hashing: {blockSize: 48}, memory: {backend: cpu}}", "{type: vllm}",
+         "CPU attention needs a multiple of 32; set the pool's spec.hashing.blockSize to 32"),
+        ("{hashing: {blockSize: 32}}", "{type: vllm, args: [--block-size, '32']}",
+         "spec.engine.args sets --block-size, which kvmarina derives for vLLM"),
+        ("{hashing: {blockSize: 32}}", "{type: vllm, args: ['--kv-events-config={}']}",
+         "sets --kv-events-config"),
+        ("{hashing: {blockSize: 16}}", "{args: [--max-num-seqs, '4']}", None),  # reference
+    ],
+)  # fmt: skip
+def test_a_vllm_serving_on_its_pool(pool: str, engine: str, expect: str | None) -> None:
+    from kvmarina.serving import check_serving
+
+    p, s = _pair(pool, f"{{poolRef: {{name: p}}, model: {{name: m, pvc: w}}, engine: {engine}}}")
+    problems = check_serving(s, "p", p)
+    if expect is None:
+        assert problems == []
+    else:
+        assert any(expect in m for m in problems), problems
+
+
+def test_vllm_presets_need_a_head_dimension_vllms_cpu_attention_takes() -> None:
+    from kvmarina.serving import check_serving
+
+    p, s = _pair(
+        "{hashing: {blockSize: 32}, memory: {backend: cpu}}",
+        "{poolRef: {name: p}, model: {name: m, preset: tiny}, engine: {type: vllm}}",
+    )
+    (problem,) = check_serving(s, "p", p)
+    assert "head dimension of 16" in problem and "use preset small" in problem
+
+
+def test_validate_checks_a_serving_against_a_pool_given_with_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvmarina.validate import validate_files
+
+    assert validate_files([str(REPO / "examples/invalid/vllm-block-size.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "[ModelServing/chat on KVCachePool/cpu]: KVCachePool 'cpu' names blocks of 16" in err
+    assert validate_files([str(REPO / "examples/vllm-local.yaml")]) == 0

@@ -436,3 +436,29 @@ def test_a_pull_hint_names_only_blocks_the_peer_agent_announced() -> None:
     rc.index.store("n0", hs[:40], "device")  # the first 40 blocks are committed now
     d = rc.decide(toks, "s")
     assert d.ranked[0].name != "p0" and d.pull == PullHint("n0", "http://127.0.0.1:21000", 40)
+
+
+def test_a_servings_pods_share_one_learned_prefill_rate() -> None:
+    """A TTFT observed on one pod refines the rate of all (replicas run the same model
+    on the same resources); a pod that joins starts from the learned rate."""
+    rc = RoutingCore(parse_config(router_doc(pods(2), routing={"prefill_tokens_per_second": 1000})))
+    a, b = rc.pods["p0"], rc.pods["p1"]
+    rc.observe_ttft(a, 2000, 1.0, 0.0)  # 2,000 tokens/s observed on p0
+    assert a.prefill_tps == b.prefill_tps == pytest.approx(0.8 * 1000 + 0.2 * 2000)
+    rc.apply_config(parse_config(router_doc(pods(3), routing={"prefill_tokens_per_second": 1000})))
+    assert rc.pods["p2"].prefill_tps == a.prefill_tps
+
+
+def test_vllm_pods_are_cache_domains_of_their_own() -> None:
+    doc = router_doc(
+        [{**p, "kv_events": f"tcp://127.0.0.1:{5000 + i}"} for i, p in enumerate(pods(2))],
+        engine="vllm",
+    )
+    rc = RoutingCore(parse_config(doc))
+    assert {p.domain for p in rc.pods.values()} == {"pod/p0", "pod/p1"}
+    tokens = list(range(64))
+    hashes = rc.hashes(tokens, "s")
+    rc.index.store("pod/p1", hashes[:2], "device")
+    rc.live_nodes |= {"pod/p0", "pod/p1"}
+    d = rc.decide(tokens, "s")
+    assert d.ranked[0].name == "p1" and d.cached_blocks == {"pod/p1": 2} and d.pull is None

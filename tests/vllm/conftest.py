@@ -8,11 +8,6 @@ Where no vLLM environment exists the tests skip and say why; in CI (``CI`` set, 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kvmarina.local.vllm import vllm_python
-from kvmarina.operator.components import VLLM_MODULE, PlanError, vllm_args, vllm_env
+from kvmarina.local.vllm import VLLMProcess, vllm_python
+from kvmarina.operator.components import PlanError
 from kvmarina.validate import Resource, parse_resource
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,14 +47,6 @@ def resources() -> tuple[Resource, Resource]:
     return pool, serving
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="session")
 def vllm_py() -> str:
     try:
@@ -77,57 +64,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(export_preset("small", "float32", tmp_path_factory.mktemp("model") / "small"))
 
 
-class VLLMServer:
-    """One vLLM OpenAI server process; ``start`` returns at once, ``wait`` for /health."""
+class VLLMServer(VLLMProcess):
+    """A vLLM server of this module's serving, and its entry in a router's pod list."""
 
-    def __init__(self, python: str, model_dir: str, log: Path, core: int) -> None:
-        self.python, self.model_dir, self.log, self.core = python, model_dir, log, core
-        self.port, self.events, self.replay = free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.events_url = f"tcp://127.0.0.1:{self.events}"
-        self.replay_url = f"tcp://127.0.0.1:{self.replay}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
+    def __init__(self, python: str, model_dir: str, log: Path, cores: str) -> None:
         pool, serving = resources()
-        args = vllm_args(
-            serving.spec, pool.spec, model_dir=self.model_dir, port=self.port,
-            host="127.0.0.1", events_port=self.events, replay_port=self.replay,
-            log_level="warning",
-        )  # fmt: skip
-        env = {
-            **os.environ,
-            **vllm_env("warning"),
-            "PYTHONSAFEPATH": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": str(self.core),
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        }
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [self.python, "-m", VLLM_MODULE, *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-        out.close()
-
-    def wait(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vLLM exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"vLLM not ready in {timeout} s: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        super().__init__(python, serving.spec, pool.spec, model_dir, log, cores)
 
     def pod(self, name: str, node: str) -> dict[str, Any]:
         return {
@@ -144,7 +86,7 @@ def vllms(
     logs = tmp_path_factory.mktemp("vllm-logs")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     servers = [
-        VLLMServer(vllm_py, model_dir, logs / f"vllm-{i}.log", cores[i % len(cores)])
+        VLLMServer(vllm_py, model_dir, logs / f"vllm-{i}.log", str(cores[i % len(cores)]))
         for i in range(2)
     ]
     try:

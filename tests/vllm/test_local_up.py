@@ -1,0 +1,75 @@
+"""`kvmarina up -f examples/vllm-local.yaml` as a user runs it: two simulated nodes, a
+real vLLM engine on each, the router following their KV events; `down` stops it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from kvmarina.local.supervisor import ProcessSpec, load_state
+from kvmarina.local.vllm import bind_cores
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def post(url: str, body: dict[str, object]) -> dict[str, object]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=60).read())  # type: ignore[no-any-return]
+
+
+def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) -> None:
+    env = {**os.environ, "KVMARINA_VLLM_PYTHON": vllm_py}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmarina.cli", "up", "-f", str(REPO / "examples/vllm-local.yaml")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    url = None
+    deadline = time.monotonic() + 300
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if m := re.search(r"router for small-vllm: (http://\S+)", line):
+            url = m.group(1)
+        elif not line and proc.poll() is not None:
+            break
+    try:
+        assert url, proc.stderr.read() if proc.stderr else ""
+        messages = [
+            {"role": "system", "content": "You answer questions about paddling. " * 8},
+            {"role": "user", "content": "What is a J-stroke?"},
+        ]
+        body = {"model": "small-vllm", "messages": messages, "max_tokens": 4}
+        first = post(url + "/v1/chat/completions", body)
+        again = post(url + "/v1/chat/completions", body)
+        usage = again["usage"]
+        assert isinstance(usage, dict) and isinstance(first["usage"], dict)
+        # the repeat went to the engine that computed the prompt: all but its last block
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 64
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            health = json.loads(r.read())
+        assert health["mode"] == "events"
+        assert all(p["kv_events"]["live"] for p in health["pods"].values())
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "kvmarina.cli", "down"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        proc.wait(60)
+    assert down.returncode == 0, down.stderr
+    assert not any(p.alive() for p in load_state(tmp_path / ".kvmarina")[1])
+
+
+def test_each_vllm_engine_gets_its_own_cores() -> None:
+    specs = [ProcessSpec(f"e{i}", "engine", ("x",)) for i in range(3)]
+    bind_cores(specs[:2], cores=[0, 1, 2, 3])
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs[:2]] == ["0,1", "2,3"]
+    bind_cores(specs, cores=[0, 1])  # more engines than cores: they share, round-robin
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs] == ["0", "1", "0"]
