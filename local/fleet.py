@@ -262,7 +262,8 @@ def _plan_serving(
             # dev mode: a local fleet may reset vLLM's prefix cache (the demo does)
             env = {**vllm_env("warning"), "PYTHONSAFEPATH": "1", "VLLM_SERVER_DEV_MODE": "1"}
             kv = (f"tcp://127.0.0.1:{events}", f"tcp://127.0.0.1:{replay}")
-            endpoints.append(Endpoint(name, url, node, agent_urls[node], *kv))
+            # vLLM keeps its KV to itself: the router follows its events, not the agent's
+            endpoints.append(Endpoint(name, url, node, None, *kv))
         else:
             argv = python_cmd("engine")
             env = engine_env(

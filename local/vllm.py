@@ -118,6 +118,7 @@ class VLLMProcess:
         env = {
             **os.environ, **vllm_env("warning"), "PYTHONSAFEPATH": "1",
             "VLLM_CPU_OMP_THREADS_BIND": self.cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache, as in a local fleet
         }  # fmt: skip
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(

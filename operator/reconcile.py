@@ -466,8 +466,9 @@ class Reconciler:
             ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
             if not ip or not node or not _pod_ready(p):
                 continue
-            events = replay = None
-            if vllm is not None:
+            agent, events, replay = agent_by_node.get(node), None, None
+            if vllm is not None:  # its KV stays in the pod: the router follows its events
+                agent = None
                 events = f"tcp://{ip}:{pod_port(p, EVENTS_PORT_NAME, vllm.events_port)}"
                 replay = f"tcp://{ip}:{pod_port(p, REPLAY_PORT_NAME, vllm.replay_port)}"
             out.append(
@@ -475,7 +476,7 @@ class Reconciler:
                     p["metadata"]["name"],
                     f"http://{ip}:{pod_port(p, 'http', ENGINE_PORT)}",
                     node,
-                    agent_by_node.get(node),
+                    agent,
                     events,
                     replay,
                 )

@@ -40,7 +40,8 @@ class HashMemo:
         self.hits = 0
         self.misses = 0
 
-    def _seed(self, salt: str) -> bytes:
+    def seed(self, salt: str) -> bytes:
+        """The chain's seed for ``salt`` (memoized: a router sees few salts)."""
         seed = self._seeds.get(salt)
         if seed is None:
             if len(self._seeds) > 4096:
@@ -54,7 +55,7 @@ class HashMemo:
         )
         if self.max_chunks == 0:
             return self.contract.block_hashes(arr, self.model_identity, salt)
-        parent = self._seed(salt)
+        parent = self.seed(salt)
         bs = self.contract.block_size
         full = (len(arr) // bs) * bs
         step = self.chunk_tokens

@@ -50,7 +50,9 @@ class Breaker:
 @dataclass(slots=True)
 class PodState:
     """One pod as the router sees it. ``inflight``/``queued_tokens`` count requests
-    sent and not yet answered (tokens: their uncached prefill still ahead).
+    sent and not yet answered (tokens: their uncached prefill); ``queue_ahead`` is the
+    part of that prefill not done yet, as an engine working since ``busy_since`` at
+    ``prefill_tps`` would have left it.
 
     ``domain`` names where the pod's KV cache lives in the router's indexes: its node
     (every engine of a node shares the node agent's pool), or ``pod/<name>`` for an
@@ -63,6 +65,7 @@ class PodState:
     healthy: bool = True
     inflight: int = 0
     queued_tokens: int = 0
+    busy_since: float = 0.0
     served: int = 0
     failed: int = 0
 
@@ -77,6 +80,26 @@ class PodState:
     def __post_init__(self) -> None:
         if not self.domain:
             self.domain = self.cfg.node
+
+    def queue_add(self, tokens: int, now: float) -> None:
+        if self.queued_tokens <= 0:
+            self.busy_since = now
+        self.queued_tokens += tokens
+
+    def queue_done(self, tokens: int) -> None:
+        """A request's prefill is over (its first byte came, or it failed): its tokens
+        leave the queue, and with them the time the engine spent on them."""
+        self.queued_tokens -= tokens
+        self.busy_since += tokens / self.prefill_tps
+
+    def queue_ahead(self, now: float) -> float:
+        """Prefill tokens still ahead of a request sent now. Counting every pending
+        token as not yet started made a pod that had just taken a long prompt look busy
+        for all of it, and conversations left the engine holding them for a sibling
+        that recomputed them (vLLM fleet: ~6 such moves a replay)."""
+        if self.queued_tokens <= 0:
+            return 0.0
+        return max(0.0, self.queued_tokens - self.prefill_tps * (now - self.busy_since))
 
     def available(self) -> bool:
         return self.healthy and self.breaker.allows()

@@ -2,7 +2,7 @@
 
 Cache-aware scoring (DESIGN.md "Routing") estimates each pod's time to first token::
 
-    ttft = w_queue   * queued_tokens / rate
+    ttft = w_queue   * queue_ahead / rate                (prefill not yet done on the pod)
          + w_prefill * uncached_tokens / rate          (device-tier hits are free)
          +             host_hit_tokens / host_load_rate (host-tier hits cost a load)
          + min(w_prefill * recompute, w_migration * pull) of the blocks a peer node
@@ -246,6 +246,7 @@ class RoutingCore:
         wi = w.inflight
         sent = self.sent.match(hashes).run if ws else {}
         agents = self._agents
+        now = time.monotonic()
         scored: list[tuple[float, int, int, int, str]] = []
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
@@ -259,7 +260,7 @@ class RoutingCore:
                 own = max(match.run.get(node, 0), recent.get(pod.name, 0))
                 if run > own:
                     cost += wi * (run - own) * bs / tps
-            cost += (wq * pod.queued_tokens + wp * (n_tokens - run * bs)) / tps
+            cost += (wq * pod.queue_ahead(now) + wp * (n_tokens - run * bs)) / tps
             if sent:
                 cost += ws * max(0, run - sent.get(pod.name, 0)) * bs / tps
             peer = ""

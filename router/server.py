@@ -445,10 +445,11 @@ class Router:
     ) -> web.StreamResponse:
         bs = self.core.contract.block_size
         uncached = decision.uncached_tokens(pod, len(parsed.tokens), bs)
-        queue_s = pod.queued_tokens / pod.prefill_tps
+        now = time.monotonic()
+        queue_s = pod.queue_ahead(now) / pod.prefill_tps
         pod.breaker.on_attempt()
         pod.inflight += 1
-        pod.queued_tokens += uncached
+        pod.queue_add(uncached, now)
         pending = uncached
         out: web.StreamResponse | None = None
         t0 = time.perf_counter()
@@ -471,7 +472,7 @@ class Router:
                             self._failed(pod)
                             raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
                         self._first_byte(pod, time.perf_counter() - t0, uncached, queue_s)
-                        pod.queued_tokens -= pending
+                        pod.queue_done(pending)
                         pending = 0
                         pod.breaker.on_success()
                         return web.Response(
@@ -481,7 +482,7 @@ class Router:
                         async for chunk in up.iter_chunks():
                             if out is None:
                                 self._first_byte(pod, time.perf_counter() - t0, uncached, queue_s)
-                                pod.queued_tokens -= pending
+                                pod.queue_done(pending)
                                 pending = 0
                                 out = web.StreamResponse(status=up.status)
                                 out.content_type = up.content_type
@@ -510,7 +511,7 @@ class Router:
             return out
         finally:
             pod.inflight -= 1
-            pod.queued_tokens -= pending
+            pod.queue_done(pending)
 
     def _failed(self, pod: PodState) -> None:
         pod.breaker.on_failure()

@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from kvmarina.hashing import HashContract
+from kvmarina.router.hashmemo import HashMemo
 from kvmarina.router.index import DEVICE, HOST, BlockIndex
 
 EngineHash = bytes | int  # vLLM's ExternalBlockHash
@@ -156,7 +157,7 @@ class PodBlocks:
         self.domain, self.index, self.contract, self.identity = domain, index, contract, identity
         self._ours: dict[EngineHash, bytes] = {}
         self._media: dict[EngineHash, set[str | None]] = {}
-        self._seeds: dict[str, bytes] = {}
+        self._seeds = HashMemo(contract, identity)
         self.orphans = 0
 
     def __len__(self) -> int:
@@ -177,14 +178,6 @@ class PodBlocks:
             else:
                 self.clear()
 
-    def _seed(self, salt: str) -> bytes:
-        seed = self._seeds.get(salt)
-        if seed is None:
-            if len(self._seeds) > 4096:
-                self._seeds.clear()
-            seed = self._seeds[salt] = self.contract.seed(self.identity, salt)
-        return seed
-
     def _stored(self, ev: Stored) -> None:
         if ev.group or ev.medium not in TIERS:
             return  # another KV group (hybrid models) or a medium that is no node tier
@@ -201,7 +194,7 @@ class PodBlocks:
                 f"BlockStored has {len(ev.hashes)} hashes but {len(ev.tokens)} token ids",
             )
         if ev.parent is None:
-            ours = self.contract.block_hashes(ev.tokens, "", parent=self._seed(ev.salt))
+            ours = self.contract.block_hashes(ev.tokens, "", parent=self._seeds.seed(ev.salt))
         else:
             parent = self._ours.get(ev.parent)
             if parent is None:

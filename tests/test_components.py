@@ -30,8 +30,8 @@ from kvmarina.validate import load_file
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _pool_and_serving():  # type: ignore[no-untyped-def]
-    resources, problems = load_file(str(REPO / "examples" / "local.yaml"))
+def _pool_and_serving(example: str = "local.yaml"):  # type: ignore[no-untyped-def]
+    resources, problems = load_file(str(REPO / "examples" / example))
     assert not problems
     pool = next(r for r in resources if r.kind == "KVCachePool")
     serving = next(r for r in resources if r.kind == "ModelServing")
@@ -79,16 +79,8 @@ def test_router_config_validates() -> None:
         router_config("tiny", "default", serving.spec, pool.spec, [])
 
 
-def _vllm_pair():  # type: ignore[no-untyped-def]
-    resources, problems = load_file(str(REPO / "examples" / "vllm-local.yaml"))
-    assert not problems
-    pool = next(r for r in resources if r.kind == "KVCachePool")
-    serving = next(r for r in resources if r.kind == "ModelServing")
-    return pool, serving
-
-
 def test_vllm_flags_follow_the_pool_and_the_serving() -> None:
-    pool, serving = _vllm_pair()
+    pool, serving = _pool_and_serving("vllm-local.yaml")
     args = vllm_args(serving.spec, pool.spec, model_dir="/m", events_port=6001, replay_port=6002)
     flags = flag_values(args)
     assert flags["--model"] == "/m" and flags["--served-model-name"] == "small-vllm"
@@ -112,7 +104,7 @@ def test_vllm_flags_follow_the_pool_and_the_serving() -> None:
 
 
 def test_a_vllm_router_config_derives_its_identity_from_the_folder(tmp_path: Path) -> None:
-    pool, serving = _vllm_pair()
+    pool, serving = _pool_and_serving("vllm-local.yaml")
     write_preset_folder("small", "float32", tmp_path)
     pods = [Endpoint("v0", "http://127.0.0.1:1", "n", None, "tcp://127.0.0.1:2", None)]
     doc = router_config("s", "default", serving.spec, pool.spec, pods, model_dir=str(tmp_path))

@@ -17,12 +17,18 @@ from kvmarina.router.config import ConfigError, load_config, parse_config
 from kvmarina.router.hashmemo import HashMemo
 from kvmarina.router.headers import PullHint, PullHintError, parse_pull_hint
 from kvmarina.router.index import BlockIndex
-from kvmarina.router.pods import Breaker
+from kvmarina.router.pods import Breaker, PodState
 from kvmarina.router.routing import NoPodAvailable, RoutingCore
 from kvmarina.router.subscriber import NodeFollower
 from kvmarina.router.tenancy import derive_salt
 
 from .conftest import router_doc
+
+
+def queue(pod: PodState, tokens: int) -> None:
+    """``tokens`` of prefill just sent to ``pod`` (nothing of it done yet)."""
+    pod.queued_tokens = 0
+    pod.queue_add(tokens, time.monotonic())
 
 
 def H(i: int) -> bytes:
@@ -233,7 +239,7 @@ def test_cache_aware_prefers_the_cached_node_until_its_queue_costs_more() -> Non
     d = rc.decide(toks, "s")
     assert d.ranked[0].name == "p2" and d.cached_blocks == {"n2": 100}
     assert d.pull is None or d.pull.node == "n2"
-    rc.pods["p2"].queued_tokens = 10**6  # a long queue outweighs the cache
+    queue(rc.pods["p2"], 10**6)  # a long queue outweighs the cache
     assert rc.decide(toks, "s").ranked[0].name != "p2"
 
 
@@ -242,17 +248,17 @@ def test_pull_hint_when_migration_is_cheaper() -> None:
     toks = list(range(1600))
     hs = rc.hashes(toks, "s")
     rc.index.store("n0", hs, "device")
-    rc.pods["p0"].queued_tokens = 10**6
+    queue(rc.pods["p0"], 10**6)
     d = rc.decide(toks, "s")
     assert d.ranked[0].name != "p0"
     assert d.pull == PullHint("n0", "http://127.0.0.1:21000", 100)
     off = core(transfer_bytes_per_second=1e12, pull_hints=False)
     off.index.store("n0", hs, "device")
-    off.pods["p0"].queued_tokens = 10**6
+    queue(off.pods["p0"], 10**6)
     assert off.decide(toks, "s").pull is None
     slow = core(transfer_bytes_per_second=1.0)
     slow.index.store("n0", hs, "device")
-    slow.pods["p0"].queued_tokens = 10**6
+    queue(slow.pods["p0"], 10**6)
     assert slow.decide(toks, "s").pull is None
 
 
@@ -261,7 +267,7 @@ def test_measured_bandwidth_overrides_the_configured_one() -> None:
     rc = core(transfer_bytes_per_second=1e12)  # the config says pulls are nearly free
     hs = rc.hashes(toks, "s")
     rc.index.store("n0", hs, "device")
-    rc.pods["p0"].queued_tokens = 10**6
+    queue(rc.pods["p0"], 10**6)
     assert rc.decide(toks, "s").pull is not None
     rc.bandwidth.update({"n1": 1.0, "n2": 1.0})  # but the agents measured 1 byte/s
     assert rc.decide(toks, "s").pull is None
@@ -344,7 +350,7 @@ def test_duplication_weight_keeps_prefixes_in_one_place() -> None:
     for dup in (0.0, 2.0):
         rc = core(weights={"duplication": dup}, pull_hints=False)
         rc.index.store("n2", rc.hashes(toks, "s"), "device")
-        rc.pods["p2"].queued_tokens = 3000
+        queue(rc.pods["p2"], 3000)
         picks[dup] = rc.decide(toks, "s").ranked[0].name
     assert picks[0.0] != "p2" and picks[2.0] == "p2"
 
@@ -370,15 +376,15 @@ def test_a_prefix_in_flight_is_waited_for_not_computed_twice() -> None:
     toks = list(range(1600))  # 100 blocks, nothing committed yet
     first = rc.decide(toks, "s").ranked[0]
     rc.record_sent(first.node, rc.hashes(toks, "s"), 0, first.name)
-    first.queued_tokens = 1600
+    queue(first, 1600)
     d = rc.decide([*toks, 7], "s")
     assert d.ranked[0].name == first.name
-    first.queued_tokens = 8000
+    queue(first, 8000)
     d = rc.decide([*toks, 7], "s")
     assert d.ranked[0].name != first.name and d.cached_blocks == {"n0": 100}
     # once the agent confirms the blocks, either pod of the node has them
     rc.index.store("n0", rc.hashes(toks, "s"), "device")
-    first.queued_tokens = 1600
+    queue(first, 1600)
     d = rc.decide([*toks, 7], "s")
     assert d.ranked[0].name != first.name
 
@@ -398,7 +404,7 @@ def test_a_conversation_stays_on_the_engine_that_computed_it_while_that_engine_i
         rc.record_sent(owner.node, d.hashes, 0, owner.name)
         rc.index.store("n0", d.hashes, "device")  # the agent's events confirm it
         rc._expire_recent(time.monotonic() + 60)  # the next turn comes much later
-    owner.queued_tokens = 400
+    queue(owner, 400)
     toks = [*toks, *range(64)]
     assert rc.decide(toks, "s").ranked[0] is not owner
 
@@ -430,7 +436,7 @@ def test_a_pull_hint_names_only_blocks_the_peer_agent_announced() -> None:
     toks = list(range(1600))
     hs = rc.hashes(toks, "s")
     rc.record_sent("n0", hs, 0, "p0")  # in flight on p0, not committed
-    rc.pods["p0"].queued_tokens = 10**6
+    queue(rc.pods["p0"], 10**6)
     d = rc.decide(toks, "s")
     assert d.ranked[0].name != "p0" and d.pull is None
     rc.index.store("n0", hs[:40], "device")  # the first 40 blocks are committed now
@@ -462,3 +468,16 @@ def test_vllm_pods_are_cache_domains_of_their_own() -> None:
     rc.live_nodes |= {"pod/p0", "pod/p1"}
     d = rc.decide(tokens, "s")
     assert d.ranked[0].name == "p1" and d.cached_blocks == {"pod/p1": 2} and d.pull is None
+
+
+def test_the_queue_ahead_of_a_pod_shrinks_as_its_engine_works() -> None:
+    pod = PodState(parse_config(router_doc(pods(1))).pods[0], prefill_tps=1000.0)
+    assert pod.queue_ahead(10.0) == 0.0
+    pod.queue_add(2000, now=10.0)  # a long prompt: 2 s of prefill at 1,000 tokens/s
+    assert pod.queue_ahead(10.0) == 2000 and pod.queue_ahead(11.5) == 500
+    pod.queue_add(300, now=11.5)
+    assert pod.queue_ahead(11.5) == 800
+    pod.queue_done(2000)  # the long one answered: the short one is all that is left
+    assert pod.queue_ahead(12.1) == pytest.approx(200)
+    pod.queue_done(300)
+    assert pod.queued_tokens == 0 and pod.queue_ahead(20.0) == 0.0

@@ -141,6 +141,22 @@ async def test_removed_blocks_leave_the_index_under_cache_pressure(
     assert f.live and f.health()["errors"] == {} and f.gaps == 0
 
 
+async def test_a_reset_prefix_cache_clears_the_pods_index(
+    routed: tuple[Router, str, aiohttp.ClientSession], vllms: list[VLLMServer]
+) -> None:
+    router, _, http = routed
+    prompt = "a prompt the reset will drop " * 8
+    await post(http, vllms[0].url, "/v1/completions",
+               {"prompt": prompt, "max_tokens": 1, "cache_salt": SALT})  # fmt: skip
+    tokens = prompt_tokens({"prompt": prompt}, "completions", router.tokenizer)
+    await wait_for(lambda: held(router, "v0", tokens) > 0)
+    async with http.post(vllms[0].url + "/reset_prefix_cache") as r:
+        assert r.status == 200
+    # vLLM publishes AllBlocksCleared: the pod's whole index goes, nothing else
+    await wait_for(lambda: router.core.index.node_blocks("pod/v0") == {})
+    assert router.vllm["v0"].live and router.vllm["v0"].resyncs == 0
+
+
 async def test_a_lost_batch_is_replayed_by_vllm(
     routed: tuple[Router, str, aiohttp.ClientSession], vllms: list[VLLMServer]
 ) -> None:
