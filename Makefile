@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PIN := torch==2.13.0
-PARTS := core operator agent engine router kernels local
+PARTS := core operator agent connector engine router kernels local
 
 SRC_STAMP := $(VENV)/.src-$(shell { cat pyproject.toml; find $(PARTS) -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null | sort; } | md5sum | cut -c1-12)
 
@@ -55,7 +55,14 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-vllm: $(VLLM_VENV)/.installed
+# kvmarina itself (editable, no dependencies but msgpack's) in vLLM's environment: the
+# KV connector (kvmarina.connector.vllm) runs inside vLLM
+$(VLLM_VENV)/.kvmarina: $(VLLM_VENV)/.installed pyproject.toml
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q "msgpack>=1.0,<2"
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed $(VLLM_VENV)/.kvmarina
 
 test: setup vllm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest

@@ -129,6 +129,9 @@ class ModelIdentity:
     revision: str = "main"
     tp_size: int = 1
     tp_rank: int = 0
+    #: how an engine arranges a block's bytes when it is not kvmarina's layout (e.g.
+    #: ``vllm-cpu``): engines of different formats must never read each other's blocks
+    kv_format: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -141,9 +144,10 @@ class ModelIdentity:
     def canonical(self) -> str:
         """The stable string that seeds block hashes, e.g.
         ``llama-tiny@main|L4/H2/D64/float16/B16|tp0of1``."""
-        return (
+        base = (
             f"{self.name}@{self.revision}|{self.layout.describe()}|tp{self.tp_rank}of{self.tp_size}"
         )
+        return f"{base}|{self.kv_format}" if self.kv_format else base
 
 
 def hf_kv_shape(config: dict[str, object]) -> tuple[int, int, int]:
@@ -171,14 +175,20 @@ PRESET_KV_SHAPES: dict[str, tuple[int, int, int]] = {
 
 
 def preset_identity(
-    preset: str, name: str, revision: str, dtype: str, block_size: int
+    preset: str, name: str, revision: str, dtype: str, block_size: int, kv_format: str = ""
 ) -> ModelIdentity:
     layers, heads, dim = PRESET_KV_SHAPES[preset]
-    return ModelIdentity(name, KVLayout(layers, heads, dim, dtype, block_size), revision)
+    layout = KVLayout(layers, heads, dim, dtype, block_size)
+    return ModelIdentity(name, layout, revision, kv_format=kv_format)
 
 
 def folder_identity(
-    folder: str | Path, name: str, revision: str, dtype: str, block_size: int
+    folder: str | Path,
+    name: str,
+    revision: str,
+    dtype: str,
+    block_size: int,
+    kv_format: str = "",
 ) -> ModelIdentity:
     """The identity of a Hugging Face model folder, from its ``config.json``: the one
     function router, engine and local mode use for a model that is not a preset, so all
@@ -193,4 +203,5 @@ def folder_identity(
     if not isinstance(config, dict):
         raise LayoutError(f"{path} is not a JSON object")
     layers, heads, dim = hf_kv_shape(config)
-    return ModelIdentity(name, KVLayout(layers, heads, dim, dtype, block_size), revision)
+    layout = KVLayout(layers, heads, dim, dtype, block_size)
+    return ModelIdentity(name, layout, revision, kv_format=kv_format)

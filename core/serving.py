@@ -34,6 +34,12 @@ def effective_scope(serving: ModelServingSpec, pool: KVCachePoolSpec) -> str:
     return scope
 
 
+def kv_format(serving: ModelServingSpec, pool: KVCachePoolSpec) -> str:
+    """How the serving's engines lay out a block's bytes: '' for kvmarina's layout,
+    ``vllm-<backend>`` for vLLM's (its blocks are never read by the reference engine)."""
+    return f"vllm-{pool.memory.backend}" if serving.engine.type == "vllm" else ""
+
+
 def model_identity(serving: ModelServingSpec, pool: KVCachePoolSpec) -> str | None:
     """The identity engines seed block hashes with; ``None`` when only the weights know
     the layout (a model folder: derived from its ``config.json`` where it is read)."""
@@ -43,7 +49,7 @@ def model_identity(serving: ModelServingSpec, pool: KVCachePoolSpec) -> str | No
     if m.preset not in PRESET_KV_SHAPES:
         raise ServingError(f"unknown preset {m.preset!r}")
     return preset_identity(
-        m.preset, m.name, m.revision, m.dtype, pool.hashing.block_size
+        m.preset, m.name, m.revision, m.dtype, pool.hashing.block_size, kv_format(serving, pool)
     ).canonical()
 
 

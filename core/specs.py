@@ -290,6 +290,14 @@ class VLLMSpec(Spec):
         "it for event batches it missed.",
     )
 
+    kv_connector: bool = Field(
+        True,
+        description="Load kvmarina's KV connector into vLLM: its pods read prefixes from "
+        "the node agent's pool (their own and their siblings'), save the blocks they "
+        "compute there, and pull from peer nodes when the router says so. Off: each "
+        "pod's KV stays its own.",
+    )
+
     @model_validator(mode="after")
     def _distinct_ports(self) -> VLLMSpec:
         if self.events_port == self.replay_port:

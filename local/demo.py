@@ -129,9 +129,10 @@ def pulled_blocks(sup: Supervisor) -> int:
     return total
 
 
-def _post(url: str) -> None:
-    req = urllib.request.Request(url, data=b"", method="POST")
-    urllib.request.urlopen(req, timeout=10).read()
+def _post(url: str, body: bytes = b"") -> None:
+    headers = {"content-type": "application/json"} if body else {}
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    urllib.request.urlopen(req, timeout=30).read()
 
 
 def set_policy(config_path: str, policy: str) -> None:
@@ -143,12 +144,17 @@ def set_policy(config_path: str, policy: str) -> None:
 
 def clear_caches(sup: Supervisor) -> None:
     """Every KV cache of the fleet emptied: the agents', and vLLM's own (its dev-mode
-    reset, which publishes ``AllBlocksCleared`` to the router)."""
+    reset). vLLM publishes the reset's ``AllBlocksCleared`` with its next step, so a
+    one-token request follows: else the router kept the last replay's blocks until the
+    next policy's first request (and routed that one by them)."""
     for p in sup.procs:
         if p.spec.role == "agent":
             _post(p.spec.info["url"] + "/admin/clear")
         elif p.spec.info.get("engine") == "vllm":
             _post(p.spec.info["url"] + "/reset_prefix_cache")
+            model = next(r.spec.info["model"] for r in sup.procs if r.spec.role == "router")
+            body = {"model": model, "prompt": "ok", "max_tokens": 1}
+            _post(p.spec.info["url"] + "/v1/completions", json.dumps(body).encode())
     time.sleep(0.5)  # let the routers see the 'cleared' events
 
 

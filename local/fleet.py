@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmarina.local.ports import free_ports
+from kvmarina.local.rundir import socket_path
 from kvmarina.local.supervisor import ProcessSpec, python_cmd
 from kvmarina.local.vllm import bind_cores, model_folder, vllm_python
 from kvmarina.operator.components import (
@@ -28,6 +29,7 @@ from kvmarina.operator.components import (
     new_token,
     router_config,
     vllm_args,
+    vllm_connector,
     vllm_env,
 )
 from kvmarina.operator.pki import PKIError, make_pool_pki
@@ -154,7 +156,7 @@ def plan_fleet(
         node_names = [f"{pool.name}-node-{i}" for i in range(nodes)]
         agent_urls, sockets = {}, {}
         for node, port in zip(node_names, free_ports(len(node_names)), strict=True):
-            sock = str(pool_dir / f"{node}.sock")
+            sock = str(socket_path(pool_dir, f"{node}.sock"))
             cfg = agent_config(
                 pool.spec,
                 node=node,
@@ -246,6 +248,18 @@ def _plan_serving(
         info = {"url": url, "serving": s.name, "engine": s.spec.engine.type}
         if python is not None and folder is not None:
             events, replay = ports[s.spec.replicas + 2 * i : s.spec.replicas + 2 * i + 2]
+            connector = (
+                vllm_connector(
+                    s.name,
+                    ns,
+                    s.spec,
+                    pool.spec,
+                    agent_socket=sockets[node],
+                    credential_file=str(token_file),
+                )
+                if s.spec.engine.vllm.kv_connector
+                else None
+            )
             flags = vllm_args(
                 s.spec,
                 pool.spec,
@@ -255,6 +269,7 @@ def _plan_serving(
                 events_port=events,
                 replay_port=replay,
                 log_level="warning",
+                connector=connector,
             )
             argv: tuple[str, ...] = (python, "-m", VLLM_MODULE, *flags)
             # PYTHONSAFEPATH: started from a kvmarina checkout, the working directory

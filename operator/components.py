@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from kvmarina.serving import ServingError, effective_scope, model_identity
+from kvmarina.serving import ServingError, effective_scope, kv_format, model_identity
 from kvmarina.specs import KVCachePoolSpec, ModelServingSpec
 from kvmarina.tenancy import scope_salt
 
@@ -202,6 +202,7 @@ def router_config(
         "model_identity": identity or "auto",
         "revision": m.revision,
         "dtype": m.dtype,
+        "kv_format": kv_format(serving, pool),
         "tokenizer_dir": model_dir,
         "engine": serving.engine.type,
         "serving": name,
@@ -235,6 +236,7 @@ def vllm_args(
     events_port: int | None = None,
     replay_port: int | None = None,
     log_level: str = "info",
+    connector: dict[str, Any] | None = None,
 ) -> list[str]:
     """vLLM's flags, every one the pool's contract and the serving imply: the pool's
     block size, prefix caching (SHA-256: a non-cryptographic hash would let a crafted
@@ -242,7 +244,8 @@ def vllm_args(
     replay, cached-token counts in ``usage``, the KV cache sized by ``budget.max``, and
     the queue bound; the serving's own ``engine.args`` follow (``kvmarina.serving``
     refuses any that repeat these). The event ports default to the serving's pod ports
-    (vLLM binds a ``tcp://*`` endpoint; given a host, it would connect instead)."""
+    (vLLM binds a ``tcp://*`` endpoint; given a host, it would connect instead);
+    ``connector``: ``vllm_connector``'s config, when the serving uses it."""
     m, e = serving.model, serving.engine
     events = {
         "enable_kv_cache_events": True,
@@ -268,8 +271,48 @@ def vllm_args(
         "--max-num-seqs", str(e.max_batch_size),
         "--max-num-queued-reqs", str(e.max_batch_size + e.max_waiting),
         "--uvicorn-log-level", log_level,
+        *(["--kv-transfer-config", json.dumps(connector, separators=(",", ":"))]
+          if connector else []),
         *e.args,
     ]  # fmt: skip
+
+
+VLLM_CONNECTOR = "KVMarinaConnector"
+VLLM_CONNECTOR_MODULE = "kvmarina.connector.vllm"
+
+
+def vllm_connector(
+    name: str,
+    namespace: str,
+    serving: ModelServingSpec,
+    pool: KVCachePoolSpec,
+    *,
+    agent_socket: str,
+    credential_file: str,
+) -> dict[str, Any]:
+    """vLLM's ``--kv-transfer-config`` loading kvmarina's connector: the node agent's
+    socket and the serving's credential (as the reference engine registers), the pool's
+    contract and the serving's block identity (vLLM's KV format in it), the salt of
+    requests that did not come through the router, and the serving's budget."""
+    m, b = serving.model, serving.budget
+    extra = {
+        "agent_socket": agent_socket,
+        "credential_file": credential_file,
+        "model_identity": model_identity(serving, pool) or "auto",
+        "model_name": m.name,
+        "revision": m.revision,
+        "dtype": m.dtype,
+        "kv_format": kv_format(serving, pool),
+        "hashing": hashing_doc(pool),
+        "default_salt": scope_salt(effective_scope(serving, pool), namespace, name),
+        "budget": {"min": b.min_bytes, "max": b.max_bytes, "priority": b.priority},
+    }
+    return {
+        "kv_connector": VLLM_CONNECTOR,
+        "kv_connector_module_path": VLLM_CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
 
 
 def vllm_env(log_level: str = "info") -> dict[str, str]:

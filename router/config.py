@@ -12,6 +12,8 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
     revision: main                    # with dtype: model_identity auto reads the folder's
     dtype: bfloat16                   # config.json and names it as the engines do
     engine: reference                 # reference | vllm (vLLM pods: KV events, cache_salt)
+    kv_format: ""                     # the engines' block layout (vllm-cpu, ...): part of
+                                      # the identity model_identity auto names
     hashing: {block_size: 16, algorithm: blake2b, digest_bits: 128}
     sharing:
       scope: namespace                # none | namespace | cluster
@@ -154,6 +156,7 @@ class RouterConfig:
     engine: str = "reference"
     revision: str = "main"
     dtype: str = "float16"
+    kv_format: str = ""
     hashing: HashingConfig = field(default_factory=HashingConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -285,7 +288,12 @@ def _folder_identity(cfg: RouterConfig) -> str:
         raise ConfigError("model_identity auto needs tokenizer_dir (the model folder)")
     try:
         ident = folder_identity(
-            cfg.tokenizer_dir, cfg.model, cfg.revision, cfg.dtype, cfg.hashing.block_size
+            cfg.tokenizer_dir,
+            cfg.model,
+            cfg.revision,
+            cfg.dtype,
+            cfg.hashing.block_size,
+            cfg.kv_format,
         )
     except LayoutError as exc:
         raise ConfigError(f"model_identity auto: {exc}") from exc

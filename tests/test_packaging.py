@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PACKAGE_DIR: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
 PACKAGES: list[str] = PYPROJECT["tool"]["setuptools"]["packages"]
+#: modules hosted by another program (imported in its environment: tests/vllm)
+HOSTED = {"kvmarina.connector.vllm"}
 
 
 def _source_modules() -> dict[str, Path]:
@@ -120,7 +122,9 @@ def test_wheel_installs_and_imports_every_module(tmp_path: Path) -> None:
         capture_output=True,
     )
 
-    expected = sorted(_source_modules())
+    # modules that run inside another program's environment import it (the vLLM
+    # connector runs in vLLM's); they are imported where that program is installed
+    expected = sorted(m for m in _source_modules() if m not in HOSTED)
     script = (
         "import importlib, sys, kvmarina\n"
         "assert 'site-packages' in kvmarina.__file__, kvmarina.__file__\n"

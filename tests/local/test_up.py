@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmarina.local.supervisor import load_state
+from kvmarina.presets import PRESET_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,11 +130,19 @@ def test_a_part_that_fails_is_named_and_the_rest_stopped(tmp_path: Path) -> None
     bad.write_text(
         (REPO / "examples" / "local.yaml").read_text().replace("preset: tiny", "pvc: weights")
     )
+    # no folder at all: said before anything starts
     res = cli(
         "up", "-f", str(bad), "--model-dir", str(tmp_path / "missing"), cwd=tmp_path, timeout=120
     )
     assert res.returncode == 1
-    assert "engine-tiny-0" in res.stderr or "model identity" in res.stderr
+    assert "no Hugging Face folder" in res.stderr and "--model-dir" in res.stderr
+    # a folder whose weights are missing: the engines fail, are named, the rest stop
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps(PRESET_CONFIGS["tiny"]))
+    res = cli("up", "-f", str(bad), "--model-dir", str(broken), cwd=tmp_path, timeout=120)
+    assert res.returncode == 1
+    assert "engine-tiny-" in res.stderr and "safetensors" in res.stderr
     assert "stopped" in res.stderr
     assert not any(alive(p) for p in pids(tmp_path))
     if os.path.exists(tmp_path / ".kvmarina" / "fleet.json"):
@@ -192,3 +201,13 @@ def test_a_planned_port_taken_before_its_process_binds_it_means_a_fresh_start(
     finally:
         sup.stop_all()
         squatter.close()
+
+
+def test_sockets_of_a_deep_run_directory_move_to_a_short_path(tmp_path: Path) -> None:
+    from kvmarina.local.rundir import SOCKET_PATH_MAX, socket_path
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    sock = socket_path(deep, "node-0.sock")
+    assert len(str(sock)) <= SOCKET_PATH_MAX and sock.name == "node-0.sock"
+    assert socket_path(deep, "node-0.sock") == sock  # the same folder every time
+    assert socket_path(tmp_path, "a.sock") == tmp_path / "a.sock"

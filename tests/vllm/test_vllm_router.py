@@ -152,7 +152,8 @@ async def test_a_reset_prefix_cache_clears_the_pods_index(
     await wait_for(lambda: held(router, "v0", tokens) > 0)
     async with http.post(vllms[0].url + "/reset_prefix_cache") as r:
         assert r.status == 200
-    # vLLM publishes AllBlocksCleared: the pod's whole index goes, nothing else
+    # vLLM publishes AllBlocksCleared with its next step: the pod's whole index goes
+    await post(http, vllms[0].url, "/v1/completions", {"prompt": "ok", "max_tokens": 1})
     await wait_for(lambda: router.core.index.node_blocks("pod/v0") == {})
     assert router.vllm["v0"].live and router.vllm["v0"].resyncs == 0
 

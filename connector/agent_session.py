@@ -1,0 +1,102 @@
+"""A session with the node agent that survives the agent's absence.
+
+Both sides of the connector (vLLM's scheduler and its worker) register with the
+serving's credential, as the reference engine does. When the agent is not there (not
+started yet, restarting, gone), every call returns the answer that makes vLLM compute
+for itself — no hits, nothing saved — and says so once in the log; the session tries
+again at most every ``retry_s`` seconds. A new agent boot is a new region: the worker
+maps it again before reading any block it names (``boot_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kvmarina.agent.client import AgentClient, AgentError, AgentUnavailable, Budget, Hit
+from kvmarina.connector.settings import ConnectorSettings
+
+log = logging.getLogger("kvmarina.connector")
+T = TypeVar("T")
+
+
+class AgentSession:
+    """Invariant: ``client`` is connected (registered, region mapped) or ``None``; a
+    ``None`` client is retried no sooner than ``retry_s`` after the last failure."""
+
+    def __init__(self, settings: ConnectorSettings, block_bytes: int, role: str) -> None:
+        self.settings, self.block_bytes, self.role = settings, block_bytes, role
+        self.client: AgentClient | None = None
+        self.boot_id: str | None = None
+        self._next_try = 0.0
+        self._said_gone = False
+
+    def _budget(self) -> Budget:
+        s, b = self.settings, self.block_bytes
+        return Budget(s.budget_min // b, max(1, s.budget_max // b), s.priority)
+
+    def connect(self) -> AgentClient | None:
+        if self.client is not None:
+            return self.client
+        now = time.monotonic()
+        if now < self._next_try:
+            return None
+        try:
+            with open(self.settings.credential_file) as f:
+                token = f.read().strip()
+            client = AgentClient(
+                self.settings.agent_socket, token, self.block_bytes, self._budget()
+            ).connect()
+        except (AgentError, OSError) as exc:
+            self._gone(f"cannot register with the agent: {exc}")
+            return None
+        self.client, self.boot_id = client, str(client.info.get("boot_id", ""))
+        if self._said_gone:
+            log.info("kvmarina connector (%s): the agent is back (boot %s)", self.role, self.boot_id)
+        self._said_gone = False
+        return client
+
+    def _gone(self, why: str) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client, self.boot_id = None, None
+        self._next_try = time.monotonic() + self.settings.retry_s
+        if not self._said_gone:
+            self._said_gone = True
+            log.warning(
+                "kvmarina connector (%s): %s; vLLM computes every prefix itself until the "
+                "agent is back",
+                self.role,
+                why,
+            )
+
+    def call(self, fn: Callable[[AgentClient], T], default: T) -> T:
+        """``fn(client)``, or ``default`` when there is no agent (said once)."""
+        client = self.connect()
+        if client is None:
+            return default
+        try:
+            return fn(client)
+        except AgentUnavailable as exc:
+            self._gone(str(exc))
+            return default
+        except AgentError as exc:  # full, busy, refused: this call only
+            log.debug("kvmarina connector (%s): %s", self.role, exc)
+            return default
+
+    def lookup(self, hashes: list[bytes]) -> list[Hit]:
+        return self.call(lambda c: c.lookup(hashes), [])
+
+    def release(self, hashes: list[bytes]) -> None:
+        if hashes:
+            self.call(lambda c: c.release(hashes), None)
+
+    def pull(self, peer: str, hashes: list[bytes], node: str | None) -> dict[str, Any]:
+        return self.call(lambda c: c.pull(peer, hashes, node), {"pulled": 0})
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None

@@ -1,0 +1,166 @@
+"""The scheduler's side of the connector: which blocks each step loads and saves.
+
+Per request, ``Planner`` keeps the pool's hashes of its full blocks (the contract's
+chain over its token ids, seeded by the model identity and the request's
+``cache_salt``), how many leading blocks the agent holds, the vLLM block ids the
+request was given, and what it has saved. Each step it turns vLLM's schedule into
+``StepPlan``: blocks to copy from the agent's pages into vLLM's cache before the
+forward pass (the agent's hits beyond vLLM's own prefix-cache hits) and blocks that
+become full in this step, to save after it.
+
+A lookup pins the blocks it found; they stay pinned until the step that loads them is
+over (``step_done``), so the agent cannot reuse their pages while the worker reads
+them. Nothing here imports vLLM: ``vllm.py`` passes plain values in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvmarina.connector.agent_session import AgentSession
+from kvmarina.hashing import HashContract
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """What the worker does in one step: ``loads`` (vLLM block id, agent page, index)
+    from the agent boot ``boot_id``; ``saves`` (vLLM block id, the block's hash)."""
+
+    loads: list[tuple[int, int, int]] = field(default_factory=list)
+    saves: list[tuple[int, bytes]] = field(default_factory=list)
+    boot_id: str | None = None
+
+
+@dataclass(slots=True)
+class Tracked:
+    """One request. Invariants: ``hashes`` are the chain over its first
+    ``len(hashes)`` full blocks; ``saved <= len(hashes)``; ``pinned`` are hashes this
+    side holds pinned in the agent for the request's pending load."""
+
+    tokens: Sequence[int]  # vLLM's live list of the request's token ids
+    salt: str
+    hashes: list[bytes] = field(default_factory=list)
+    saved: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    load: list[tuple[int, int, bytes]] = field(default_factory=list)  # (page, index, hash)
+    load_from: int = 0  # the request's block index of ``load[0]``
+    pinned: list[bytes] = field(default_factory=list)
+
+
+class Planner:
+    def __init__(self, contract: HashContract, identity: str, session: AgentSession) -> None:
+        self.contract, self.identity, self.session = contract, identity, session
+        self.bs = contract.block_size
+        self.requests: dict[str, Tracked] = {}
+        self._unpin: deque[list[bytes]] = deque()  # per step in flight, oldest first
+        self.loaded_blocks = 0
+        self.saved_blocks = 0
+
+    # -- hashes ---------------------------------------------------------------------
+    def _extend(self, r: Tracked, full: int) -> None:
+        """Hash the request's blocks up to ``full`` (continuing the chain)."""
+        have = len(r.hashes)
+        if full <= have:
+            return
+        tokens = list(r.tokens[have * self.bs : full * self.bs])
+        if have:
+            r.hashes += self.contract.block_hashes(tokens, "", parent=r.hashes[-1])
+        else:
+            r.hashes += self.contract.block_hashes(tokens, self.identity, r.salt)
+
+    # -- admission: how much the agent can give ----------------------------------------
+    def matched(self, req_id: str, tokens: Sequence[int], salt: str, local_tokens: int) -> int:
+        """Tokens beyond vLLM's own ``local_tokens`` hits that the agent holds (pinned
+        for the load). At least the last prompt token is left to compute, as vLLM
+        needs; a repeated call (the request could not be scheduled) starts over."""
+        r = self.requests.get(req_id)
+        if r is not None:
+            self._drop_pins(r)
+        r = self.requests[req_id] = Tracked(tokens, salt)
+        usable = max(0, (len(tokens) - 1) // self.bs)
+        self._extend(r, usable)
+        hits = self.session.lookup(r.hashes[:usable]) if usable else []
+        r.pinned = [h.hash for h in hits]
+        r.saved = len(hits)
+        local = local_tokens // self.bs
+        if len(hits) <= local:
+            self._drop_pins(r)
+            return 0
+        r.load = [(h.page, h.index, h.hash) for h in hits[local:]]
+        r.load_from = local
+        return len(r.load) * self.bs
+
+    def allocated(self, req_id: str, block_ids: Sequence[int], external_tokens: int) -> None:
+        """vLLM gave the request ``block_ids``; ``external_tokens`` are to be loaded."""
+        r = self.requests.get(req_id)
+        if r is None:
+            return
+        r.block_ids = list(block_ids)
+        if external_tokens == 0:
+            r.load = []
+            self._drop_pins(r)
+
+    # -- each step --------------------------------------------------------------------
+    def step(
+        self,
+        new: Sequence[tuple[str, Sequence[int], int]],
+        cached: Sequence[tuple[str, Sequence[int] | None, int, bool]],
+        scheduled: dict[str, int],
+    ) -> StepPlan:
+        """``new``: (request, block ids, computed tokens) of requests scheduled for the
+        first time; ``cached``: (request, new block ids, computed tokens, resumed) of
+        the others; ``scheduled``: tokens each computes in this step."""
+        plan = StepPlan(boot_id=self.session.boot_id)
+        pins: list[bytes] = []
+        for req_id, block_ids, computed in new:
+            r = self.requests.get(req_id)
+            if r is None:
+                continue
+            r.block_ids = list(block_ids)
+            self._loads(r, plan, pins)
+            self._saves(r, computed + scheduled.get(req_id, 0), plan)
+        for req_id, new_ids, computed, resumed in cached:
+            r = self.requests.get(req_id)
+            if r is None:
+                continue
+            if resumed:  # preempted and back: its blocks are all new
+                r.block_ids = list(new_ids or [])
+                r.saved = min(r.saved, computed // self.bs)
+            elif new_ids:
+                r.block_ids += list(new_ids)
+            self._saves(r, computed + scheduled.get(req_id, 0), plan)
+        self._unpin.append(pins)
+        return plan
+
+    def _loads(self, r: Tracked, plan: StepPlan, pins: list[bytes]) -> None:
+        for k, (page, index, h) in enumerate(r.load):
+            plan.loads.append((r.block_ids[r.load_from + k], page, index))
+            pins.append(h)
+        self.loaded_blocks += len(r.load)
+        r.load, r.pinned = [], []
+
+    def _saves(self, r: Tracked, computed: int, plan: StepPlan) -> None:
+        full = min(computed, len(r.tokens)) // self.bs
+        if full <= r.saved:
+            return
+        self._extend(r, full)
+        for j in range(r.saved, min(full, len(r.block_ids))):
+            plan.saves.append((r.block_ids[j], r.hashes[j]))
+        self.saved_blocks += max(0, min(full, len(r.block_ids)) - r.saved)
+        r.saved = full
+
+    def step_done(self) -> None:
+        """The oldest step in flight is over: the blocks it loaded may be unpinned."""
+        if self._unpin:
+            self.session.release(self._unpin.popleft())
+
+    def finished(self, req_id: str) -> None:
+        r = self.requests.pop(req_id, None)
+        if r is not None:
+            self._drop_pins(r)
+
+    def _drop_pins(self, r: Tracked) -> None:
+        self.session.release(r.pinned)
+        r.pinned, r.load = [], []
