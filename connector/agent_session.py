@@ -54,7 +54,7 @@ class AgentSession:
             return None
         self.client, self.boot_id = client, str(client.info.get("boot_id", ""))
         if self._said_gone:
-            log.info("kvmarina connector (%s): the agent is back (boot %s)", self.role, self.boot_id)
+            log.info("kvmarina connector (%s): the agent is back (%s)", self.role, self.boot_id)
         self._said_gone = False
         return client
 

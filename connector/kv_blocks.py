@@ -29,7 +29,9 @@ class PagedKV:
     def __init__(self, layers: Mapping[str, torch.Tensor], num_blocks: int) -> None:
         self.names = sorted(layers)
         self.layers = [layers[n] for n in self.names]
-        self.dims = [self._block_dim(t, num_blocks, n) for t, n in zip(self.layers, self.names, strict=True)]
+        self.dims = [
+            self._block_dim(t, num_blocks, n) for t, n in zip(self.layers, self.names, strict=True)
+        ]
         self.slice_bytes = [
             t.select(d, 0).numel() * t.element_size()
             for t, d in zip(self.layers, self.dims, strict=True)
@@ -41,7 +43,8 @@ class PagedKV:
         for d, size in enumerate(t.shape):
             if size == num_blocks:
                 return d
-        raise LayoutMismatch(f"layer {name}: no dimension of {num_blocks} blocks in {tuple(t.shape)}")
+        shape = tuple(t.shape)
+        raise LayoutMismatch(f"layer {name}: no dimension of {num_blocks} blocks in {shape}")
 
     def read(self, block_id: int, out: torch.Tensor) -> None:
         """Copy one block, every layer, into ``out`` (``block_bytes`` uint8)."""

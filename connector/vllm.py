@@ -79,9 +79,7 @@ class KVMarinaConnector(KVConnectorBase_V1):
         self.session = AgentSession(
             self.settings, block_bytes_of(kv_cache_config), role.name.lower()
         )
-        self.planner = Planner(
-            self.settings.contract, self.settings.model_identity, self.session
-        )
+        self.planner = Planner(self.settings.contract, self.settings.model_identity, self.session)
         self.kv: PagedKV | None = None
         self._load_errors: set[int] = set()
         log.info(
