@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvmarina.connector")
-PULL_KEY = "kvmarina_pull"
+PULL_KEY = "kvmarina_pull"  # the same key as kvmarina.router.vllm_request.PULL_KEY
 
 
 class KVMarinaMetadata(KVConnectorMetadata):

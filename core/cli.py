@@ -80,6 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tokenizer and config.json only (what a router reads; needs no torch)",
     )
 
+    p_con = sub.add_parser("connector", help="kvmarina's KV connector for other engines")
+    con = p_con.add_subparsers(dest="connector_command", metavar="ACTION", required=True)
+    p_ins = con.add_parser(
+        "install",
+        help="copy the connector (kvmarina's core, agent client and connector) and msgpack "
+        "into a folder another engine's Python finds on its PYTHONPATH (a vLLM pod's "
+        "init container does)",
+    )
+    p_ins.add_argument("--into", required=True, help="the folder to fill")
+
     p_crd = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
     p_crd.add_argument("--out", help="write one file per CRD into this folder")
 
@@ -122,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         return _blocks(args)
     if args.command == "model":
         return _export_model(args)
+    if args.command == "connector":
+        from kvmarina.hosting import install_connector
+
+        print(f"connector installed into {install_connector(args.into)}")
+        return 0
     if args.command == "crds":
         from kvmarina.crd import write_crds
 

@@ -277,8 +277,10 @@ def _plan_serving(
             # dev mode: a local fleet may reset vLLM's prefix cache (the demo does)
             env = {**vllm_env("warning"), "PYTHONSAFEPATH": "1", "VLLM_SERVER_DEV_MODE": "1"}
             kv = (f"tcp://127.0.0.1:{events}", f"tcp://127.0.0.1:{replay}")
-            # vLLM keeps its KV to itself: the router follows its events, not the agent's
-            endpoints.append(Endpoint(name, url, node, None, *kv))
+            # the router follows vLLM's own events, and the node agent's when vLLM reads
+            # its pool (the connector)
+            agent = agent_urls[node] if connector else None
+            endpoints.append(Endpoint(name, url, node, agent, *kv))
         else:
             argv = python_cmd("engine")
             env = engine_env(

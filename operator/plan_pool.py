@@ -29,6 +29,8 @@ CONFIG_DIR = "/etc/kvmarina/agent"
 CREDS_DIR = "/etc/kvmarina/credentials"
 TRANSFER_DIR = "/etc/kvmarina/transfer"
 SOCKET_DIR = "/var/run/kvmarina"
+#: where engines find the serving's registration token
+TOKEN_DIR = "/etc/kvmarina/token"
 
 
 def owner_ref(kind: str, name: str, uid: str) -> dict[str, Any]:

@@ -19,15 +19,15 @@ from kvmarina.operator.components import (
     Endpoint,
     engine_env,
     router_config,
+    vllm_connector,
 )
 from kvmarina.operator.model_volume import MODEL_MOUNT, ModelVolume, model_volume
 from kvmarina.operator.netpol import serving_policies
-from kvmarina.operator.plan_pool import SOCKET_DIR, b64, owner_ref
-from kvmarina.operator.plan_vllm import vllm_container
+from kvmarina.operator.plan_pool import SOCKET_DIR, TOKEN_DIR, b64, owner_ref
+from kvmarina.operator.plan_vllm import connector_init, vllm_container
 from kvmarina.operator.settings import Settings
 from kvmarina.validate import Resource
 
-TOKEN_DIR = "/etc/kvmarina/token"
 ROUTER_DIR = "/etc/kvmarina/router"
 
 
@@ -163,27 +163,38 @@ def _engine_deployment(
         weights=True,
         pull_policy=settings.pull_policy,
     )
+    connector = (
+        vllm_connector(
+            name, ns, s, pool.spec,
+            agent_socket=f"{SOCKET_DIR}/agent.sock", credential_file=f"{TOKEN_DIR}/token",
+        )
+        if vllm and s.engine.vllm.kv_connector
+        else None
+    )  # fmt: skip
     container = (
-        vllm_container(s, pool.spec, settings, model.model_dir or MODEL_MOUNT)
+        vllm_container(s, pool.spec, settings, model.model_dir or MODEL_MOUNT, connector)
         if vllm
         else _reference_container(serving, pool, settings, model.model_dir)
     )
     container["volumeMounts"] += model.mounts
-    volumes: list[dict[str, Any]] = (
-        # its processes share tensors through /dev/shm, whose default is 64 MiB
-        [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-        if vllm
-        else [
-            {
-                "name": "agent-socket",
-                "hostPath": {
-                    "path": f"{settings.socket_host_path}/{pool.name}",
-                    "type": "Directory",
-                },
-            },
-            {"name": "token", "secret": {"secretName": n.serving_token_name(name)}},
-        ]
-    ) + model.volumes
+    agent_volumes: list[dict[str, Any]] = [
+        {
+            "name": "agent-socket",
+            "hostPath": {"path": f"{settings.socket_host_path}/{pool.name}", "type": "Directory"},
+        },
+        {"name": "token", "secret": {"secretName": n.serving_token_name(name)}},
+    ]
+    volumes: list[dict[str, Any]] = []
+    init: list[dict[str, Any]] = []
+    if vllm:  # its processes share tensors through /dev/shm, whose default is 64 MiB
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        if connector is not None:
+            volumes += [*agent_volumes, {"name": "kvmarina-python", "emptyDir": {}}]
+            init.append(connector_init(settings))
+    else:
+        volumes += agent_volumes
+    volumes += model.volumes
+    init += model.init_containers
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
@@ -192,8 +203,8 @@ def _engine_deployment(
             t.model_dump(by_alias=True, exclude_none=True) for t in pool.spec.tolerations
         ],
     }
-    if model.init_containers:
-        pod["initContainers"] = model.init_containers
+    if init:
+        pod["initContainers"] = init
     if settings.pull_secrets:
         pod["imagePullSecrets"] = [{"name": p} for p in settings.pull_secrets]
     labels = n.labels(

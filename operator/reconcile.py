@@ -467,8 +467,8 @@ class Reconciler:
             if not ip or not node or not _pod_ready(p):
                 continue
             agent, events, replay = agent_by_node.get(node), None, None
-            if vllm is not None:  # its KV stays in the pod: the router follows its events
-                agent = None
+            if vllm is not None:  # the router follows its events (and its node agent's
+                agent = agent if vllm.kv_connector else None  # when it reads that pool)
                 events = f"tcp://{ip}:{pod_port(p, EVENTS_PORT_NAME, vllm.events_port)}"
                 replay = f"tcp://{ip}:{pod_port(p, REPLAY_PORT_NAME, vllm.replay_port)}"
             out.append(

@@ -56,11 +56,13 @@ class PodState:
 
     ``domain`` names where the pod's KV cache lives in the router's indexes: its node
     (every engine of a node shares the node agent's pool), or ``pod/<name>`` for an
-    engine that keeps its KV to itself (vLLM)."""
+    engine with a KV cache of its own (vLLM); such an engine reads the node agent's
+    pool too when ``shared`` names the node (vLLM with kvmarina's KV connector)."""
 
     cfg: PodConfig
     prefill_tps: float
     domain: str = ""
+    shared: str | None = None  # the node whose agent pool the engine also reads (vLLM)
     breaker: Breaker = field(default_factory=Breaker)
     healthy: bool = True
     inflight: int = 0

@@ -69,6 +69,8 @@ class Decision:
 
     def uncached_tokens(self, pod: PodState, n_tokens: int, block_size: int) -> int:
         cached = self.cached_blocks.get(pod.domain, 0)
+        if pod.shared is not None:
+            cached = max(cached, self.cached_blocks.get(pod.shared, 0))
         if self.pull is not None and pod is self.ranked[0]:
             cached = max(cached, self.pull.blocks)
         return max(0, n_tokens - cached * block_size)
@@ -123,11 +125,13 @@ class RoutingCore:
         for pc in cfg.pods:
             old = self.pods.get(pc.name)
             domain = pod_domain(pc.name) if cfg.engine == "vllm" else pc.node
+            # a vLLM pod with the node agent (its KV connector) also reads the node's pool
+            shared = pc.node if cfg.engine == "vllm" and pc.agent_url else None
             if old is not None and old.cfg.url == pc.url and old.domain == domain:
-                old.cfg = pc
+                old.cfg, old.shared = pc, shared
                 new[pc.name] = old
             else:
-                new[pc.name] = PodState(pc, rate, domain)
+                new[pc.name] = PodState(pc, rate, domain, shared)
             new[pc.name].breaker.threshold = lim.breaker_failures
             new[pc.name].breaker.cooldown_s = lim.breaker_cooldown_s
         for name in self.sent.nodes:
@@ -234,8 +238,9 @@ class RoutingCore:
         bs = self.contract.block_size
         match, recent = self.lookup(hashes)
         runs = self._runs(match.run, recent) if recent else match.run
-        # the two best nodes, so each pod can find the best *other* node cheaply
-        best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:2]
+        # the best domains, so each pod can find the best *other* one cheaply (a pod
+        # has up to two of its own: its engine's, and the node pool it reads)
+        best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:3]
         pull_ok = r.pull_hints and self.mode != "approximate"
         pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
         host_s_per_block = bs / r.host_load_tokens_per_second
@@ -250,9 +255,15 @@ class RoutingCore:
         scored: list[tuple[float, int, int, int, str]] = []
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
-            node = pod.domain
+            node, shared = pod.domain, pod.shared
             run = runs.get(node, 0) if runs else 0
             cost = 0.0
+            if shared is not None and runs:
+                # what the node's pool holds beyond the engine's own cache: a load
+                pooled = runs.get(shared, 0)
+                if pooled > run:
+                    cost += (pooled - run) * host_s_per_block
+                    run = pooled
             if recent:
                 # a sibling's prefill in progress is not this pod's yet: the engine
                 # waits for those blocks instead of computing them twice, about as
@@ -266,9 +277,11 @@ class RoutingCore:
             peer = ""
             if runs:
                 if host:
-                    cost += host.get(node, 0) * host_s_per_block
-                cand, peer_run = best[0] if best[0][0] != node else best[-1]
-                if cand != node and peer_run > run:
+                    cost += host.get(shared or node, 0) * host_s_per_block
+                cand, peer_run = next(
+                    ((k, v) for k, v in best if k != node and k != shared), ("", 0)
+                )
+                if peer_run > run:
                     extra = peer_run - run
                     # leaving the holder copies its blocks here, evicting others later
                     cost += wd * extra * bs / tps
@@ -276,7 +289,7 @@ class RoutingCore:
                     # still running there (``recent``) has nothing to give yet
                     pullable = match.run.get(cand, 0) - run
                     if pull_ok and pullable > 0 and cand in agents:
-                        bw = self.bandwidth.get(node)
+                        bw = self.bandwidth.get(shared or node)
                         per_block = r.block_bytes / bw if bw else pull_s_per_block
                         saved = wp * pullable * bs / tps - wm * pullable * per_block
                         if saved > 0:

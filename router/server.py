@@ -27,6 +27,7 @@ from kvmarina.router.tenancy import derive_salt
 from kvmarina.router.upstream import UpstreamError, UpstreamPool
 from kvmarina.router.vllm_events import PodBlocks
 from kvmarina.router.vllm_follower import VLLMFollower
+from kvmarina.router.vllm_request import vllm_request, with_pull
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("kvmarina.router")
@@ -405,22 +406,24 @@ class Router:
         self.metrics.decision.observe(time.perf_counter() - t0)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_HEADERS}
         headers[SALT_HEADER] = salt
-        if self.cfg.engine == "vllm":
-            # vLLM salts its own prefix cache with the request's cache_salt (and reports
-            # it in its events): the router's salt replaces any the client sent
-            raw = json.dumps({**parsed.body, "cache_salt": salt}).encode()
+        vllm_body = vllm_request(parsed.body, salt) if self.cfg.engine == "vllm" else None
+        if vllm_body is not None:
+            raw = json.dumps(vllm_body).encode()
         last_error = "no pod could be tried"
         for attempt, pod in enumerate(decision.ranked[:MAX_ATTEMPTS]):
             if attempt and not pod.available():
                 continue
             hint = decision.pull if attempt == 0 else None
+            body = raw
             if hint is not None:
                 headers[PULL_HEADER] = hint.format()
                 self.metrics.pull_hints.inc()
+                if vllm_body is not None:  # vLLM hands kv_transfer_params to the connector
+                    body = json.dumps(with_pull(vllm_body, hint)).encode()
             else:
                 headers.pop(PULL_HEADER, None)
             try:
-                resp = await self._forward(request, pod, path, raw, headers, parsed, decision)
+                resp = await self._forward(request, pod, path, body, headers, parsed, decision)
             except UpstreamFailed as exc:
                 last_error = f"pod {pod.name}: {exc}"
                 log.warning("attempt %d failed on %s: %s", attempt + 1, pod.name, exc)

@@ -116,7 +116,7 @@ def test_a_vllm_router_config_derives_its_identity_from_the_folder(tmp_path: Pat
     doc = router_config("s", "default", folder_spec, pool.spec, pods, model_dir=str(tmp_path))
     assert doc["model_identity"] == "auto"
     cfg = parse_config(doc)
-    assert cfg.model_identity == "small-vllm@main|L4/H2/D32/float32/B32|tp0of1"
+    assert cfg.model_identity == "small-vllm@main|L4/H2/D32/float32/B32|tp0of1|vllm-cpu"
     with pytest.raises(PlanError, match="model folder"):
         router_config("s", "default", folder_spec, pool.spec, pods)
     bad = {**doc, "pods": [{**doc["pods"][0], "kv_events": "http://x"}]}

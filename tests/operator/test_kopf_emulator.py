@@ -663,7 +663,13 @@ async def test_a_vllm_serving_plans_vllm_pods_and_reports_their_event_streams(
         "tcp://*:5557"
     )
     assert [p["name"] for p in c["ports"]] == ["http", "kv-events", "kv-replay"]
-    assert pod["initContainers"][0]["args"][:4] == ["model", "export", "--preset", "small"]
+    init = {i["name"]: i["args"] for i in pod["initContainers"]}
+    assert init["export-model"][:4] == ["model", "export", "--preset", "small"]
+    # kvmarina's KV connector: copied into the pod, with the agent's socket and the token
+    assert init["kvmarina-connector"][:2] == ["connector", "install"]
+    transfer = json.loads(c["args"][c["args"].index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector_module_path"] == "kvmarina.connector.vllm"
+    assert {m["name"] for m in c["volumeMounts"]} >= {"agent-socket", "token", "kvmarina-python"}
     router_dep = await cluster.get(f"{DEP}/small-vllm-router")
     assert "--no-weights" in router_dep["spec"]["template"]["spec"]["initContainers"][0]["args"]
     policy = await cluster.get(
