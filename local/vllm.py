@@ -19,6 +19,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from kvmarina.local.ports import free_ports
 from kvmarina.local.supervisor import ProcessSpec
@@ -100,9 +101,11 @@ class VLLMProcess:
         model_dir: str,
         log: Path,
         cores: str = "0",
+        connector: dict[str, Any] | None = None,
     ) -> None:
         self.python, self.serving, self.pool = python, serving, pool
         self.model_dir, self.log, self.cores = model_dir, log, cores
+        self.connector = connector
         self.port, self.events, self.replay = free_ports(3)
         self.url = f"http://127.0.0.1:{self.port}"
         self.events_url = f"tcp://127.0.0.1:{self.events}"
@@ -113,7 +116,7 @@ class VLLMProcess:
         args = vllm_args(
             self.serving, self.pool, model_dir=self.model_dir, port=self.port,
             host="127.0.0.1", events_port=self.events, replay_port=self.replay,
-            log_level="warning",
+            log_level="warning", connector=self.connector,
         )  # fmt: skip
         env = {
             **os.environ, **vllm_env("warning"), "PYTHONSAFEPATH": "1",

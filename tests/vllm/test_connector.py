@@ -1,0 +1,183 @@
+"""kvmarina's KV connector inside real vLLM processes: two vLLM engines of one node share
+prefixes through the node agent's pages, a third on another node pulls them from there,
+and an agent that restarts in the middle of a run loses no request.
+
+Agents run with the config the operator plans for a pool (``components.agent_config``),
+the engines with the flags and connector config it plans for a serving
+(``vllm_args``, ``vllm_connector``). Greedy output with loaded KV is compared with a
+cold computation of the same prompt (another ``cache_salt``: other block names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from kvmarina.local.ports import free_ports
+from kvmarina.local.supervisor import ProcessSpec, Supervisor, python_cmd
+from kvmarina.local.vllm import VLLMProcess
+from kvmarina.local.workload import block_text
+from kvmarina.operator.components import agent_config, credentials_doc, vllm_connector
+
+from .conftest import MODEL, resources
+
+TOKEN = "serving-token-0123456789"
+
+
+@dataclass
+class Node:
+    name: str
+    agent_url: str
+    socket: str
+    config: str
+
+
+@dataclass
+class Fleet:
+    sup: Supervisor
+    nodes: dict[str, Node]
+    engines: dict[str, VLLMProcess]
+
+    def restart_agent(self, node: str) -> None:
+        spec = next(p.spec for p in self.sup.procs if p.spec.name == f"agent-{node}")
+        proc = next(p for p in self.sup.procs if p.spec.name == f"agent-{node}")
+        assert proc.popen is not None
+        proc.popen.kill()
+        proc.popen.wait(30)
+        self.sup.procs.remove(proc)
+        self.sup.start(spec)
+        self.sup.wait_ready(60, names=[spec.name])
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps({"model": MODEL, **body}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def stats(node: Node) -> dict[str, Any]:
+    with urllib.request.urlopen(node.agent_url + "/stats", timeout=10) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    vllm_py: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
+    """Agents on nodes a and b (token-authenticated transfers); vLLM engines a0 and a1
+    on a, b0 on b, each with kvmarina's connector."""
+    tmp = tmp_path_factory.mktemp("conn")
+    pool, serving = resources()
+    creds = tmp / "creds.json"
+    creds.write_text(json.dumps(credentials_doc([(MODEL, "default", "namespace", TOKEN)])))
+    (tmp / "token").write_text(TOKEN)
+    (tmp / "transfer").write_text("transfer-token-0123456789")
+    sup = Supervisor(tmp / "run")
+    nodes = {}
+    for name, port in zip(("a", "b"), free_ports(2), strict=True):
+        sock = str(tmp / f"{name}.sock")
+        cfg = agent_config(
+            pool.spec, node=name, socket_path=sock, credentials_file=str(creds),
+            http_host="127.0.0.1", http_port=port, migration_port=0,
+            migration_host="127.0.0.1", token_file=str(tmp / "transfer"),
+        )  # fmt: skip
+        cfg["migration"]["auth"] = "token"
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        sup.start(ProcessSpec(f"agent-{name}", "agent", python_cmd("agent", "--config", str(path)),
+                              ready_url=f"http://127.0.0.1:{port}/readyz"))  # fmt: skip
+        nodes[name] = Node(name, f"http://127.0.0.1:{port}", sock, str(path))
+    engines = {}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    try:
+        sup.wait_ready(60)
+        for i, (name, node) in enumerate((("a0", "a"), ("a1", "a"), ("b0", "b"))):
+            conn = vllm_connector(
+                MODEL, "default", serving.spec, pool.spec,
+                agent_socket=nodes[node].socket, credential_file=str(tmp / "token"),
+            )  # fmt: skip
+            engines[name] = VLLMProcess(
+                vllm_py, serving.spec, pool.spec, model_dir, tmp / f"{name}.log",
+                str(cores[i % len(cores)]), conn,
+            )  # fmt: skip
+            engines[name].start()
+        for e in engines.values():
+            e.wait()
+        yield Fleet(sup, nodes, engines)
+    finally:
+        for e in engines.values():
+            e.kill()
+        sup.stop_all()
+
+
+def complete(url: str, prompt: str, salt: str, **extra: Any) -> tuple[str, list[float], int]:
+    doc = post(url, {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1,
+                     "cache_salt": salt, **extra})  # fmt: skip
+    choice = doc["choices"][0]
+    cached = int(doc["usage"]["prompt_tokens_details"]["cached_tokens"])
+    return choice["text"], choice["logprobs"]["token_logprobs"], cached
+
+
+def assert_same(a: tuple[str, list[float], int], b: tuple[str, list[float], int]) -> None:
+    assert a[0] == b[0]
+    assert max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) < 1e-4
+
+
+def test_a_prompt_computed_by_one_vllm_is_served_by_its_sibling(fleet: Fleet) -> None:
+    a0, a1 = fleet.engines["a0"], fleet.engines["a1"]
+    prompt = block_text(7, 2000)  # 62 full blocks of 32, one token left to compute
+    first = complete(a0.url, prompt, "tenant")
+    committed = stats(fleet.nodes["a"])["blocks"]["device"]
+    assert committed >= 62
+    warm = complete(a1.url, prompt, "tenant")
+    assert warm[2] == 62 * 32  # every full block but the last token's came from the agent
+    cold = complete(a1.url, prompt, "someone-else")  # other block names: computed
+    assert cold[2] == 0
+    assert_same(warm, cold)
+    assert_same(first, cold)
+
+
+def test_another_node_pulls_the_prefix_when_the_router_says_so(fleet: Fleet) -> None:
+    a0, b0 = fleet.engines["a0"], fleet.engines["b0"]
+    prompt = block_text(8, 1500)
+    complete(a0.url, prompt, "tenant")
+    full = (len(prompt) + 1 - 1) // 32  # BOS + bytes, less the token left to compute
+    hint = {"kvmarina_pull": {"agent": fleet.nodes["a"].agent_url, "node": "a", "blocks": full}}
+    warm = complete(b0.url, prompt, "tenant", kv_transfer_params=hint)
+    assert warm[2] == full * 32
+    pulled = sum(p.get("blocks", 0) for p in stats(fleet.nodes["b"])["transfer"]["peers"].values())
+    assert pulled >= full
+    assert_same(warm, complete(b0.url, prompt, "cold"))
+
+
+def test_an_agent_restart_in_the_middle_of_a_run_loses_no_request(fleet: Fleet) -> None:
+    a0, a1 = fleet.engines["a0"], fleet.engines["a1"]
+    prompts = [block_text(100 + k, 600 + 40 * k) for k in range(12)]
+
+    def run(k: int) -> tuple[str, list[float], int]:
+        return complete((a0, a1)[k % 2].url, prompts[k % 6], "tenant")
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(run, k) for k in range(12)]
+        fleet.restart_agent("a")
+        results = [f.result() for f in futures]  # every request answered
+    cold = {k: complete(a0.url, prompts[k], "cold") for k in range(6)}
+    for k, res in enumerate(results):
+        assert_same(res, cold[k % 6])
+    # the connector finds the new agent (it tries every 5 s): prefixes are shared again
+    time.sleep(6)
+    prompt = block_text(200, 1200)
+    complete(a0.url, prompt, "tenant")
+    assert complete(a1.url, prompt, "tenant")[2] == (len(prompt) // 32) * 32
