@@ -76,7 +76,28 @@ class Budget:
         }
 
 
-class AgentClient:
+class RegionBlocks:
+    """Blocks as views of a mapped region: ``(page, index)`` -> bytes, no copy."""
+
+    info: dict[str, Any]
+    block_bytes: int
+    region: torch.Tensor | None
+
+    @property
+    def page_size(self) -> int:
+        return int(self.info["page_size"])
+
+    def offset(self, page: int, index: int) -> int:
+        return page * self.page_size + index * self.block_bytes
+
+    def block(self, page: int, index: int) -> torch.Tensor:
+        """The block's bytes in the region (a view: no copy)."""
+        assert self.region is not None, "connect() first"
+        off = self.offset(page, index)
+        return self.region[off : off + self.block_bytes]
+
+
+class AgentClient(RegionBlocks):
     def __init__(
         self,
         socket_path: str,
@@ -413,21 +434,8 @@ class AgentClient:
 
     # ------------------------------------------------------------ memory
 
-    @property
-    def page_size(self) -> int:
-        return int(self.info["page_size"])
 
-    def offset(self, page: int, index: int) -> int:
-        return page * self.page_size + index * self.block_bytes
-
-    def block(self, page: int, index: int) -> torch.Tensor:
-        """The block's bytes in the shared region (a view: no copy)."""
-        assert self.region is not None, "connect() first"
-        off = self.offset(page, index)
-        return self.region[off : off + self.block_bytes]
-
-
-class LocalPool:
+class LocalPool(RegionBlocks):
     """The ``AgentClient`` API over a private in-process pool (``engine --no-agent``).
 
     Same slots, same index, same eviction; nothing is shared with other processes.
@@ -530,10 +538,3 @@ class LocalPool:
 
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         raise AgentError(f"{msg.get('op')!r} needs a node agent (engine runs with --no-agent)")
-
-    @property
-    def page_size(self) -> int:
-        return int(self.info["page_size"])
-
-    def offset(self, page: int, index: int) -> int:
-        return page * self.page_size + index * self.block_bytes

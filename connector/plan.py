@@ -125,9 +125,8 @@ class Planner:
             r = self.requests.get(req_id)
             if r is None:
                 continue
-            if resumed:  # preempted and back: its blocks are all new
+            if resumed:  # preempted and back: its blocks are all new (what it saved stays)
                 r.block_ids = list(new_ids or [])
-                r.saved = min(r.saved, computed // self.bs)
             elif new_ids:
                 r.block_ids += list(new_ids)
             self._saves(r, computed + scheduled.get(req_id, 0), plan)

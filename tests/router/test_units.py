@@ -481,3 +481,43 @@ def test_the_queue_ahead_of_a_pod_shrinks_as_its_engine_works() -> None:
     assert pod.queue_ahead(12.1) == pytest.approx(200)
     pod.queue_done(300)
     assert pod.queued_tokens == 0 and pod.queue_ahead(20.0) == 0.0
+
+
+def test_a_vllm_request_carries_the_routers_salt_and_pull_hint_only() -> None:
+    from kvmarina.router.vllm_request import vllm_request, with_pull
+
+    client = {"prompt": "x", "cache_salt": "mine", "kv_transfer_params": {
+        "kvmarina_pull": {"agent": "http://evil"}, "do_remote_decode": False}}  # fmt: skip
+    body = vllm_request(client, "n7:default")
+    assert body["cache_salt"] == "n7:default"
+    assert body["kv_transfer_params"] == {"do_remote_decode": False}
+    assert "kv_transfer_params" not in vllm_request(
+        {"kv_transfer_params": {"kvmarina_pull": 1}}, "s"
+    )
+    hinted = with_pull(body, PullHint("node-b", "http://10.0.0.2:7470", 12))
+    assert hinted["kv_transfer_params"] == {
+        "do_remote_decode": False,
+        "kvmarina_pull": {"node": "node-b", "agent": "http://10.0.0.2:7470", "blocks": 12},
+    }
+
+
+def test_a_vllm_pod_with_the_connector_reads_its_nodes_pool_at_a_load_cost() -> None:
+    doc = router_doc(
+        [{**p, "kv_events": f"tcp://127.0.0.1:{5000 + i}"} for i, p in enumerate(pods(2))],
+        engine="vllm",
+    )
+    rc = RoutingCore(parse_config(doc))
+    p0, p1 = rc.pods["p0"], rc.pods["p1"]
+    assert (p0.domain, p0.shared) == ("pod/p0", "n0")
+    tokens = list(range(16 * 40))
+    hashes = rc.hashes(tokens, "s")
+    rc.live_nodes |= {"pod/p0", "pod/p1", "n0", "n1"}
+    rc.index.store("n1", hashes[:30], "device")  # node 1's pool has 30 blocks
+    rc.index.store("pod/p0", hashes[:10], "device")  # p0's own cache 10
+    d = rc.decide(tokens, "s")
+    assert d.ranked[0].name == "p1"  # 30 blocks from its node's pool beat 10 of its own
+    assert d.uncached_tokens(p1, len(tokens), 16) == len(tokens) - 30 * 16
+    assert d.pull is None  # n1 is p1's own node: nothing to pull
+    # node 0's pool gets everything: p0 reads it; a pull from n1 is not needed
+    rc.index.store("n0", hashes, "device")
+    assert rc.decide(tokens, "s").ranked[0].name == "p0"
