@@ -60,7 +60,17 @@ async def serve(cfg: AgentConfig, ready_file: str | None = None) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(cfg.socket_path)
     os.makedirs(os.path.dirname(cfg.socket_path) or ".", exist_ok=True)
-    unix = await asyncio.start_unix_server(proto.handle, path=cfg.socket_path)
+    try:
+        unix = await asyncio.start_unix_server(proto.handle, path=cfg.socket_path)
+    except PermissionError as exc:
+        folder = os.path.dirname(cfg.socket_path) or "."
+        st = os.stat(folder)
+        raise ConfigError(
+            f"cannot create the agent socket {cfg.socket_path}: {exc.strerror}. The folder "
+            f"belongs to uid {st.st_uid} (mode {st.st_mode & 0o777:o}) and this agent runs as "
+            f"uid {os.getuid()}: hand the folder to this user (the operator's DaemonSet does, "
+            "with its socket-dir init container) or run the agent as its owner"
+        ) from exc
     os.chmod(cfg.socket_path, 0o660)
     ready = asyncio.Event()
     runner = web.AppRunner(build_app(pool, ready), access_log=None)

@@ -104,4 +104,7 @@ def export_preset(name: str, dtype: str, folder: str | Path, seed: int = 0) -> P
     ``--preset``, for engines that load only folders (vLLM)."""
     out = write_preset_folder(name, dtype, folder)
     save_weights(build_model(preset(name, dtype), seed=seed), out)
+    # safetensors writes 0600: engines of other users (a pod's init container and its
+    # engine need not share one) must read the weights
+    (out / "model.safetensors").chmod(0o644)
     return out

@@ -126,3 +126,29 @@ async def serving_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 @kopf.on.delete(*SERVINGS, backoff=RETRY)
 async def serving_deleted(body: kopf.Body, **_: Any) -> None:
     await reconciler().serving_deleted(dict(body))
+
+
+# An engine or agent pod that becomes ready (or stops being ready, or moves) changes the
+# router's endpoints: reconcile the servings concerned now, not at the next resync.
+_pod_state: dict[str, tuple[bool, str | None]] = {}
+PODS = {"app.kubernetes.io/part-of": "kvmarina"}
+
+
+@kopf.on.event("", "v1", "pods", labels=PODS)
+async def pod_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
+    meta, uid = body.get("metadata") or {}, str((body.get("metadata") or {}).get("uid"))
+    labels = meta.get("labels") or {}
+    state = (st.pod_ready(dict(body)), (body.get("status") or {}).get("podIP"))
+    if type == "DELETED":
+        state = (False, None)
+    if _pod_state.get(uid) == state:
+        return
+    _pod_state[uid] = state
+    if type == "DELETED":
+        _pod_state.pop(uid, None)
+    component = labels.get("app.kubernetes.io/component")
+    instance = labels.get("app.kubernetes.io/instance", "")
+    if component == "engine":
+        await reconciler().serving_pods_changed(namespace, instance)
+    elif component == "agent" and instance.startswith("pool-"):
+        await reconciler().pool_pods_changed(instance.removeprefix("pool-"))

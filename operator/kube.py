@@ -160,10 +160,18 @@ class KubeClient:
         return result
 
     async def merge_patch(
-        self, api_version: str, kind: str, namespace: str | None, name: str, body: dict[str, Any]
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        body: dict[str, Any],
+        subresource: str | None = None,
     ) -> Any:
         """JSON merge patch (``None`` deletes a key); ``None`` if the object is missing."""
         url = path(api_version, kind, namespace, name)
+        if subresource:
+            url += f"/{subresource}"
         params = {"fieldManager": FIELD_MANAGER}
         return await self._req("PATCH", url, body, "application/merge-patch+json", params)
 

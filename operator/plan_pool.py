@@ -29,6 +29,8 @@ CONFIG_DIR = "/etc/kvmarina/agent"
 CREDS_DIR = "/etc/kvmarina/credentials"
 TRANSFER_DIR = "/etc/kvmarina/transfer"
 SOCKET_DIR = "/var/run/kvmarina"
+#: the user kvmarina's images run as (Dockerfile ``USER``): agents and engines share it
+COMPONENT_UID = 65532
 #: where engines find the serving's registration token
 TOKEN_DIR = "/etc/kvmarina/token"
 
@@ -154,7 +156,7 @@ def _daemonset(
     env = [
         {"name": "KVMARINA_AGENT_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "KVMARINA_AGENT_CONFIG", "value": f"{CONFIG_DIR}/agent.yaml"},
-        {"name": "KVMARINA_LOG_LEVEL", "value": settings.component_log_level},
+        {"name": "KVMARINA_LOG_LEVEL", "value": spec.agent.log_level},
     ]
     if spec.memory.backend == "cuda":
         # The agent owns every GPU of its node without claiming them from the scheduler.
@@ -172,6 +174,12 @@ def _daemonset(
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "resources": spec.agent.resources.model_dump(),
+        "securityContext": {
+            "runAsUser": COMPONENT_UID,
+            "runAsGroup": COMPONENT_UID,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+        },
         "volumeMounts": [
             {"name": "socket", "mountPath": SOCKET_DIR},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -180,7 +188,18 @@ def _daemonset(
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
     }
+    # the kubelet makes a missing hostPath directory root's (0755): the socket directory
+    # is handed to the components' user, who create and connect to the agent's socket
+    socket_dir = {
+        "name": "socket-dir",
+        "image": spec.agent.image or settings.agent_image,
+        "imagePullPolicy": settings.pull_policy,
+        "command": ["chown", f"{COMPONENT_UID}:{COMPONENT_UID}", SOCKET_DIR],
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": False},
+        "volumeMounts": [{"name": "socket", "mountPath": SOCKET_DIR}],
+    }
     pod: dict[str, Any] = {
+        "initContainers": [socket_dir],
         "containers": [container],
         "volumes": [
             {

@@ -60,11 +60,6 @@ def _spec_only(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "status"}
 
 
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    conds = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
-
-
 def pod_port(pod: dict[str, Any], name: str, default: int) -> int:
     """The pod's container port called ``name``: the live pod, not the plan, says where
     it listens (during a rollout that changes the port, old pods keep the old one)."""
@@ -195,7 +190,7 @@ class Reconciler:
             got = next(fetched) if url else None
             samples.append(
                 st.AgentSample(
-                    node, a["metadata"]["name"], _pod_ready(a), url,
+                    node, a["metadata"]["name"], st.pod_ready(a), url,
                     got.body if got else None, got.error if got else None,
                 )
             )  # fmt: skip
@@ -227,7 +222,7 @@ class Reconciler:
         agents = await self.kube.list(
             "v1", "Pod", ns, n.selector("agent", n.pool_instance(pool.name))
         )
-        ready = sum(1 for p in agents if _pod_ready(p))
+        ready = sum(1 for p in agents if st.pod_ready(p))
         figures = (
             await self._observe_agents(pool, agents) if observe else _carried(body, POOL_FIGURES)
         )
@@ -308,7 +303,7 @@ class Reconciler:
         urls = [
             f"http://{_pod_ip(p)}:{pod_port(p, 'http', ENGINE_PORT)}/metrics"
             for p in engines
-            if _pod_ip(p) and _pod_ready(p)
+            if _pod_ip(p) and st.pod_ready(p)
         ]
         fetched = await self.scrape.fetch_all(urls)
         return st.prefix_hit_rate([f.body for f in fetched if f.body is not None])
@@ -321,7 +316,7 @@ class Reconciler:
         ns = serving.namespace or "default"
         routers = await self.kube.list("v1", "Pod", ns, n.selector("router", serving.name))
         for r in routers:
-            if _pod_ip(r) and _pod_ready(r):
+            if _pod_ip(r) and st.pod_ready(r):
                 url = f"http://{_pod_ip(r)}:{pod_port(r, 'http', ROUTER_PORT)}/health"
                 (got,) = await self.scrape.fetch_all([url])
                 if got.body is not None:
@@ -378,9 +373,11 @@ class Reconciler:
         registered = await self._register(serving, pool, token)
         dep = live.get(("Deployment", ns, engine)) or {}
         ready = int((dep.get("status") or {}).get("readyReplicas", 0) or 0)
+        rdep = live.get(("Deployment", ns, router)) or {}
+        routers = int((rdep.get("status") or {}).get("readyReplicas", 0) or 0)
         want = serving.spec.replicas
-        ok = registered and ready >= want and want > 0
-        msg = f"{ready}/{want} engines ready"
+        ok = registered and ready >= want and want > 0 and routers > 0
+        msg = f"{ready}/{want} engines ready, {routers}/{serving.spec.routing.replicas} routers"
         if not registered:
             msg += f"; waiting for KVCachePool {pool_name!r} to create its credentials Secret"
         if changed:
@@ -431,6 +428,24 @@ class Reconciler:
             await self.kube.merge_patch("v1", "Secret", ns, secret, {"data": b64(entry)})
         return True
 
+    async def serving_pods_changed(self, namespace: str | None, name: str) -> None:
+        """An engine pod of the serving became ready, unready or moved: reconcile it now
+        (the router's endpoints follow) and write the status that results."""
+        body = await self.kube.get(API_VERSION, "ModelServing", namespace, name)
+        if body is None:
+            return
+        diff = st.diff(dict(body.get("status") or {}), await self.serving(body))
+        if diff:
+            await self.kube.merge_patch(
+                API_VERSION, "ModelServing", namespace, name, {"status": diff}, "status"
+            )
+
+    async def pool_pods_changed(self, pool: str) -> None:
+        """An agent pod of the pool changed: its servings' routers name the node agents."""
+        for s in await self.servings_of(pool):
+            meta = s["metadata"]
+            await self.serving_pods_changed(meta.get("namespace"), meta["name"])
+
     async def serving_deleted(self, body: dict[str, Any]) -> None:
         """Withdraw the serving's credential from its pool's agents."""
         meta, spec = body["metadata"], body.get("spec") or {}
@@ -449,7 +464,7 @@ class Reconciler:
     ) -> list[Endpoint]:
         """The ready engine pods as the router sees them, each with its node's agent
         (and a vLLM pod with its KV-event publisher and replay service)."""
-        if not any(_pod_ready(p) for p in pods):
+        if not any(st.pod_ready(p) for p in pods):
             return []  # no engine to route to yet: the agents' pods are not needed
         agents = await self.kube.list(
             "v1", "Pod", self.settings.namespace, n.selector("agent", n.pool_instance(pool.name))
@@ -464,7 +479,7 @@ class Reconciler:
         out = []
         for p in pods:
             ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
-            if not ip or not node or not _pod_ready(p):
+            if not ip or not node or not st.pod_ready(p):
                 continue
             agent, events, replay = agent_by_node.get(node), None, None
             if vllm is not None:  # the router follows its events (and its node agent's

@@ -285,3 +285,8 @@ def prefix_hit_rate(metrics: list[str]) -> float | None:
                 total += values[all_name]
                 break
     return round(min(cached / total, 1.0), 4) if total > 0 else None
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -46,11 +48,23 @@ async def serve(router: Router, host: str, port: int) -> None:
         await runner.cleanup()
 
 
+def wait_for_config(path: Path, every_s: float = 1.0) -> None:
+    """A router Deployment starts before its ConfigMap holds anything: the operator
+    writes the config once an engine is ready. Until the file appears the router waits
+    (not ready: nothing listens), said once."""
+    if path.exists():
+        return
+    print(f"kvmarina router: waiting for {path} (written once an engine is ready)", flush=True)
+    while not path.exists():
+        time.sleep(every_s)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    wait_for_config(Path(args.config))
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

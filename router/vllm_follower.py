@@ -183,6 +183,7 @@ class VLLMFollower:
         for seq, payload in replayed:
             if seq == self.last_seq + 1:
                 self._apply(seq, payload)
+        self._evaluate()
 
     async def _fill_gap(self, seq: int) -> None:
         assert self.last_seq is not None

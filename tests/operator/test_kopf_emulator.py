@@ -8,7 +8,6 @@ import base64
 import contextlib
 import copy
 import json
-import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import kopf
-import pytest
 import yaml
 
+from kvmarina.operator import handlers
 from kvmarina.operator import status as st
 from kvmarina.operator.components import Endpoint
 from kvmarina.operator.plan_pool import plan_pool
@@ -31,114 +29,8 @@ from kvmarina.validate import parse_resource
 REPO = Path(__file__).resolve().parents[2]
 NS = "kvmarina-system"
 API = "/apis/kvmarina.io/v1alpha1"
+Cluster = Any  # the ``cluster`` fixture's type (tests/conftest.py)
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
-_server: dict[str, str] = {}
-
-# The timers' interval is fixed when the handlers module is imported: short for tests.
-_saved = os.environ.get("KVMARINA_RESYNC_SECONDS")
-os.environ["KVMARINA_RESYNC_SECONDS"] = "1"
-from kvmarina.operator import handlers  # noqa: E402
-
-if _saved is None:
-    del os.environ["KVMARINA_RESYNC_SECONDS"]
-else:
-    os.environ["KVMARINA_RESYNC_SECONDS"] = _saved
-
-
-@kopf.on.login()
-def _login(**_: Any) -> kopf.ConnectionInfo:
-    return kopf.ConnectionInfo(server=_server["url"])
-
-
-class Cluster:
-    """The emulator's URL, plain HTTP helpers, and an operator that can be restarted."""
-
-    def __init__(self, kmock: Any, url: str) -> None:
-        self.kmock, self.url = kmock, url
-        self._task: asyncio.Task[Any] | None = None
-
-    async def start(self, **run: Any) -> None:
-        """``run``: kopf.operator's scope and peering arguments (default: the whole
-        cluster, standalone)."""
-        settings = kopf.OperatorSettings()
-        settings.scanning.disabled = True
-        run = run or {"clusterwide": True, "standalone": True}
-        self._task = asyncio.create_task(kopf.operator(settings=settings, **run))
-        handlers._reconciler = None
-
-    async def stop(self) -> None:
-        """Cancel the operator, as a killed pod would stop (a graceful stop waits 5 s
-        for the emulator's own never-ending watch handlers, which kopf counts as its)."""
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._task, 10)
-        self._task = None
-        await handlers.close()
-
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(method, self.url + path, json=body) as r,
-        ):
-            text = await r.text()
-            try:
-                return r.status, (await r.json(content_type=None)) if text else None
-            except ValueError:
-                return r.status, text
-
-    async def get(self, path: str) -> Any:
-        status, body = await self.call("GET", path)
-        return body if status == 200 else None
-
-    async def create(self, doc: dict[str, Any]) -> None:
-        ns = doc["metadata"].get("namespace")
-        plural = {"KVCachePool": "kvcachepools", "ModelServing": "modelservings"}[doc["kind"]]
-        path = f"{API}/namespaces/{ns}/{plural}" if ns else f"{API}/{plural}"
-        status, body = await self.call("POST", path, doc)
-        assert status < 300, body
-
-    def served(self) -> int:
-        return len(list(self.kmock))
-
-    def writes(self, since: int = 0) -> list[str]:
-        """Object-changing requests the emulator served (``METHOD path``) after ``since``."""
-        out = []
-        for r in list(self.kmock)[since:]:
-            method = str(getattr(r.method, "value", r.method)).upper()
-            if method in ("POST", "PATCH", "PUT", "DELETE"):
-                out.append(f"{method} {r.url.path}")
-        return out
-
-
-@pytest.fixture
-async def cluster(kmock: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
-    kmock.resources.load_bundled()
-    kmock.resources["kvmarina.io/v1alpha1/kvcachepools"] = {
-        "kind": "KVCachePool",
-        "namespaced": False,
-        "verbs": VERBS,
-        "subresources": {"status"},
-    }
-    kmock.resources["kvmarina.io/v1alpha1/modelservings"] = {
-        "kind": "ModelServing",
-        "namespaced": True,
-        "verbs": VERBS,
-        "subresources": {"status"},
-    }
-    url = str(kmock.url).rstrip("/")
-    _server["url"] = url
-    monkeypatch.setenv("KVMARINA_KUBE_SERVER", url)
-    monkeypatch.setenv("KVMARINA_OPERATOR_NAMESPACE", NS)
-    monkeypatch.setenv("KVMARINA_RESYNC_SECONDS", "1")
-    monkeypatch.setattr(handlers, "SETTINGS", handlers.Settings.from_env())
-    c = Cluster(kmock, url)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
 
 
 async def wait_for(fn: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:

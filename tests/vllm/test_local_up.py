@@ -53,9 +53,16 @@ def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) ->
         assert isinstance(usage, dict) and isinstance(first["usage"], dict)
         # the repeat went to the engine that computed the prompt: all but its last block
         assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 64
-        with urllib.request.urlopen(url + "/health", timeout=10) as r:
-            health = json.loads(r.read())
-        assert health["mode"] == "events"
+        # a follower connects within a second of its vLLM coming up; the URL is printed
+        # once every engine answers HTTP, which may be just before that
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                health = json.loads(r.read())
+            if health["mode"] == "events" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert health["mode"] == "events", json.dumps(health["pods"])
         assert all(p["kv_events"]["live"] for p in health["pods"].values())
     finally:
         down = subprocess.run(

@@ -1,0 +1,33 @@
+"""The operator on the API emulator (``cluster``, tests/conftest.py), and a kubelet that
+runs what it plans (``kubelet``): the cluster path, exercised without a cluster."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .kubelet import Kubelet
+from .netns import PodNetwork, unavailable
+
+
+@pytest.fixture
+async def kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
+    why = unavailable()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the plan-running harness: {why}")
+        pytest.skip(f"the plan-running harness cannot run here: {why}")
+    network = PodNetwork()
+    network.setup()
+    k = Kubelet(cluster.url, tmp_path / "kubelet", network, ["node-a", "node-b"],
+                claims={"weights": tmp_path / "weights"})  # fmt: skip
+    k.start()
+    try:
+        yield k
+    finally:
+        await k.stop()
+        network.teardown()

@@ -1,0 +1,87 @@
+"""What the operator plans, run as a kubelet would run it, with a real model.
+
+The operator (kopf, against the API emulator) turns a KVCachePool and a ModelServing
+into an agent DaemonSet, engine and router Deployments, ConfigMaps and Secrets; the
+harness's kubelet (``kubelet.py``) runs those pods on two nodes, each in a network and
+mount namespace of its own, as their images' users; then a chat request goes through
+the planned router, twice, and the second finds its prefix cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .kubelet import Kubelet
+
+API = "/apis/kvmarina.io/v1alpha1"
+POOL = {
+    "apiVersion": "kvmarina.io/v1alpha1",
+    "kind": "KVCachePool",
+    "metadata": {"name": "cpu", "resourceVersion": "1", "uid": "uid-pool"},
+    "spec": {
+        "memory": {"backend": "cpu", "device": "64Mi", "pageSize": "2Mi"},
+        "migration": {"auth": "token"},
+    },
+}
+
+
+def serving(name: str, model: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kvmarina.io/v1alpha1",
+        "kind": "ModelServing",
+        "metadata": {"name": name, "namespace": "default", "resourceVersion": "1",
+                     "uid": f"uid-{name}"},
+        "spec": {"poolRef": {"name": "cpu"}, "model": model, "replicas": 2,
+                 "budget": {"max": "32Mi"}, **spec},
+    }  # fmt: skip
+
+
+async def ready(cluster: Any, kubelet: Kubelet, name: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        obj = await cluster.get(f"{API}/namespaces/default/modelservings/{name}")
+        conds = {c["type"]: c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+        if conds.get("Ready", {}).get("status") == "True":
+            return obj  # type: ignore[no-any-return]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(
+                f"{name} not Ready: {json.dumps(conds, indent=1)}\nkubelet: {kubelet.errors[-5:]}"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def chat(http: aiohttp.ClientSession, url: str, model: str) -> dict[str, Any]:
+    messages = [
+        {"role": "system", "content": "You are the assistant of a kayak shop. " * 10},
+        {"role": "user", "content": "Which paddle length for a 4 m touring kayak?"},
+    ]
+    body = {"model": model, "messages": messages, "max_tokens": 4}
+    async with http.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()  # type: ignore[no-any-return]
+
+
+async def test_a_serving_on_real_weights_runs_as_planned(
+    cluster: Any, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    from kvmarina.engine.weights import export_preset
+
+    export_preset("tiny", "float32", tmp_path / "weights" / "tiny-hf")  # the claim's content
+    await cluster.create(POOL)
+    doc = serving("tiny", {"name": "tiny-hf", "pvc": "weights", "path": "tiny-hf",
+                           "dtype": "float32"})  # fmt: skip
+    await cluster.create(doc)
+    await ready(cluster, kubelet, "tiny")
+    (router,) = kubelet.pod_ips("default", "router")
+    url = f"http://{router}:8080"
+    async with aiohttp.ClientSession() as http:
+        first = await chat(http, url, "tiny-hf")
+        again = await chat(http, url, "tiny-hf")
+    assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= again["usage"]["prompt_tokens"] - 16, again["usage"]
