@@ -394,18 +394,8 @@ class Kubelet:
         existing = await self._get(f"{path}/{pod.name}")
         if existing is None:
             await self._send("POST", path, doc)
-        elif existing.get("status") != doc["status"]:
-            await self._send(
-                "PUT",
-                f"{path}/{pod.name}",
-                {
-                    **doc,
-                    "metadata": {
-                        **doc["metadata"],
-                        "resourceVersion": existing["metadata"].get("resourceVersion"),
-                    },
-                },
-            )
+        elif existing.get("status") != doc["status"]:  # the emulator patches, never PUTs
+            await self._send("PATCH", f"{path}/{pod.name}", {"status": doc["status"]})
 
     async def _workload_status(self, w: Workload) -> None:
         mine = [

@@ -49,8 +49,12 @@ async def ready(cluster: Any, kubelet: Kubelet, name: str, timeout: float = 180)
         if conds.get("Ready", {}).get("status") == "True":
             return obj  # type: ignore[no-any-return]
         if asyncio.get_running_loop().time() > deadline:
+            pods = (await cluster.get("/api/v1/namespaces/default/pods") or {}).get("items", [])
+            seen = {p["metadata"]["name"]: (p.get("status") or {}).get("conditions") for p in pods}
+            maps = (await cluster.get("/api/v1/namespaces/default/configmaps") or {}).get("items")
             raise AssertionError(
                 f"{name} not Ready: {json.dumps(conds, indent=1)}\nkubelet: {kubelet.errors[-5:]}"
+                f"\npods: {seen}\nconfigmaps: {[m['metadata']['name'] for m in maps or []]}"
             )
         await asyncio.sleep(0.5)
 
@@ -60,7 +64,7 @@ async def chat(http: aiohttp.ClientSession, url: str, model: str) -> dict[str, A
         {"role": "system", "content": "You are the assistant of a kayak shop. " * 10},
         {"role": "user", "content": "Which paddle length for a 4 m touring kayak?"},
     ]
-    body = {"model": model, "messages": messages, "max_tokens": 4}
+    body = {"model": model, "messages": messages, "max_tokens": 4, "temperature": 0}
     async with http.post(url + "/v1/chat/completions", json=body) as r:
         assert r.status == 200, await r.text()
         return await r.json()  # type: ignore[no-any-return]
