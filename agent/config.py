@@ -15,8 +15,8 @@ Example::
     hashing: {block_size: 16, algorithm: blake2b, digest_bits: 128}
     credentials_file: /etc/kvmarina/credentials/credentials.yaml
     event_queue: 4096            # per-subscriber backlog before a resync
-    migration: {port: 7471, auth: token, token_file: ..., cert_dir: ..., streams_per_peer: 4,
-                 run_bytes: 33554432, timeout_s: 30}
+    migration: {enabled: true, port: 7471, auth: token, token_file: ..., cert_dir: ...,
+                streams_per_peer: 4, run_bytes: 33554432, timeout_s: 30}
 
 ``KVMARINA_AGENT_<KEY>`` environment variables override top-level scalar keys
 (e.g. ``KVMARINA_AGENT_NODE``). Unknown keys are errors.
@@ -43,8 +43,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class MigrationConfig:
     """Peer transfers. A pull spreads its hashes over ``streams_per_peer``
-    connections in runs of at most ``run_bytes`` (one request each)."""
+    connections in runs of at most ``run_bytes`` (one request each). With ``enabled``
+    false the agent opens no transfer port and refuses pulls (the pool's
+    ``spec.migration.enabled``)."""
 
+    enabled: bool = True
     port: int = 0
     host: str = "127.0.0.1"
     auth: str = "token"  # token | mtls

@@ -353,16 +353,28 @@ class TransferService:
         }
 
 
+async def _pulls_disabled(_sess: Session, _msg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error": "migration is disabled for this pool (KVCachePool spec.migration.enabled: "
+        "false): blocks are recomputed, not pulled; enable it to pull from peers",
+    }
+
+
 async def start_transfer_service(
     cfg: AgentConfig, pool: Pool, proto: Any
 ) -> Callable[[], Awaitable[None]]:
     mig = cfg.migration
+
+    async def nothing() -> None:
+        return None
+
+    if not mig.enabled:
+        proto.extra_ops["pull"] = _pulls_disabled
+        log.info("migration disabled by the pool (spec.migration.enabled: false): no transfer port")
+        return nothing
     if mig.token_file is None:
         log.info("migration disabled: no transfer token configured")
-
-        async def nothing() -> None:
-            return None
-
         return nothing
     if mig.auth == "mtls" and not mig.cert_dir:
         raise TransferError(

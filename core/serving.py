@@ -156,6 +156,13 @@ def _reference_flag_problems(
     serving: ModelServingSpec, pool_name: str, pool: KVCachePoolSpec
 ) -> list[str]:
     problems = []
+    tp = serving.model.tensor_parallel_size
+    if tp > 1:
+        problems.append(
+            f"spec.model.tensorParallelSize is {tp}, but kvmarina's reference engine runs a "
+            "replica on one device; set it to 1, or use spec.engine.type: vllm to split a "
+            "model over devices"
+        )
     flags = flag_values(serving.engine.args)
     for flag, want in CONTRACT_FLAGS.items():
         if flag in flags and flags[flag] != want(pool):

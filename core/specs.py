@@ -166,9 +166,6 @@ class EvictionSpec(Spec):
     """How the agent frees memory under pressure."""
 
     policy: Literal["lru", "lfu"] = Field("lru", description="Which unpinned blocks go first.")
-    high_watermark: float = Field(
-        0.95, ge=0.5, le=1.0, description="Usage fraction at which the agent starts reclaiming."
-    )
     reclaim_timeout_seconds: int = Field(
         5, ge=1, le=300, description="How long engines get to release pages when asked."
     )
@@ -255,7 +252,13 @@ class ModelSpec(Spec):
         "/models", description="Directory (Hugging Face layout) of the weights inside the volume."
     )
     max_model_len: int = Field(4096, ge=16, le=1048576, description="Longest context in tokens.")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per engine replica.")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Devices per engine replica (vLLM's --tensor-parallel-size); the "
+        "reference engine runs on one.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

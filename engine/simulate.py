@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -57,9 +58,12 @@ class SimConfig:
     prefill_tps: float = 20000.0
     decode_tps: float = 100.0
     block_size: int = 16
+    hash_algorithm: str = "blake2b"
+    digest_bits: int = 128
     block_bytes: int = 131072
     pull_bytes_per_s: float = 2.0e9
     tokenizer_dir: str | None = None
+    default_salt: str = ""  # a request without the router's salt header: the scope's
 
 
 class SimKV:
@@ -141,7 +145,7 @@ class SimEngine:
 
     def __init__(self, cfg: SimConfig, tokenizer: Tokenizer | None = None) -> None:
         self.cfg = cfg
-        self.contract = HashContract(cfg.block_size)
+        self.contract = HashContract(cfg.block_size, cfg.hash_algorithm, cfg.digest_bits // 8)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_dir)
         self.kv = SimKV(cfg.kv_blocks)
         self.hub = EventHub(cfg.node, self.kv)
@@ -264,7 +268,7 @@ class SimEngine:
                 status=status,
             )
         t0 = time.perf_counter()
-        salt = request.headers.get(SALT_HEADER, "")
+        salt = request.headers.get(SALT_HEADER, self.cfg.default_salt)
         hashes = self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
         async with self._prefill:
             run = self.kv.run(hashes)
@@ -402,29 +406,65 @@ class _BadRequest(ValueError):
         self.status = status
 
 
+def _env(name: str, default: str) -> str:
+    """The operator configures a simulated engine pod as it does the reference engine,
+    with ``KVMARINA_ENGINE_*`` variables (flags win)."""
+    return os.environ.get(f"KVMARINA_ENGINE_{name}", default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kvmarina engine --simulate", description="Serve the engine API with a timing model."
     )
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000, help="first port; 0 picks free ones")
+    ap.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    ap.add_argument(
+        "--port", type=int, default=int(_env("PORT", "8000")), help="first port; 0 picks free ones"
+    )
     ap.add_argument(
         "--replicas",
         type=int,
         default=1,
         help="pods in this process, each its own node (<node>-<i>) and port",
     )
-    ap.add_argument("--model", default="sim")
-    ap.add_argument("--model-identity", default=DEFAULT_IDENTITY)
-    ap.add_argument("--node", default="sim-node")
+    ap.add_argument("--model", default=_env("MODEL", "sim"))
+    ap.add_argument(
+        "--model-identity",
+        default=_env("MODEL_IDENTITY", DEFAULT_IDENTITY),
+        help="seeds block hashes like the router's model_identity; auto: the model folder's",
+    )
+    ap.add_argument("--revision", default=_env("REVISION", "main"))
+    ap.add_argument("--dtype", default=_env("DTYPE", "float32"))
+    ap.add_argument("--node", default=_env("NODE", "sim-node"))
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV capacity in blocks")
     ap.add_argument("--prefill-tps", type=float, default=20000.0, help="0 = instant")
     ap.add_argument("--decode-tps", type=float, default=100.0, help="0 = instant")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", "16")))
+    ap.add_argument("--hash-algorithm", default=_env("HASH_ALGORITHM", "blake2b"))
+    ap.add_argument("--digest-bits", type=int, default=int(_env("DIGEST_BITS", "128")))
     ap.add_argument("--block-bytes", type=int, default=131072)
     ap.add_argument("--pull-bytes-per-s", type=float, default=2.0e9)
-    ap.add_argument("--tokenizer-dir", default=None)
+    ap.add_argument("--tokenizer-dir", default=_env("MODEL_DIR", "") or None)
+    ap.add_argument("--default-salt", default=_env("DEFAULT_SALT", ""))
     return ap
+
+
+def _identity(args: argparse.Namespace) -> str:
+    """``auto``: the model folder's identity, by the function router and engine use."""
+    if args.model_identity != "auto":
+        return str(args.model_identity)
+    if not args.tokenizer_dir:
+        raise SystemExit(
+            "kvmarina engine --simulate: --model-identity auto needs the model folder "
+            "(--tokenizer-dir or KVMARINA_ENGINE_MODEL_DIR)"
+        )
+    from kvmarina.layout import LayoutError, folder_identity
+
+    try:
+        return folder_identity(
+            args.tokenizer_dir, args.model, args.revision, args.dtype, args.block_size
+        ).canonical()
+    except LayoutError as exc:
+        raise SystemExit(f"kvmarina engine --simulate: {exc}") from None
 
 
 async def serve(cfgs: list[SimConfig], host: str, port: int) -> None:
@@ -452,18 +492,22 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    identity = _identity(args)
     cfgs = [
         SimConfig(
             model=args.model,
-            model_identity=args.model_identity,
+            model_identity=identity,
             node=args.node if args.replicas == 1 else f"{args.node}-{i}",
             kv_blocks=args.kv_blocks,
             prefill_tps=args.prefill_tps,
             decode_tps=args.decode_tps,
             block_size=args.block_size,
+            hash_algorithm=args.hash_algorithm,
+            digest_bits=args.digest_bits,
             block_bytes=args.block_bytes,
             pull_bytes_per_s=args.pull_bytes_per_s,
             tokenizer_dir=args.tokenizer_dir,
+            default_salt=args.default_salt,
         )
         for i in range(args.replicas)
     ]

@@ -88,9 +88,8 @@ def agent_config(
         "hashing": hashing_doc(pool),
         "credentials_file": credentials_file,
         "migration": {
-            "port": (migration_port if migration_port is not None else mig.port)
-            if mig.enabled
-            else 0,
+            "enabled": mig.enabled,
+            "port": migration_port if migration_port is not None else mig.port,
             "host": migration_host,
             "auth": mig.auth,
             "token_file": token_file,

@@ -60,10 +60,11 @@ def agent_policies(
     meta: dict[str, Any],
     pool: str,
     operator_ns: str,
-    transfer_port: int,
+    transfer_port: int | None,
     monitoring: tuple[str, ...],
     http_port: int = AGENT_HTTP_PORT,
 ) -> list[dict[str, Any]]:
+    """``transfer_port``: ``None`` when the pool's migration is off (no port to open)."""
     routers = {
         "namespaceSelector": {},
         "podSelector": {"matchLabels": {**n.PART_OF, "app.kubernetes.io/component": "router"}},
@@ -73,7 +74,11 @@ def agent_policies(
             meta,
             n.selector("agent", n.pool_instance(pool)),
             [
-                {"from": [_agents(pool, operator_ns)], "ports": [{"port": transfer_port}]},
+                *(
+                    [{"from": [_agents(pool, operator_ns)], "ports": [{"port": transfer_port}]}]
+                    if transfer_port is not None
+                    else []
+                ),
                 {
                     "from": [routers, _operator(operator_ns), *_in_namespaces(monitoring)],
                     "ports": [{"port": http_port}],

@@ -84,6 +84,7 @@ def plan_pool(
     spec, name, ns = pool.spec, pool.name, settings.namespace
     owner = owner_ref("KVCachePool", name, uid)
     inst = n.pool_instance(name)
+    transfer_port = spec.migration.port if spec.migration.enabled else None
     # The node name comes from the pod (KVMARINA_AGENT_NODE), overriding this value.
     cfg = agent_config(
         spec,
@@ -118,21 +119,29 @@ def plan_pool(
             "type": "Opaque",
             "metadata": _meta(n.pool_credentials_name(name), ns, "agent", inst, owner),
         },
-        _headless_service(name, ns, inst, owner, spec.migration.port, spec.agent.http_port),
+        _headless_service(name, ns, inst, owner, transfer_port, spec.agent.http_port),
         _daemonset(pool, ns, inst, owner, settings, rollout[:16]),
     ]
     if spec.network_policy.enabled:
         meta = _meta(n.agent_name(name), ns, "agent", inst, owner)
         out += agent_policies(
-            meta, name, ns, spec.migration.port, settings.monitoring_namespaces,
+            meta, name, ns, transfer_port, settings.monitoring_namespaces,
             http_port=spec.agent.http_port,
         )  # fmt: skip
     return out
 
 
 def _headless_service(
-    name: str, ns: str, inst: str, owner: dict[str, Any], transfer_port: int, http_port: int
+    name: str,
+    ns: str,
+    inst: str,
+    owner: dict[str, Any],
+    transfer_port: int | None,
+    http_port: int,
 ) -> dict[str, Any]:
+    ports = [{"name": "metrics", "port": http_port, "targetPort": "metrics"}]
+    if transfer_port is not None:
+        ports.append({"name": "transfer", "port": transfer_port, "targetPort": "transfer"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -141,10 +150,7 @@ def _headless_service(
             "clusterIP": "None",
             "selector": n.selector("agent", inst),
             "publishNotReadyAddresses": False,
-            "ports": [
-                {"name": "metrics", "port": http_port, "targetPort": "metrics"},
-                {"name": "transfer", "port": transfer_port, "targetPort": "transfer"},
-            ],
+            "ports": ports,
         },
     }
 
@@ -167,10 +173,12 @@ def _daemonset(
         "imagePullPolicy": settings.pull_policy,
         "args": ["agent"],
         "env": env,
-        "ports": [
-            {"name": "metrics", "containerPort": spec.agent.http_port},
-            {"name": "transfer", "containerPort": spec.migration.port},
-        ],
+        "ports": [{"name": "metrics", "containerPort": spec.agent.http_port}]
+        + (
+            [{"name": "transfer", "containerPort": spec.migration.port}]
+            if spec.migration.enabled
+            else []
+        ),
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "resources": spec.agent.resources.model_dump(),

@@ -26,6 +26,7 @@ from kvmarina.operator.netpol import serving_policies
 from kvmarina.operator.plan_pool import SOCKET_DIR, TOKEN_DIR, b64, owner_ref
 from kvmarina.operator.plan_vllm import connector_init, vllm_container
 from kvmarina.operator.settings import Settings
+from kvmarina.serving import model_identity
 from kvmarina.validate import Resource
 
 ROUTER_DIR = "/etc/kvmarina/router"
@@ -236,6 +237,8 @@ def _reference_container(
         model_dir=model_dir,
     )
     env["KVMARINA_ENGINE_LOG_LEVEL"] = settings.component_log_level
+    if s.engine.simulate:  # seeds its hashes as the router does (auto: the folder's)
+        env["KVMARINA_ENGINE_MODEL_IDENTITY"] = model_identity(s, pool.spec) or "auto"
     return {
         "name": "engine",
         "image": s.engine.image or settings.engine_image,

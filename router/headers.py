@@ -44,6 +44,13 @@ STRIPPED_HEADERS = frozenset(
 )
 
 
+def raw_value(value: str) -> str:
+    """A received header value as the str whose Latin-1 encoding is its original bytes.
+    aiohttp reads header bytes as UTF-8 (escaping what is not) but writes them as
+    Latin-1, so a client's UTF-8 value would not survive the forward unconverted."""
+    return value.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
 class PullHintError(ValueError):
     """A pull-hint header value that cannot be parsed."""
 

@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, RouterConfig, load_config
-from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS
+from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS, raw_value
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request
@@ -404,7 +404,9 @@ class Router:
             self.metrics.requests.labels(kind, "503").inc()
             return error_response(503, str(exc), retry_after=self.cfg.limits.retry_after_s)
         self.metrics.decision.observe(time.perf_counter() - t0)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_HEADERS}
+        headers = {
+            k: raw_value(v) for k, v in request.headers.items() if k.lower() not in STRIPPED_HEADERS
+        }
         headers[SALT_HEADER] = salt
         vllm_body = vllm_request(parsed.body, salt) if self.cfg.engine == "vllm" else None
         if vllm_body is not None:

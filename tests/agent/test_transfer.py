@@ -536,3 +536,19 @@ def test_per_peer_bandwidth_is_in_stats_and_metrics(two_agents) -> None:  # type
     line = next(x for x in text.splitlines() if x.startswith("kvmarina_agent_transfer_gbps{"))
     assert f'peer="{a.url}"' in line and float(line.rsplit(" ", 1)[1]) == pytest.approx(gbps)
     assert gbps > 0
+
+
+def test_a_pool_with_migration_off_opens_no_port_and_refuses_pulls(tmp_path: Path) -> None:
+    from kvmarina.agent.client import AgentError
+
+    with agent_pair(tmp_path) as (a, _):
+        hashes = fill(a, 2)
+        (tmp_path / "off").mkdir()
+        mig = migration(tmp_path / "off", "shared-pool-token-0123456789", enabled=False)
+        with agent_process(tmp_path / "off", node="off", migration=mig) as off:
+            assert "transfer" not in off.stats()
+            c = AgentClient(off.socket, "tok-chat", 4096).connect()
+            with pytest.raises(AgentError, match=r"spec.migration.enabled: false"):
+                c.pull(a.url, hashes)
+            assert c.lookup(hashes) == []
+            c.close()

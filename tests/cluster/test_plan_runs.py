@@ -89,3 +89,20 @@ async def test_a_serving_on_real_weights_runs_as_planned(
     assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= again["usage"]["prompt_tokens"] - 16, again["usage"]
+
+
+async def test_a_simulated_serving_runs_as_planned(cluster: Any, kubelet: Kubelet) -> None:
+    """``engine.simulate``: the simulator takes the pod's address, model name and the
+    router's model identity from the variables the operator sets, so it gets ready and
+    the router's hashes find its cache."""
+    await cluster.create(POOL)
+    doc = serving("sim", {"name": "tiny-sim", "preset": "tiny"}, engine={"simulate": True})
+    await cluster.create(doc)
+    await ready(cluster, kubelet, "sim")
+    (router,) = kubelet.pod_ips("default", "router")
+    async with aiohttp.ClientSession() as http:
+        await chat(http, f"http://{router}:8080", "tiny-sim")
+        again = await chat(http, f"http://{router}:8080", "tiny-sim")
+    assert again["model"] == "tiny-sim"
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= again["usage"]["prompt_tokens"] - 16, again["usage"]

@@ -163,3 +163,18 @@ def test_validate_checks_a_serving_against_a_pool_given_with_it(
     err = capsys.readouterr().err
     assert "[ModelServing/chat on KVCachePool/cpu]: KVCachePool 'cpu' names blocks of 16" in err
     assert validate_files([str(REPO / "examples/vllm-local.yaml")]) == 0
+
+
+def test_tensor_parallel_needs_an_engine_that_splits_the_model() -> None:
+    from kvmarina.serving import check_serving
+
+    model = "{name: m, pvc: w, tensorParallelSize: 2}"
+    p, ref = _pair("{hashing: {blockSize: 32}}", f"{{poolRef: {{name: p}}, model: {model}}}")
+    (problem,) = check_serving(ref, "p", p)
+    assert "tensorParallelSize is 2" in problem and "engine.type: vllm" in problem
+    _, vllm = _pair("{}", f"{{poolRef: {{name: p}}, model: {model}, engine: {{type: vllm}}}}")
+    assert check_serving(vllm, "p", p) == []
+    from kvmarina.operator.components import vllm_args
+
+    args = vllm_args(vllm, p, model_dir="/models")
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from kvmarina.engine.simulate import SimConfig, SimEngine
 from kvmarina.router.config import parse_config
 
-from .conftest import Fleet, router_doc, wait_for
+from .conftest import IDENT, Fleet, router_doc, serve_app, wait_for
 
 
 def dead_url() -> str:
@@ -227,3 +229,36 @@ async def test_config_reload_without_dropping_requests(
     path.write_text("{broken")  # a bad file keeps the last good config
     await asyncio.sleep(0.3)
     assert len(router.core.pods) == 2 and (await complete(http, url, "still"))[0] == 200
+
+
+async def test_header_values_outside_latin_1_pass_through_unchanged(fleet: Fleet) -> None:
+    """HTTP header values are bytes; a client's UTF-8 reaches the engine byte for byte
+    (it was a 500 with a traceback when the router re-encoded it as Latin-1)."""
+    seen: list[bytes] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        if "x-note" in request.headers:  # aiohttp reads header bytes as UTF-8, escaped
+            seen.append(request.headers["x-note"].encode("utf-8", "surrogateescape"))
+        return await handler(request)
+
+    app = SimEngine(SimConfig(model_identity=IDENT, prefill_tps=0, decode_tps=0)).app()
+    app.middlewares.append(record)
+    runner, eng_url = await serve_app(app)
+    fleet.runners.append(runner)
+    pods = [{"name": "p0", "url": eng_url, "node": "n0"}]
+    _, router = await fleet.router(router_doc(pods, sharing={"tenant_header": "x-note"}))
+    host, port = router.removeprefix("http://").split(":")
+    body = json.dumps({"model": "sim", "prompt": "hello", "max_tokens": 2}).encode()
+    for note in ("café ☕ 東京".encode(), b"caf\xe9 (Latin-1)"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Note: " + note + b"\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n" + body
+        )  # fmt: skip
+        await writer.drain()
+        head = await reader.readline()
+        writer.close()
+        assert b" 200 " in head, head
+        assert seen[-1] == note
