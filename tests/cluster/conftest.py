@@ -24,7 +24,7 @@ async def kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
     network = PodNetwork()
     network.setup()
     k = Kubelet(cluster.url, tmp_path / "kubelet", network, ["node-a", "node-b"],
-                claims={"weights": tmp_path / "weights"})  # fmt: skip
+                claims={"models": tmp_path / "models"})  # fmt: skip
     k.start()
     try:
         yield k

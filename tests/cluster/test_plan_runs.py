@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from .kubelet import Kubelet
 
+REPO = Path(__file__).resolve().parents[2]
 API = "/apis/kvmarina.io/v1alpha1"
 POOL = {
     "apiVersion": "kvmarina.io/v1alpha1",
@@ -73,13 +75,13 @@ async def chat(http: aiohttp.ClientSession, url: str, model: str) -> dict[str, A
 async def test_a_serving_on_real_weights_runs_as_planned(
     cluster: Any, kubelet: Kubelet, tmp_path: Path
 ) -> None:
+    """``examples/cpu-cluster.yaml`` as the README's "Install on a cluster" applies it."""
     from kvmarina.engine.weights import export_preset
 
-    export_preset("tiny", "float32", tmp_path / "weights" / "tiny-hf")  # the claim's content
-    await cluster.create(POOL)
-    doc = serving("tiny", {"name": "tiny-hf", "pvc": "weights", "path": "tiny-hf",
-                           "dtype": "float32"})  # fmt: skip
-    await cluster.create(doc)
+    export_preset("tiny", "float32", tmp_path / "models" / "tiny-hf")  # the claim's content
+    for i, doc in enumerate(yaml.safe_load_all((REPO / "examples/cpu-cluster.yaml").open())):
+        doc["metadata"].update(resourceVersion="1", uid=f"uid-{i}")
+        await cluster.create(doc)
     await ready(cluster, kubelet, "tiny")
     (router,) = kubelet.pod_ips("default", "router")
     url = f"http://{router}:8080"
