@@ -24,6 +24,7 @@ from kvmarina.agent.memory import RegionError
 from kvmarina.agent.pool import Pool
 from kvmarina.agent.protocol import AgentProtocol
 from kvmarina.agent.transfer import TransferError, start_transfer_service
+from kvmarina.logs import add_log_format_option, setup_logging
 
 log = logging.getLogger("kvmarina.agent")
 
@@ -40,6 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, help="HTTP port (0 picks one)")
     p.add_argument("--credentials", dest="credentials_file", help="serving credentials file")
     p.add_argument("--log-level", default=os.environ.get("KVMARINA_LOG_LEVEL", "info"))
+    add_log_format_option(p)
     return p.parse_args(argv)
 
 
@@ -114,11 +116,7 @@ async def _start_extras(cfg: AgentConfig, pool: Pool, proto: AgentProtocol) -> l
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, args.log_format)
     overrides = {k: getattr(args, k) for k in ("node", "socket_path", "credentials_file")}
     overrides["http_port"] = args.http_port
     try:

@@ -25,6 +25,7 @@ from kvmarina.engine.server import EngineServer, Metrics, ServerConfig
 from kvmarina.engine.weights import WeightsError, load_model
 from kvmarina.hashing import HashContract
 from kvmarina.layout import folder_identity
+from kvmarina.logs import add_log_format_option, setup_logging
 from kvmarina.quantity import parse_size
 from kvmarina.tokenizer import load_tokenizer
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-max", default=_env("BUDGET_MAX", "1Ti"), help="most KV bytes")
     p.add_argument("--priority", type=int, default=int(_env("PRIORITY", "100") or 100))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    add_log_format_option(p)
     return p
 
 
@@ -163,11 +165,7 @@ async def _serve(server: EngineServer, host: str, port: int) -> None:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, args.log_format)
     try:
         HashContract(args.block_size, args.hash_algorithm, args.digest_bits // 8)
         preset_name = None if args.model_dir else (args.preset or "tiny")

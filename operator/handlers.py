@@ -9,6 +9,9 @@ patched only where it differs from the live one.
 Only the timer reads the pods' own figures (agents' ``/stats``, engines'
 ``/metrics``): a change is answered without waiting on pods, and the figures are
 refreshed once per resync interval whatever happens.
+
+Every call into the Reconciler goes through ``METRICS.track``, which counts and times
+it (``kvmarina.operator.metrics``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import kopf
 
 from kvmarina.operator import status as st
 from kvmarina.operator.kube import KubeClient
+from kvmarina.operator.metrics import METRICS
 from kvmarina.operator.reconcile import Reconciler
 from kvmarina.operator.settings import Settings
 from kvmarina.specs import GROUP, VERSION
@@ -30,6 +34,7 @@ _reconciler: Reconciler | None = None
 POOLS = (GROUP, VERSION, "kvcachepools")
 SERVINGS = (GROUP, VERSION, "modelservings")
 FINALIZER = "kvmarina.io/finalizer"
+POOL, SERVING = "KVCachePool", "ModelServing"
 # An API error retries soon (kopf's default waits 60 s); the next pass is level-based.
 RETRY = min(5.0, max(0.5, SETTINGS.resync_seconds / 4))
 IDLE = SETTINGS.resync_seconds / 4  # a timer waits for an object to stop changing
@@ -70,17 +75,24 @@ async def close(**_: Any) -> None:
     if _reconciler is not None:
         await _reconciler.close()
         _reconciler = None
+    METRICS.forget_all()  # a stopped operator no longer knows the pods
 
 
 def _patch_status(body: kopf.Body, patch: kopf.Patch, want: dict[str, Any]) -> None:
     patch.status.update(st.diff(dict(body.get("status") or {}), want))
 
 
+def _serving_ref(body: kopf.Body) -> str:
+    meta = body.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
 @kopf.on.resume(*POOLS, backoff=RETRY)
 @kopf.on.create(*POOLS, backoff=RETRY)
 @kopf.on.update(*POOLS, backoff=RETRY)
-async def pool_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _patch_status(body, patch, await reconciler().pool(dict(body)))
+async def pool_changed(name: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    want = await METRICS.track(POOL, name, lambda: reconciler().pool(dict(body)))
+    _patch_status(body, patch, want)
 
 
 @kopf.timer(
@@ -90,26 +102,32 @@ async def pool_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     idle=IDLE,
     backoff=RETRY,
 )
-async def pool_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _patch_status(body, patch, await reconciler().pool(dict(body), observe=True))
+async def pool_resync(name: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    want = await METRICS.track(POOL, name, lambda: reconciler().pool(dict(body), observe=True))
+    _patch_status(body, patch, want)
 
 
 @kopf.on.delete(*POOLS)
 async def pool_deleted(name: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    why = await reconciler().pool_deleted(name)
-    if why:
-        live = dict(body.get("status") or {})
-        conds = [c for c in live.get("conditions") or [] if c.get("type") != "Ready"]
-        conds.append(st.condition("Ready", False, "InUse", why, None))
-        _patch_status(body, patch, {**live, "conditions": conds})
-        raise kopf.TemporaryError(why, delay=max(1.0, SETTINGS.resync_seconds / 6))
+    why = await METRICS.track(POOL, name, lambda: reconciler().pool_deleted(name))
+    if not why:
+        METRICS.forget(POOL, name)
+        return
+    live = dict(body.get("status") or {})
+    conds = [c for c in live.get("conditions") or [] if c.get("type") != "Ready"]
+    conds.append(st.condition("Ready", False, "InUse", why, None))
+    _patch_status(body, patch, {**live, "conditions": conds})
+    raise kopf.TemporaryError(why, delay=max(1.0, SETTINGS.resync_seconds / 6))
 
 
 @kopf.on.resume(*SERVINGS, backoff=RETRY)
 @kopf.on.create(*SERVINGS, backoff=RETRY)
 @kopf.on.update(*SERVINGS, backoff=RETRY)
 async def serving_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _patch_status(body, patch, await reconciler().serving(dict(body)))
+    want = await METRICS.track(
+        SERVING, _serving_ref(body), lambda: reconciler().serving(dict(body))
+    )
+    _patch_status(body, patch, want)
 
 
 @kopf.timer(
@@ -120,12 +138,17 @@ async def serving_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     backoff=RETRY,
 )
 async def serving_resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _patch_status(body, patch, await reconciler().serving(dict(body), observe=True))
+    want = await METRICS.track(
+        SERVING, _serving_ref(body), lambda: reconciler().serving(dict(body), observe=True)
+    )
+    _patch_status(body, patch, want)
 
 
 @kopf.on.delete(*SERVINGS, backoff=RETRY)
 async def serving_deleted(body: kopf.Body, **_: Any) -> None:
-    await reconciler().serving_deleted(dict(body))
+    ref = _serving_ref(body)
+    await METRICS.track(SERVING, ref, lambda: reconciler().serving_deleted(dict(body)))
+    METRICS.forget(SERVING, ref)
 
 
 # An engine or agent pod that becomes ready (or stops being ready, or moves) changes the
@@ -149,6 +172,12 @@ async def pod_event(body: kopf.Body, type: str | None, namespace: str | None, **
     component = labels.get("app.kubernetes.io/component")
     instance = labels.get("app.kubernetes.io/instance", "")
     if component == "engine":
-        await reconciler().serving_pods_changed(namespace, instance)
+        await METRICS.track(
+            SERVING,
+            f"{namespace}/{instance}",
+            lambda: reconciler().serving_pods_changed(namespace, instance),
+        )
     elif component == "agent" and instance.startswith("pool-"):
-        await reconciler().pool_pods_changed(instance.removeprefix("pool-"))
+        # the pool's servings are what this pass reconciles (their routers name the agents)
+        pool = instance.removeprefix("pool-")
+        await METRICS.track(SERVING, pool, lambda: reconciler().pool_pods_changed(pool))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 from pathlib import Path
 
 from aiohttp import web
 
+from kvmarina.logs import add_log_format_option, setup_logging
 from kvmarina.router.config import ConfigError, load_config
 from kvmarina.router.server import Router
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="0.0.0.0", help="address to bind (0.0.0.0)")
     ap.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one")
     ap.add_argument("--log-level", default="WARNING", help="logging level (WARNING)")
+    add_log_format_option(ap)
     ap.add_argument(
         "--reload-interval",
         type=float,
@@ -61,9 +62,7 @@ def wait_for_config(path: Path, every_s: float = 1.0) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format)
     wait_for_config(Path(args.config))
     try:
         cfg = load_config(args.config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ CHART = REPO / "charts" / "kvmarina"
 ALL_ON = Path(__file__).parent / "all-on.yaml"
 K8S_VERSION = "1.30.0"
 # Kinds of other projects' CRDs: no offline schema exists; checked structurally below.
-FOREIGN = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
+FOREIGN = {"PodMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
 
 HELM = shutil.which("helm")
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not on PATH (make test installs it)")
@@ -63,10 +64,10 @@ def test_rendered_objects_validate_against_kubernetes(values: list[str]) -> None
 def test_all_toggles_render_their_objects() -> None:
     kinds = {o["kind"] for o in render("-f", str(ALL_ON))}
     # all-on watches namespaces: its 2 replicas elect a leader through KopfPeerings
-    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap", "KopfPeering"} <= kinds
+    assert {"PodMonitor", "PrometheusRule", "ConfigMap", "KopfPeering"} <= kinds
     default_kinds = {o["kind"] for o in render()}
     peerings = {"ClusterKopfPeering", "KopfPeering"}
-    assert not {"ServiceMonitor", "PrometheusRule", *peerings} & default_kinds
+    assert not {"PodMonitor", "PrometheusRule", *peerings} & default_kinds
 
 
 def test_crds_in_the_chart_are_those_of_crds_folder() -> None:
@@ -167,6 +168,9 @@ def test_the_operator_image_has_the_openssl_cli() -> None:
         (["--set", "operator.replicaz=2"], "replicaz"),
         (["--set", "crds.enabled=yes"], "enabled"),
         (["--set", "operator.logLevel=loud"], "logLevel"),
+        (["--set", "operator.logFormat=xml"], "logFormat"),
+        (["--set", "metrics.monitoringNamespaces={Not_A_Namespace}"], "monitoringNamespaces"),
+        (["--set", "operator.metricsPort=8080"], "metricsPort"),
         (["--set", "bogus=1"], "bogus"),
     ],
 )
@@ -207,3 +211,191 @@ def test_vllm_images_reach_the_vllm_pods_the_operator_plans() -> None:
         )
         images[p.spec.memory.backend] = engine["spec"]["template"]["spec"]["containers"][0]["image"]
     assert images == {"cuda": "example.org/vllm:v9", "cpu": "example.org/vllm-cpu:v0.32.0"}
+
+
+# ------------------------------------------------------------------- monitoring
+
+RULES = CHART / "rules" / "kvmarina.yaml"
+
+
+def operator_env(objs: list[dict[str, Any]]) -> dict[str, str]:
+    """The operator container's environment as the kubelet would set it (the pod's own
+    namespace resolved to the release's)."""
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {}
+    for e in container["env"]:
+        field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[e["name"]] = (
+            dep["metadata"]["namespace"] if field == "metadata.namespace" else e.get("value", "")
+        )
+    return env
+
+
+def pod_monitors(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rendered PodMonitors by the component they scrape."""
+    return {
+        o["metadata"]["labels"]["app.kubernetes.io/component"]: o
+        for o in objs
+        if o["kind"] == "PodMonitor"
+    }
+
+
+def job_of(monitor: dict[str, Any]) -> str:
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (relabel,) = [r for r in endpoint["relabelings"] if r["targetLabel"] == "job"]
+    assert "sourceLabels" not in relabel and relabel["action"] == "replace"
+    return str(relabel["replacement"])
+
+
+def scrapes(monitor: dict[str, Any], pod: dict[str, Any], namespace: str) -> bool:
+    """Whether the PodMonitor selects this pod template (labels, namespace) and the pod
+    has a container port of the endpoint's name."""
+    spec = monitor["spec"]
+    sel = spec["selector"]["matchLabels"]
+    ns_sel = spec["namespaceSelector"]
+    in_ns = ns_sel.get("any") is True or namespace in ns_sel.get("matchNames", [])
+    (endpoint,) = spec["podMetricsEndpoints"]
+    ports = {p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports") or []}
+    return in_ns and sel.items() <= pod["metadata"]["labels"].items() and endpoint["port"] in ports
+
+
+def planned_pods(settings: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """(component, namespace, pod template) of every pod the operator plans for the
+    examples: the CUDA pool's agents, the reference and the vLLM servings' engines and
+    routers."""
+    from kvmarina.operator.components import Endpoint
+    from kvmarina.operator.plan_pool import plan_pool
+    from kvmarina.operator.plan_serving import plan_serving
+    from kvmarina.validate import parse_resource
+
+    def example(name: str) -> list[Any]:
+        return [
+            parse_resource(d) for d in yaml.safe_load_all((REPO / "examples" / name).read_text())
+        ]
+
+    (pool,) = example("pool.yaml")
+    (serving,) = example("serving.yaml")
+    vllm_pool, vllm = example("vllm-local.yaml")
+    pods = [Endpoint("e", "http://10.0.0.1:8000", "n", None)]
+    manifests = plan_pool(pool, "u", settings, {"token": "t"})
+    manifests += plan_serving(serving, "u", pool, settings, "t", pods)
+    manifests += plan_serving(vllm, "u", vllm_pool, settings, "t", pods)
+    out = []
+    for m in manifests:
+        if m["kind"] in ("Deployment", "DaemonSet"):
+            pod = m["spec"]["template"]
+            component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+            out.append((component, m["metadata"]["namespace"], pod))
+    return out
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_ON)]], ids=["any-namespace", "watched"])
+def test_pod_monitors_scrape_every_pod_the_operator_plans(values: list[str]) -> None:
+    """Each component's PodMonitor selects the pods the operator plans for it, on a
+    port those pods have (agents: metrics, engines and routers: http), and nothing of
+    another component's; the operator's own PodMonitor selects the chart's pod."""
+    from kvmarina.operator.settings import Settings
+
+    objs = render("--set", "metrics.serviceMonitor.enabled=true", *values)
+    monitors = pod_monitors(objs)
+    assert set(monitors) == {"operator", "agent", "engine", "router"}
+    env = operator_env(objs)
+    settings = Settings.from_env(env)
+    pods = planned_pods(settings)
+    assert {c for c, _, _ in pods} == {"agent", "engine", "router"}
+    for component, namespace, pod in pods:
+        if settings.watch_namespaces and component != "agent":
+            namespace = settings.watch_namespaces[0]  # a serving the operator watches
+        chosen = [c for c, m in monitors.items() if scrapes(m, pod, namespace)]
+        assert chosen == [component], (component, pod["metadata"]["labels"])
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    op_pod = dep["spec"]["template"]
+    assert [c for c, m in monitors.items() if scrapes(m, op_pod, "kvmarina-system")] == ["operator"]
+    (metrics_port,) = [
+        p for p in op_pod["spec"]["containers"][0]["ports"] if p["name"] == "metrics"
+    ]
+    assert str(metrics_port["containerPort"]) == env["KVMARINA_METRICS_PORT"] == "8081"
+    for component, monitor in monitors.items():
+        assert job_of(monitor) == f"kvmarina-{component}"
+        if values:  # all-on's metrics.serviceMonitor.labels: what Prometheus selects on
+            assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+
+
+def test_operator_metrics_port_is_in_the_service_and_differs_from_health() -> None:
+    objs = render("--set", "operator.metricsPort=9100")
+    svc = next(o for o in objs if o["kind"] == "Service")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"health": 8080, "metrics": 9100}
+    assert operator_env(objs)["KVMARINA_METRICS_PORT"] == "9100"
+    clash = helm("template", "kv", str(CHART), "--set", "operator.metricsPort=8080", check=False)
+    assert clash.returncode != 0 and "must differ" in clash.stderr
+
+
+def test_monitoring_namespaces_reach_the_operator_and_its_network_policies() -> None:
+    """metrics.monitoringNamespaces -> KVMARINA_MONITORING_NAMESPACES -> the operator's
+    settings -> the agents' NetworkPolicy admits Prometheus' namespace to /metrics."""
+    from kvmarina.operator.netpol import NAMESPACE_LABEL
+    from kvmarina.operator.settings import Settings
+
+    assert operator_env(render())["KVMARINA_MONITORING_NAMESPACES"] == ""
+    env = operator_env(render("--set", "metrics.monitoringNamespaces={monitoring,obs}"))
+    assert env["KVMARINA_MONITORING_NAMESPACES"] == "monitoring,obs"
+    settings = Settings.from_env(env)
+    assert settings.monitoring_namespaces == ("monitoring", "obs")
+    agent = next(p for c, _, p in planned_pods(settings) if c == "agent")
+    (metrics_port,) = [
+        p["containerPort"]
+        for c in agent["spec"]["containers"]
+        for p in c.get("ports") or []
+        if p["name"] == "metrics"
+    ]
+    from kvmarina.operator.plan_pool import plan_pool
+    from kvmarina.validate import parse_resource
+
+    pool = parse_resource(yaml.safe_load((REPO / "examples" / "pool.yaml").read_text()))
+    (policy,) = [
+        m for m in plan_pool(pool, "u", settings, {"token": "t"}) if m["kind"] == "NetworkPolicy"
+    ]
+    admitted = [
+        peer["namespaceSelector"]["matchExpressions"][0]["values"]
+        for rule in policy["spec"]["ingress"]
+        if {"port": metrics_port} in rule["ports"]
+        for peer in rule["from"]
+        if "matchExpressions" in peer.get("namespaceSelector", {})
+        and peer["namespaceSelector"]["matchExpressions"][0]["key"] == NAMESPACE_LABEL
+    ]
+    assert admitted == [["monitoring", "obs"]]
+
+
+@pytest.mark.parametrize(
+    ("values", "level", "fmt"),
+    [
+        ([], "info", "text"),
+        (["--set", "operator.logLevel=debug", "--set", "operator.logFormat=json"], "debug", "json"),
+    ],
+)
+def test_operator_log_settings_reach_the_operator(values: list[str], level: str, fmt: str) -> None:
+    """The chart's environment is what ``kvmarina operator`` reads (no flags in the pod)."""
+    from kvmarina.operator.main import parse_args
+
+    objs = render(*values)
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == ["kvmarina", "operator"]
+    args = parse_args([], operator_env(objs))
+    assert (args.log_level, args.log_format, args.metrics_port) == (level, fmt, 8081)
+
+
+def test_prometheus_rule_is_the_rule_file_and_names_the_pod_monitors_jobs() -> None:
+    """The PrometheusRule carries rules/kvmarina.yaml verbatim ({{ $labels }} untouched
+    by helm); every job an alert selects is one a PodMonitor assigns."""
+    objs = render("-f", str(ALL_ON))
+    (rule,) = [o for o in objs if o["kind"] == "PrometheusRule"]
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    jobs = {job_of(m) for m in pod_monitors(objs).values()}
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert alerts and all({"alert", "expr", "for", "annotations"} <= r.keys() for r in alerts)
+    used = {j for r in alerts for j in re.findall(r'job="([^"]+)"', r["expr"])}
+    assert used and used <= jobs, used - jobs
+    assert any("{{ $labels." in r["annotations"]["summary"] for r in alerts)
