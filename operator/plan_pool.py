@@ -163,6 +163,7 @@ def _daemonset(
         {"name": "KVMARINA_AGENT_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "KVMARINA_AGENT_CONFIG", "value": f"{CONFIG_DIR}/agent.yaml"},
         {"name": "KVMARINA_LOG_LEVEL", "value": spec.agent.log_level},
+        {"name": "KVMARINA_LOG_FORMAT", "value": settings.component_log_format},
     ]
     if spec.memory.backend == "cuda":
         # The agent owns every GPU of its node without claiming them from the scheduler.

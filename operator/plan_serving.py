@@ -237,6 +237,7 @@ def _reference_container(
         model_dir=model_dir,
     )
     env["KVMARINA_ENGINE_LOG_LEVEL"] = settings.component_log_level
+    env["KVMARINA_LOG_FORMAT"] = settings.component_log_format
     if s.engine.simulate:  # seeds its hashes as the router does (auto: the folder's)
         env["KVMARINA_ENGINE_MODEL_IDENTITY"] = model_identity(s, pool.spec) or "auto"
     return {
@@ -290,6 +291,7 @@ def _router_deployment(
             "--log-level",
             settings.component_log_level.upper(),
         ],
+        "env": [{"name": "KVMARINA_LOG_FORMAT", "value": settings.component_log_format}],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
         "volumeMounts": [

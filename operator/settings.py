@@ -26,6 +26,7 @@ class Settings:
     cluster_domain: str = "cluster.local"
     socket_host_path: str = "/var/run/kvmarina"
     component_log_level: str = "info"
+    component_log_format: str = "text"  # text | json (KVMARINA_LOG_FORMAT of the components)
     health_port: int = 8080
     resync_seconds: float = 60.0
     # namespaces (e.g. Prometheus') allowed through the NetworkPolicies to metrics ports
@@ -50,6 +51,7 @@ class Settings:
             cluster_domain=e.get("KVMARINA_CLUSTER_DOMAIN", d.cluster_domain),
             socket_host_path=e.get("KVMARINA_SOCKET_HOST_PATH", d.socket_host_path),
             component_log_level=e.get("KVMARINA_COMPONENT_LOG_LEVEL", d.component_log_level),
+            component_log_format=e.get("KVMARINA_COMPONENT_LOG_FORMAT", d.component_log_format),
             health_port=int(e.get("KVMARINA_HEALTH_PORT", d.health_port)),
             resync_seconds=float(e.get("KVMARINA_RESYNC_SECONDS", d.resync_seconds)),
             monitoring_namespaces=_list(e.get("KVMARINA_MONITORING_NAMESPACES")),

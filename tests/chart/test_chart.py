@@ -399,3 +399,21 @@ def test_prometheus_rule_is_the_rule_file_and_names_the_pod_monitors_jobs() -> N
     used = {j for r in alerts for j in re.findall(r'job="([^"]+)"', r["expr"])}
     assert used and used <= jobs, used - jobs
     assert any("{{ $labels." in r["annotations"]["summary"] for r in alerts)
+
+
+def test_component_log_format_reaches_every_kvmarina_container() -> None:
+    """defaults.componentLogFormat -> the operator's settings -> KVMARINA_LOG_FORMAT of
+    the agents, reference engines and routers it plans (vLLM logs its own way)."""
+    from kvmarina.operator.settings import Settings
+
+    env = operator_env(render("--set", "defaults.componentLogFormat=json"))
+    settings = Settings.from_env(env)
+    seen = set()
+    for component, _, pod in planned_pods(settings):
+        for c in pod["spec"]["containers"]:
+            if "vllm" in c["image"]:
+                continue
+            values = {e["name"]: e.get("value") for e in c.get("env") or []}
+            assert values.get("KVMARINA_LOG_FORMAT") == "json", (component, c["name"])
+            seen.add(component)
+    assert seen == {"agent", "engine", "router"}
