@@ -8,8 +8,11 @@ For router work and capacity planning. Each simulated pod
 * keeps a KV cache of ``kv_blocks`` blocks in LRU order: a prompt's leading
   blocks found there are free (``usage.prompt_tokens_details.cached_tokens``);
 * prefills one request at a time at ``prefill_tps`` tokens/s (so queueing shows
-  up in TTFT), then decodes at ``decode_tps`` tokens/s per request; a rate of 0
-  means "at once" (for proxy benchmarks);
+  up in TTFT), then decodes at ``decode_tps`` tokens/s per request, batched: a
+  sequence decoding does not hold up another's decode, but every prefill step runs
+  ``decode_interference`` slower per sequence decoding beside it (a batched decode
+  step shares the engine's step with the prefill chunk); a rate of 0 means "at
+  once" (for proxy benchmarks);
 * honours ``x-kvmarina-pull`` (``node=..;agent=..;blocks=N``): blocks beyond its
   own run up to ``N`` cost ``block_bytes / pull_bytes_per_s`` instead of prefill;
 * acts as its node's agent: ``GET /v1/events`` streams the same frames a real
@@ -37,6 +40,7 @@ from aiohttp import web
 from kvmarina.events import BlockEvent, Resync, Snapshot
 from kvmarina.framing import encode_frame
 from kvmarina.hashing import HashContract
+from kvmarina.load_report import LOAD_HEADER, EngineLoad, format_load
 from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
@@ -45,6 +49,7 @@ PULL_HEADER = "x-kvmarina-pull"
 SUBSCRIBER_QUEUE = 4096
 DEFAULT_IDENTITY = "sim@v1|simulated|tp0of1"
 OUTPUT_TEXT = "the quick brown fox jumps over the lazy dog "
+DECODE_TICK_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class SimConfig:
     kv_blocks: int = 4096
     prefill_tps: float = 20000.0
     decode_tps: float = 100.0
+    decode_interference: float = 0.01  # prefill slows this much per decoding sequence
     block_size: int = 16
     hash_algorithm: str = "blake2b"
     digest_bits: int = 128
@@ -79,6 +85,15 @@ class SimKV:
             if h not in self.blocks:
                 break
             self.blocks.move_to_end(h)
+            n += 1
+        return n
+
+    def peek(self, hashes: Sequence[bytes]) -> int:
+        """``run`` without refreshing the LRU order."""
+        n = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
             n += 1
         return n
 
@@ -151,6 +166,10 @@ class SimEngine:
         self.hub = EventHub(cfg.node, self.kv)
         self.stats = SimStats()
         self._prefill = asyncio.Lock()
+        self.decoding = 0  # sequences past their first token, not yet finished
+        self.waiting = 0  # requests queued for the prefill server
+        self.prefilling = False
+        self.queued_tokens = 0  # prompt tokens still to prefill (cache hits excluded)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -194,6 +213,8 @@ class SimEngine:
             f"kvmarina_sim_kv_blocks {len(self.kv.blocks)}",
             f"kvmarina_sim_kv_capacity_blocks {self.kv.capacity}",
             f"kvmarina_sim_event_seq {self.hub.seq}",
+            f"kvmarina_sim_requests_running {self.decoding}",
+            f"kvmarina_sim_requests_waiting {self.waiting}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -270,23 +291,20 @@ class SimEngine:
         t0 = time.perf_counter()
         salt = request.headers.get(SALT_HEADER, self.cfg.default_salt)
         hashes = self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
-        async with self._prefill:
-            run = self.kv.run(hashes)
-            pulled = max(
-                0, min(self._pull_blocks(request.headers.get(PULL_HEADER)), len(hashes)) - run
-            )
-            cached = run * self.cfg.block_size
-            compute = len(tokens) - cached - pulled * self.cfg.block_size
-            delay = 0.0
-            if self.cfg.prefill_tps > 0:
-                delay += compute / self.cfg.prefill_tps
-            if pulled and self.cfg.pull_bytes_per_s > 0:
-                delay += pulled * self.cfg.block_bytes / self.cfg.pull_bytes_per_s
-            if delay > 0:
-                await asyncio.sleep(delay)
-            stored, evicted = self.kv.insert(hashes)
-            self.hub.publish("stored", stored, "device")
-            self.hub.publish("evicted", evicted)
+        self.waiting += 1
+        ahead = len(tokens) - self.kv.peek(hashes) * self.cfg.block_size
+        self.queued_tokens += ahead
+        started = False
+        try:
+            async with self._prefill:
+                self.waiting -= 1
+                started = self.prefilling = True
+                _, cached, pulled = await self._prefill_one(request, tokens, hashes)
+        finally:
+            self.queued_tokens -= ahead
+            self.prefilling = False
+            if not started:
+                self.waiting -= 1
         self.stats.requests += 1
         self.stats.prompt_tokens += len(tokens)
         self.stats.cached_tokens += cached
@@ -308,18 +326,57 @@ class SimEngine:
                 bool(isinstance(opts, dict) and opts.get("include_usage")),
             )
         text = await self._decode(max_tokens, None)
-        return web.json_response(self._completion_doc(kind, text, usage))
+        return web.json_response(self._completion_doc(kind, text, usage), headers=self._load())
+
+    def _load(self) -> dict[str, str]:
+        """The engine's load, sent with every answer (``kvmarina.load_report``)."""
+        running = self.decoding + int(self.prefilling)
+        load = EngineLoad(running, self.waiting, self.queued_tokens)
+        return {LOAD_HEADER: format_load(load)}
+
+    async def _prefill_one(
+        self, request: web.Request, tokens: list[int], hashes: list[bytes]
+    ) -> tuple[int, int, int]:
+        """One prefill on the engine's prefill server: (cached blocks, cached tokens,
+        pulled blocks)."""
+        run = self.kv.run(hashes)
+        pulled = max(0, min(self._pull_blocks(request.headers.get(PULL_HEADER)), len(hashes)) - run)
+        cached = run * self.cfg.block_size
+        compute = len(tokens) - cached - pulled * self.cfg.block_size
+        delay = 0.0
+        if self.cfg.prefill_tps > 0:
+            slower = 1.0 + self.cfg.decode_interference * self.decoding
+            delay += compute / self.cfg.prefill_tps * slower
+        if pulled and self.cfg.pull_bytes_per_s > 0:
+            delay += pulled * self.cfg.block_bytes / self.cfg.pull_bytes_per_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+        stored, evicted = self.kv.insert(hashes)
+        self.hub.publish("stored", stored, "device")
+        self.hub.publish("evicted", evicted)
+        return run, cached, pulled
 
     async def _decode(self, n: int, step: Any) -> str:
+        """The first token comes with the prefill; the rest at ``decode_tps``, written
+        in bursts at most every ``DECODE_TICK_S`` (hundreds of sequences decode at once
+        in a replay: a timer per token would measure the event loop, not routing)."""
         out = []
         delay = 1.0 / self.cfg.decode_tps if self.cfg.decode_tps > 0 else 0.0
-        for i in range(n):
-            piece = OUTPUT_TEXT[i % len(OUTPUT_TEXT)]
-            out.append(piece)
-            if step is not None:
-                await step(piece)
-            if delay and i + 1 < n:
-                await asyncio.sleep(delay)
+        self.decoding += 1
+        try:
+            start, due = time.monotonic(), 0.0
+            for i in range(n):
+                piece = OUTPUT_TEXT[i % len(OUTPUT_TEXT)]
+                out.append(piece)
+                if step is not None:
+                    await step(piece)
+                if delay and i + 1 < n:
+                    due += delay
+                    ahead = start + due - time.monotonic()
+                    if ahead >= DECODE_TICK_S or i + 2 == n:
+                        await asyncio.sleep(max(0.0, ahead))
+        finally:
+            self.decoding -= 1
         return "".join(out)
 
     def _completion_doc(self, kind: str, text: str, usage: dict[str, Any]) -> dict[str, Any]:
@@ -346,7 +403,11 @@ class SimEngine:
         self, request: web.Request, kind: str, n: int, usage: dict[str, Any], include_usage: bool
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **self._load(),
+            }
         )
         await resp.prepare(request)
         rid = f"sim-{uuid.uuid4().hex[:12]}"
@@ -438,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV capacity in blocks")
     ap.add_argument("--prefill-tps", type=float, default=20000.0, help="0 = instant")
     ap.add_argument("--decode-tps", type=float, default=100.0, help="0 = instant")
+    ap.add_argument(
+        "--decode-interference",
+        type=float,
+        default=0.01,
+        help="prefill slowdown per sequence decoding beside it (0.01 = 1%%)",
+    )
     ap.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", "16")))
     ap.add_argument("--hash-algorithm", default=_env("HASH_ALGORITHM", "blake2b"))
     ap.add_argument("--digest-bits", type=int, default=int(_env("DIGEST_BITS", "128")))
@@ -501,6 +568,7 @@ def main(argv: list[str]) -> int:
             kv_blocks=args.kv_blocks,
             prefill_tps=args.prefill_tps,
             decode_tps=args.decode_tps,
+            decode_interference=args.decode_interference,
             block_size=args.block_size,
             hash_algorithm=args.hash_algorithm,
             digest_bits=args.digest_bits,

@@ -43,6 +43,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       connect_timeout_s: 2
       request_timeout_s: 600
       health_interval_s: 2
+      load_interval_s: 1              # polls engines' /metrics for their own load; 0: never
       breaker_failures: 3             # consecutive failures that open a pod's breaker
       breaker_cooldown_s: 5
 
@@ -131,6 +132,7 @@ class Limits:
     connect_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
     health_interval_s: float = 2.0
+    load_interval_s: float = 1.0  # polls each engine's /metrics for its own load; 0: never
     breaker_failures: int = 3
     breaker_cooldown_s: float = 5.0
 

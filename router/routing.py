@@ -149,16 +149,20 @@ class RoutingCore:
                     idx.drop_node(node)
         self.live_nodes &= nodes
 
-    def observe_ttft(self, pod: PodState, uncached: int, ttft_s: float, queue_s: float) -> None:
+    def observe_ttft(
+        self, pod: PodState, uncached: int, ttft_s: float, queue_s: float, occupancy: int = 0
+    ) -> None:
         """Refine the serving's prefill rate from one pod's observed TTFT, for all its
         pods: a serving's replicas run the same model on the same resources, so what
         sets their samples apart is queueing, which the queue term counts already. A
         rate per pod, lowered by a busy spell, counted that queueing twice and moved
         conversations off the engine holding them (vLLM fleet: hit rate 0.797 against
         0.8055 with one rate, 3 rounds each)."""
-        pod.observe_ttft(uncached, ttft_s, queue_s, self.cfg.routing.prefill_tokens_per_second)
+        base = self.cfg.routing.prefill_tokens_per_second
+        pod.observe_ttft(uncached, ttft_s, queue_s, base, occupancy)
         for other in self.pods.values():
-            other.prefill_tps = pod.prefill_tps
+            other.prefill_tps, other.interference = pod.prefill_tps, pod.interference
+            other.usual_occupancy = pod.usual_occupancy
 
     def forget_node(self, node: str) -> None:
         """The node's agent cleared its cache: what was sent to its pods is gone too
@@ -271,7 +275,8 @@ class RoutingCore:
                 own = max(match.run.get(node, 0), recent.get(pod.name, 0))
                 if run > own:
                     cost += wi * (run - own) * bs / tps
-            cost += (wq * pod.queue_ahead(now) + wp * (n_tokens - run * bs)) / tps
+            queued = pod.queue_ahead(now) + pod.others_queue(now)
+            cost += (wq * queued + wp * (n_tokens - run * bs)) * pod.slowdown(now) / tps
             if sent:
                 cost += ws * max(0, run - sent.get(pod.name, 0)) * bs / tps
             peer = ""

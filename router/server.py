@@ -15,8 +15,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from kvmarina.load_report import LOAD_HEADER, parse_load_header
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, RouterConfig, load_config
+from kvmarina.router.engine_load import parse_load
 from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS, raw_value
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
@@ -111,6 +113,7 @@ class Router:
         self._sync_followers()
         loops = (
             self._health_loop(),
+            self._load_loop(),
             self._sweep_loop(),
             self._reload_loop(),
             self._bandwidth_loop(),
@@ -231,6 +234,24 @@ class Router:
             if not ok and follower is not None:
                 follower.forget("it failed its health check")
         pod.healthy = ok
+
+    async def _load_loop(self) -> None:
+        """The engines' own load figures (``engine_load``), for what other routers sent."""
+        while self.cfg.limits.load_interval_s > 0:
+            await asyncio.gather(*(self._poll_load(p) for p in list(self.core.pods.values())))
+            await asyncio.sleep(self.cfg.limits.load_interval_s)
+
+    async def _poll_load(self, pod: PodState) -> None:
+        assert self.session is not None
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.limits.connect_timeout_s))
+            async with self.session.get(f"{pod.cfg.url}/metrics", timeout=timeout) as resp:
+                text = await resp.text() if resp.status == 200 else ""
+        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
+            text = ""
+        load = parse_load(text)
+        if load is not None or pod.engine is None or pod.engine.queued_tokens is None:
+            pod.note_engine(load, time.monotonic())  # a header's report is fresher
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -451,11 +472,15 @@ class Router:
         bs = self.core.contract.block_size
         uncached = decision.uncached_tokens(pod, len(parsed.tokens), bs)
         now = time.monotonic()
-        queue_s = pod.queue_ahead(now) / pod.prefill_tps
+        occupancy = pod.occupancy(now)
+        queue_s = (pod.queue_ahead(now) + pod.others_queue(now)) * pod.slowdown(now)
+        queue_s /= pod.prefill_tps
         pod.breaker.on_attempt()
         pod.inflight += 1
         pod.queue_add(uncached, now)
+        pod.note_sent(uncached)
         pending = uncached
+        decoding = False
         out: web.StreamResponse | None = None
         t0 = time.perf_counter()
         try:
@@ -470,15 +495,20 @@ class Router:
                         self._failed(pod)
                         raise UpstreamFailed(f"HTTP {up.status}")
                     self._sent(pod, decision, len(parsed.tokens), uncached)
+                    # the engine's load as it answers: this request's prefill is done
+                    reported = parse_load_header(up.headers.get(LOAD_HEADER))
                     if not parsed.stream:
                         try:
                             body = await up.read()
                         except UpstreamError as exc:
                             self._failed(pod)
                             raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
-                        self._first_byte(pod, time.perf_counter() - t0, uncached, queue_s)
+                        ttft = time.perf_counter() - t0
+                        self._first_byte(pod, ttft, uncached, queue_s, occupancy)
                         pod.queue_done(pending)
                         pending = 0
+                        if reported is not None:
+                            pod.note_engine(reported, time.monotonic())
                         pod.breaker.on_success()
                         return web.Response(
                             body=body, status=up.status, content_type=up.content_type
@@ -486,9 +516,14 @@ class Router:
                     try:
                         async for chunk in up.iter_chunks():
                             if out is None:
-                                self._first_byte(pod, time.perf_counter() - t0, uncached, queue_s)
+                                ttft = time.perf_counter() - t0
+                                self._first_byte(pod, ttft, uncached, queue_s, occupancy)
                                 pod.queue_done(pending)
                                 pending = 0
+                                pod.decoding += 1
+                                decoding = True
+                                if reported is not None:
+                                    pod.note_engine(reported, time.monotonic())
                                 out = web.StreamResponse(status=up.status)
                                 out.content_type = up.content_type
                                 if "cache-control" in up.headers:
@@ -517,6 +552,8 @@ class Router:
         finally:
             pod.inflight -= 1
             pod.queue_done(pending)
+            if decoding:
+                pod.decoding -= 1
 
     def _failed(self, pod: PodState) -> None:
         pod.breaker.on_failure()
@@ -536,6 +573,8 @@ class Router:
         self.metrics.prompt_tokens.inc(n_tokens)
         self.metrics.cached_tokens.inc(n_tokens - uncached)
 
-    def _first_byte(self, pod: PodState, ttft: float, uncached: int, queue_s: float) -> None:
+    def _first_byte(
+        self, pod: PodState, ttft: float, uncached: int, queue_s: float, occupancy: int
+    ) -> None:
         self.metrics.ttft.observe(ttft)
-        self.core.observe_ttft(pod, uncached, ttft, queue_s)
+        self.core.observe_ttft(pod, uncached, ttft, queue_s, occupancy)

@@ -1,0 +1,282 @@
+"""Trace replay: the router's placement against the SGLang router, in two engine regimes.
+
+``../shared/traces/mooncake_synthetic_trace.jsonl`` (each hash_id -> a fixed
+deterministic run of tokens, arrivals time-compressed) through ``--engines`` simulated
+engines, each its own node, whose KV capacity holds ``--capacity`` of the trace's
+distinct blocks (LRU), each with one FIFO prefill server (``kvmarina engine
+--simulate``). Two regimes, side by side in one run:
+
+* ``first_token``: engines answer at the first token (the request leaves the engine
+  when its prefill is done);
+* ``decode``: engines then decode the trace's ``output_length`` tokens at
+  ``--decode-ms`` per token, batched (a decoding sequence occupies its engine but does
+  not queue behind others), and each sequence decoding slows prefill by
+  ``--decode-interference`` (a batched step shares the engine with the prefill chunk).
+
+Policies: ``cache-aware`` (kvmarina, following the engines' block events),
+``cache-aware-approx`` (kvmarina without events: its own record of what it sent where,
+as the SGLang router works), ``round-robin``, and ``sglang`` (``sglang-router --policy
+cache_aware``). ``replicas``: two cache-aware routers that share nothing behind a
+round-robin kvmarina router, against one behind the same front (``--replicas-regime``).
+
+Targets, per regime: cache-aware hit rate >= SGLang's, TTFT p90 <= 0.8x SGLang's, p50
+no worse; two replicas within 5 % of one replica's hit rate and p90. Exit code 1 when a
+target is missed.
+
+    python benchmarks/router_replay.py [--requests 1500] [--replay-seconds 20] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, percentile, report
+from _procs import Procs, start_router, start_sglang, start_sims, wait_ready
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = REPO / ".." / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+REGIMES = ("first_token", "decode")
+
+
+@dataclass(frozen=True)
+class Trace:
+    arrivals: list[float]  # seconds from the first request
+    prompts: list[str]
+    outputs: list[int]  # output tokens of each request (the trace's output_length)
+    distinct: int  # distinct hash ids
+
+
+def load_trace(path: Path, n: int, tokens_per_id: int) -> Trace:
+    """The first ``n`` rows; one character = one token (the byte tokenizer)."""
+    if not path.is_file():
+        raise SystemExit(f"trace not found: {path} (pass --trace)")
+    rows = []
+    with path.open() as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) >= n:
+                break
+    texts: dict[int, str] = {}
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    prompts = []
+    for r in rows:
+        parts = []
+        for h in r["hash_ids"]:
+            if h not in texts:
+                texts[h] = "".join(random.Random(h).choices(letters, k=tokens_per_id))
+            parts.append(texts[h])
+        length = max(1, -(-int(r["input_length"]) * tokens_per_id // 512))
+        prompts.append("".join(parts)[:length])
+    t0 = rows[0]["timestamp"]
+    return Trace(
+        [(r["timestamp"] - t0) / 1000.0 for r in rows],
+        prompts,
+        [max(1, int(r.get("output_length", 1))) for r in rows],
+        len(texts),
+    )
+
+
+async def replay(url: str, trace: Trace, speed: float, decode: bool) -> tuple[list[float], int]:
+    """Every request at its (compressed) arrival time, streamed; TTFTs and errors."""
+    import aiohttp
+
+    ttfts: list[float] = []
+    errors = 0
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
+        start = time.monotonic() + 0.2
+
+        async def one(at: float, prompt: str, out: int) -> None:
+            nonlocal errors
+            await asyncio.sleep(max(0.0, start + at / speed - time.monotonic()))
+            body = {"model": "sim", "prompt": prompt, "max_tokens": out if decode else 2}
+            body["stream"] = True
+            t0 = time.monotonic()
+            try:
+                async with http.post(f"{url}/v1/completions", json=body) as r:
+                    if r.status != 200:
+                        errors += 1
+                        await r.read()
+                        return
+                    first = None
+                    async for chunk in r.content.iter_any():
+                        if first is None and b"data:" in chunk:
+                            first = time.monotonic() - t0
+                    if first is not None:
+                        ttfts.append(first)
+            except aiohttp.ClientError:
+                errors += 1
+
+        rows = zip(trace.arrivals, trace.prompts, trace.outputs, strict=True)
+        await asyncio.gather(*(one(a, p, o) for a, p, o in rows))
+    return ttfts, errors
+
+
+async def engine_hits(urls: list[str]) -> float:
+    """Prompt tokens found cached, over all engines."""
+    import aiohttp
+
+    cached = total = 0.0
+    async with aiohttp.ClientSession() as http:
+        for u in urls:
+            async with http.get(f"{u}/metrics") as r:
+                for line in (await r.text()).splitlines():
+                    name, _, value = line.partition(" ")
+                    if name == "kvmarina_sim_cached_tokens_total":
+                        cached += float(value)
+                    elif name == "kvmarina_sim_prompt_tokens_total":
+                        total += float(value)
+    return cached / total if total else 0.0
+
+
+async def run_policy(
+    args: argparse.Namespace, procs: Procs, tmp: Path, trace: Trace, regime: str, policy: str
+) -> dict[str, Any] | None:
+    """One fresh fleet, one router set-up, one replay; ``None`` when SGLang is absent."""
+    decode = regime == "decode"
+    blocks_per_id = args.tokens_per_id // 16
+    sims, urls, nodes = start_sims(
+        procs,
+        args.engines,
+        args.engine_cpu,
+        kv_blocks=max(16, int(trace.distinct * blocks_per_id * args.capacity / args.engines)),
+        prefill_tps=args.prefill_tps,
+        decode_tps=1000.0 / args.decode_ms if decode else 0,
+        decode_interference=args.decode_interference if decode else 0,
+    )
+    started = []
+    try:
+        await wait_ready(urls[0])
+        routing: dict[str, Any] = {"prefill_tokens_per_second": args.prefill_tps}
+        if args.weights:
+            routing["weights"] = json.loads(args.weights)
+        if policy == "sglang":
+            s = start_sglang(procs, urls, args.router_cpu)
+            if s is None:
+                return None
+            started.append(s[0])
+            url = s[1]
+        elif policy in ("replica1", "replicas2"):
+            inner = []
+            for _ in range(1 if policy == "replica1" else 2):
+                p, u = start_router(
+                    procs, urls, nodes, args.router_cpu, "cache-aware", tmp, **routing
+                )
+                started.append(p)
+                inner.append(u)
+            for u in inner:
+                await wait_ready(u)
+            names = [f"router-{i}" for i in range(len(inner))]
+            p, url = start_router(
+                procs, inner, names, args.router_cpu, "round-robin", tmp, events=False
+            )
+            started.append(p)
+        else:
+            p, url = start_router(
+                procs,
+                urls,
+                nodes,
+                args.router_cpu,
+                policy.removesuffix("-approx"),
+                tmp,
+                events=not policy.endswith("-approx"),
+                **routing,
+            )
+            started.append(p)
+        await wait_ready(url)
+        speed = trace.arrivals[-1] / args.replay_seconds if trace.arrivals[-1] > 0 else 1.0
+        ttfts, errors = await replay(url, trace, speed, decode)
+        hit = await engine_hits(urls)
+    finally:
+        for p in started:
+            procs.stop(p)
+        procs.stop(sims)
+    return {
+        "hit_rate": round(hit, 4),
+        "ttft_p50_ms": round(median(ttfts) * 1e3, 1) if ttfts else None,
+        "ttft_p90_ms": round(percentile(ttfts, 90) * 1e3, 1) if ttfts else None,
+        "ttft_p99_ms": round(percentile(ttfts, 99) * 1e3, 1) if ttfts else None,
+        "errors": errors,
+    }
+
+
+def targets(result: dict[str, Any], regimes: list[str]) -> dict[str, bool]:
+    out = {}
+    for regime in regimes:
+        ca, sg = result.get(f"{regime}_cache_aware"), result.get(f"{regime}_sglang")
+        if not ca or not sg or ca["ttft_p90_ms"] is None or sg["ttft_p90_ms"] is None:
+            continue
+        out[f"{regime}: hit_rate>=sglang"] = ca["hit_rate"] >= sg["hit_rate"]
+        out[f"{regime}: ttft_p90<=0.8*sglang"] = ca["ttft_p90_ms"] <= 0.8 * sg["ttft_p90_ms"]
+        out[f"{regime}: ttft_p50<=sglang"] = ca["ttft_p50_ms"] <= sg["ttft_p50_ms"]
+    one, two = result.get("replica1"), result.get("replicas2")
+    if one and two and one["ttft_p90_ms"] and two["ttft_p90_ms"]:
+        out["replicas: hit_rate>=0.95*one"] = two["hit_rate"] >= 0.95 * one["hit_rate"]
+        out["replicas: ttft_p90<=1.05*one"] = two["ttft_p90_ms"] <= 1.05 * one["ttft_p90_ms"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    ap.add_argument("--requests", type=int, default=1500, help="trace rows replayed")
+    ap.add_argument("--replay-seconds", type=float, default=20.0)
+    ap.add_argument(
+        "--tokens-per-id", type=int, default=64, help="tokens per hash_id (512 in the trace)"
+    )
+    ap.add_argument("--engines", type=int, default=8)
+    ap.add_argument("--capacity", type=float, default=0.7, help="KV of all engines / distinct")
+    ap.add_argument("--prefill-tps", type=float, default=25000.0)
+    ap.add_argument("--decode-ms", type=float, default=20.0, help="per output token (decode)")
+    ap.add_argument("--decode-interference", type=float, default=0.01)
+    ap.add_argument("--regimes", default=",".join(REGIMES))
+    ap.add_argument("--policies", default="cache-aware,cache-aware-approx,round-robin,sglang")
+    ap.add_argument("--replicas-regime", default="decode", help="'' skips the replica runs")
+    ap.add_argument("--weights", default="", help='router weights, JSON: {"duplication": 4}')
+    ap.add_argument("--router-cpu", type=int, default=1, help="-1: not pinned")
+    ap.add_argument("--engine-cpu", type=int, default=0)
+    args = ap.parse_args()
+    args.router_cpu = None if args.router_cpu < 0 else args.router_cpu  # -1: not pinned
+    args.engine_cpu = None if args.engine_cpu < 0 else args.engine_cpu
+    regimes = [r for r in args.regimes.split(",") if r]
+    if unknown := set(regimes) - set(REGIMES):
+        raise SystemExit(f"unknown regime(s) {sorted(unknown)}; use {', '.join(REGIMES)}")
+    trace = load_trace(args.trace, args.requests, args.tokens_per_id)
+    result: dict[str, Any] = {"requests": len(trace.prompts), "seconds": args.replay_seconds}
+    procs = Procs()
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            runs = [(r, p) for r in regimes for p in args.policies.split(",") if p]
+            if args.replicas_regime:
+                runs += [(args.replicas_regime, p) for p in ("replica1", "replicas2")]
+            for regime, policy in runs:
+                print(f"replaying: {regime} / {policy}", file=sys.stderr, flush=True)
+                out = asyncio.run(run_policy(args, procs, Path(tmpdir), trace, regime, policy))
+                key = policy if policy.startswith("replica") else f"{regime}_{policy}"
+                result[key.replace("-", "_")] = out
+    finally:
+        procs.stop_all()
+    met = targets(result, regimes)
+    result["targets_met"] = met
+    rows = [("regime / router", "hit rate", "TTFT p50 / p90 / p99 ms")]
+    for key, v in result.items():
+        if isinstance(v, dict) and "hit_rate" in v:
+            rows.append((key, str(v["hit_rate"]), f"{v['ttft_p50_ms']} / {v['ttft_p90_ms']} / "
+                         f"{v['ttft_p99_ms']}  errors {v['errors']}"))  # fmt: skip
+    report(rows, result)
+    return 0 if all(met.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The router's load model: decoding sequences cost a new request little, engines'
+own load figures count what other routers sent, and the interference is learned."""
+
+from __future__ import annotations
+
+import time
+
+from kvmarina.load_report import EngineLoad, format_load, parse_load_header
+from kvmarina.router.engine_load import parse_load
+from kvmarina.router.pods import MAX_INTERFERENCE
+
+from .test_units import core
+
+
+def test_engine_load_is_read_from_each_engine_kind() -> None:
+    ours = "# HELP x\nkvmarina_engine_running 3.0\nkvmarina_engine_waiting 2.0\n"
+    vllm = (
+        'vllm:num_requests_running{engine="0",model_name="m a"} 5.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m a"} 1.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m a"} 4.0\n'
+        "vllm:gpu_cache_usage_perc 0.5\n"
+    )
+    sim = "kvmarina_sim_requests_running 7\nkvmarina_sim_requests_waiting 0\n"
+    assert parse_load(ours) == EngineLoad(3, 2)
+    assert parse_load(vllm) == EngineLoad(6, 4)
+    assert parse_load(sim) == EngineLoad(7, 0)
+    assert parse_load("other_metric 1\n") is None and parse_load("") is None
+
+
+def test_a_pod_busy_decoding_stays_preferred_for_its_prefix() -> None:
+    """Decoding occupies an engine without queueing a new prompt behind it: the pod
+    holding a prefix keeps it while its prefill server is free."""
+    rc = core()
+    toks = list(range(1600))
+    hs = rc.hashes(toks, "s")
+    rc.index.store("n2", hs, "device")
+    holder = rc.pods["p2"]
+    holder.inflight = holder.decoding = 40  # all past their first token
+    holder.interference = 0.005
+    assert rc.decide(toks, "s").ranked[0].name == "p2"
+
+
+def test_other_routers_load_reported_by_the_engine_counts() -> None:
+    rc = core()
+    toks = list(range(1600))
+    rc.index.store("n2", rc.hashes(toks, "s"), "device")
+    holder = rc.pods["p2"]
+    holder.note_sent(400_000)  # what a request costs here
+    assert rc.decide(toks, "s").ranked[0].name == "p2"
+    holder.note_engine(EngineLoad(running=1, waiting=8), time.monotonic())
+    assert holder.others_queue(time.monotonic()) == 8 * 400_000
+    assert rc.decide(toks, "s").ranked[0].name != "p2"  # another router's queue
+    holder.engine_at -= 60  # a stale figure is not used
+    assert holder.others_queue(time.monotonic()) == 0
+
+
+def test_interference_is_learned_from_ttfts_and_shared() -> None:
+    rc = core()
+    pod = rc.pods["p0"]
+    tps = pod.prefill_tps
+    for _ in range(200):
+        # a prefill took 1.2x as long with 30 sequences decoding as with 10: 1 % each
+        rc.observe_ttft(pod, int(tps), 1.0, 0.0, occupancy=10)
+        rc.observe_ttft(pod, int(tps), 1.2, 0.0, occupancy=30)
+    assert 0.005 < pod.interference < 0.015, pod.interference
+    assert rc.pods["p1"].interference == pod.interference
+    assert 15 < pod.usual_occupancy < 25
+    busy, idle = rc.pods["p1"], rc.pods["p2"]
+    busy.decoding, idle.decoding = 40, 0
+    now = time.monotonic()
+    assert busy.slowdown(now) > 1.0 > idle.slowdown(now)
+    rc.observe_ttft(pod, int(tps), 100.0, 0.0, occupancy=40)  # an outlier
+    assert pod.interference <= MAX_INTERFERENCE
+
+
+def test_the_load_header_round_trips_and_bad_values_are_ignored() -> None:
+    load = EngineLoad(3, 1, 2048)
+    assert parse_load_header(format_load(load)) == load
+    assert parse_load_header("running=3;waiting=1") == EngineLoad(3, 1)
+    assert parse_load_header("running=x;waiting=1") is None
+    assert parse_load_header("") is None and parse_load_header(None) is None
+
+
+def test_another_routers_queue_reported_in_tokens_drains_at_the_prefill_rate() -> None:
+    rc = core()
+    pod = rc.pods["p0"]
+    now = time.monotonic()
+    pod.note_engine(EngineLoad(1, 2, int(pod.prefill_tps)), now)  # 1 s of others' work
+    assert abs(pod.others_queue(now) - pod.prefill_tps) < 1
+    assert abs(pod.others_queue(now + 0.5) - pod.prefill_tps / 2) < 1
+    assert pod.others_queue(now + 2) == 0
