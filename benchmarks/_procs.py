@@ -120,35 +120,26 @@ def start_router(
     return p, p.stdout.readline().split()[-1]
 
 
-def start_sglang(
-    procs: Procs, urls: list[str], cpu: int | None
-) -> tuple[subprocess.Popen[str], str] | None:
+def sglang_command(urls: list[str]) -> tuple[list[str], str] | None:
+    """``sglang-router`` in front of ``urls`` with its cache-aware policy, and its URL;
+    ``None`` when it is not installed."""
     exe = shutil.which("sglang-router") or str(Path(PY).parent / "sglang-router")
     if not Path(exe).exists():
         return None
     port, metrics_port = free_ports(2)
-    p = procs.start(
-        [
-            *pinned(cpu),
-            exe,
-            "launch",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *urls,
-            "--policy",
-            "cache_aware",
-            "--prometheus-port",
-            str(metrics_port),
-            "--log-level",
-            "error",
-            "--worker-startup-check-interval",
-            "1",
-        ]
-    )
-    return p, f"http://127.0.0.1:{port}"
+    argv = [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
+            "--policy", "cache_aware", "--prometheus-port", str(metrics_port),
+            "--log-level", "error", "--worker-startup-check-interval", "1"]  # fmt: skip
+    return argv, f"http://127.0.0.1:{port}"
+
+
+def start_sglang(
+    procs: Procs, urls: list[str], cpu: int | None
+) -> tuple[subprocess.Popen[str], str] | None:
+    cmd = sglang_command(urls)
+    if cmd is None:
+        return None
+    return procs.start([*pinned(cpu), *cmd[0]]), cmd[1]
 
 
 async def wait_ready(url: str, timeout: float = 60.0) -> None:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report
+from _procs import sglang_command
 
 from kvmarina.local.demo import fleet_yaml, replay_measured, set_policy, warm_up, workload
-from kvmarina.local.ports import free_ports
 from kvmarina.local.replay import Summary
 from kvmarina.local.supervisor import Supervisor
 from kvmarina.local.up import start
@@ -45,33 +45,11 @@ POLICIES = ("cache-aware", "round-robin", "least-load")
 
 
 def start_sglang(engines: list[str]) -> tuple[subprocess.Popen[bytes], str] | None:
-    exe = shutil.which("sglang-router") or str(Path(sys.executable).parent / "sglang-router")
-    if not Path(exe).exists():
+    cmd = sglang_command(engines)
+    if cmd is None:
         return None
-    port, metrics_port = free_ports(2)
-    proc = subprocess.Popen(
-        [
-            exe,
-            "launch",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *engines,
-            "--policy",
-            "cache_aware",
-            "--prometheus-port",
-            str(metrics_port),
-            "--log-level",
-            "error",
-            "--worker-startup-check-interval",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    argv, url = cmd
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
