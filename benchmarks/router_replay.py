@@ -13,9 +13,11 @@ distinct blocks (LRU), each with one FIFO prefill server (``kvmarina engine
   not queue behind others), and each sequence decoding slows prefill by
   ``--decode-interference`` (a batched step shares the engine with the prefill chunk).
 
-Policies: ``cache-aware`` (kvmarina, following the engines' block events),
-``cache-aware-approx`` (kvmarina without events: its own record of what it sent where,
-as the SGLang router works), ``round-robin``, and ``sglang`` (``sglang-router --policy
+Policies: ``cache-aware`` (kvmarina, following the engines' block events, placing
+only: no pull hints, so it is comparable with routers that cannot move KV),
+``cache-aware+pull`` (it may also tell an engine to pull a prefix from a peer),
+``cache-aware-approx`` (without events: its own record of what it sent where, as the
+SGLang router works), ``round-robin``, and ``sglang`` (``sglang-router --policy
 cache_aware``). ``replicas``: two cache-aware routers that share nothing behind a
 round-robin kvmarina router, against one behind the same front (``--replicas-regime``).
 
@@ -167,16 +169,20 @@ async def run_policy(
                 return None
             started.append(s[0])
             url = s[1]
-        elif policy in ("replica1", "replicas2"):
+        elif policy in ("replica1", "replicas2", "replica1+shadow"):
             inner = []
-            for _ in range(1 if policy == "replica1" else 2):
+            n = 1 if policy == "replica1" else 2
+            for _ in range(n):
                 p, u = start_router(
-                    procs, urls, nodes, args.router_cpu, "cache-aware", tmp, **routing
-                )
+                    procs, urls, nodes, args.router_cpu, "cache-aware", tmp,
+                    replicas=n, pull_hints=False, **routing,
+                )  # fmt: skip
                 started.append(p)
                 inner.append(u)
             for u in inner:
                 await wait_ready(u)
+            if policy == "replica1+shadow":  # a second replica that follows the events
+                inner = inner[:1]  # and takes no request: the CPU it costs, no decisions
             names = [f"router-{i}" for i in range(len(inner))]
             p, url = start_router(
                 procs, inner, names, args.router_cpu, "round-robin", tmp, events=False
@@ -188,9 +194,10 @@ async def run_policy(
                 urls,
                 nodes,
                 args.router_cpu,
-                policy.removesuffix("-approx"),
+                policy.removesuffix("-approx").removesuffix("+pull"),
                 tmp,
                 events=not policy.endswith("-approx"),
+                pull_hints=policy.endswith("+pull"),
                 **routing,
             )
             started.append(p)

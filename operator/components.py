@@ -189,6 +189,7 @@ def router_config(
             "migration": r.weights.migration,
         },
         "pull_hints": pool.migration.enabled,
+        "replicas": r.replicas,
     }
     if r.prefill_tokens_per_second is not None:
         routing["prefill_tokens_per_second"] = r.prefill_tokens_per_second

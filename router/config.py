@@ -29,6 +29,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       block_bytes: 131072             # KV bytes of one block (for migration estimates)
       transfer_bytes_per_second: 2.0e9     # peer-to-peer bandwidth (agents' measured figure)
       pull_hints: true                # false: never ask an engine to pull from a peer
+      replicas: 1                     # router replicas in front of the same engines
     pods:
       - {name: chat-0, url: "http://10.0.0.5:8000", node: node-a, agent_url: "http://10.0.0.5:7070"}
       - {name: vllm-0, url: "http://10.0.0.6:8000", node: node-b,
@@ -119,6 +120,10 @@ class RoutingConfig:
     block_bytes: int = 131072
     transfer_bytes_per_second: float = 2.0e9
     pull_hints: bool = True
+    # router replicas in front of the same engines (the serving's routing.replicas):
+    # each sees about 1/replicas of the requests, so its own queue counts that many
+    # times over where the engines report nothing fresher
+    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +259,8 @@ def parse_config(data: Any) -> RouterConfig:
             raise ConfigError(f"routing.{rate} must be > 0")
     if cfg.routing.transfer_bytes_per_second <= 0:
         raise ConfigError("routing.transfer_bytes_per_second must be > 0")
+    if cfg.routing.replicas < 1:
+        raise ConfigError("routing.replicas must be >= 1 (the router replicas of the serving)")
     lim = cfg.limits
     if lim.max_inflight < 1 or lim.index_max_blocks < 1 or lim.breaker_failures < 1:
         raise ConfigError("limits.max_inflight, index_max_blocks and breaker_failures must be >= 1")

@@ -164,6 +164,14 @@ class RoutingCore:
             other.prefill_tps, other.interference = pod.prefill_tps, pod.interference
             other.usual_occupancy = pod.usual_occupancy
 
+    def queued(self, pod: PodState, now: float) -> float:
+        """Prefill tokens ahead of a request sent to ``pod`` now: ours, and what other
+        routers sent as the engine reported it, or, with replicas and no fresher
+        report, ours as often as there are replicas (they share nothing but the traffic,
+        which a Service spreads evenly)."""
+        own = pod.queue_ahead(now)
+        return max(own * self.cfg.routing.replicas, own + pod.others_queue(now))
+
     def forget_node(self, node: str) -> None:
         """The node's agent cleared its cache: what was sent to its pods is gone too
         (the sibling term would otherwise favour a pod for blocks nobody holds)."""
@@ -275,7 +283,7 @@ class RoutingCore:
                 own = max(match.run.get(node, 0), recent.get(pod.name, 0))
                 if run > own:
                     cost += wi * (run - own) * bs / tps
-            queued = pod.queue_ahead(now) + pod.others_queue(now)
+            queued = self.queued(pod, now)
             cost += (wq * queued + wp * (n_tokens - run * bs)) * pod.slowdown(now) / tps
             if sent:
                 cost += ws * max(0, run - sent.get(pod.name, 0)) * bs / tps

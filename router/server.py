@@ -473,7 +473,7 @@ class Router:
         uncached = decision.uncached_tokens(pod, len(parsed.tokens), bs)
         now = time.monotonic()
         occupancy = pod.occupancy(now)
-        queue_s = (pod.queue_ahead(now) + pod.others_queue(now)) * pod.slowdown(now)
+        queue_s = self.core.queued(pod, now) * pod.slowdown(now)
         queue_s /= pod.prefill_tps
         pod.breaker.on_attempt()
         pod.inflight += 1

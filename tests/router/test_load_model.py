@@ -89,3 +89,16 @@ def test_another_routers_queue_reported_in_tokens_drains_at_the_prefill_rate() -
     assert abs(pod.others_queue(now) - pod.prefill_tps) < 1
     assert abs(pod.others_queue(now + 0.5) - pod.prefill_tps / 2) < 1
     assert pod.others_queue(now + 2) == 0
+
+
+def test_a_replica_counts_its_own_queue_once_per_replica() -> None:
+    """Replicas behind a Service each see about 1/N of the requests: without a fresher
+    report from the engine, a replica's own queue stands for N times as much."""
+    one, three = core(), core(replicas=3)
+    now = time.monotonic()
+    for rc in (one, three):
+        rc.pods["p0"].queue_add(3000, now)
+    assert three.queued(three.pods["p0"], now) == 3 * one.queued(one.pods["p0"], now) > 0
+    # a fresh report of the engine's whole queue wins when it says more
+    three.pods["p0"].note_engine(EngineLoad(0, 9, 20000), now)
+    assert three.queued(three.pods["p0"], now) > 3 * one.queued(one.pods["p0"], now)
