@@ -19,7 +19,10 @@ only: no pull hints, so it is comparable with routers that cannot move KV),
 ``cache-aware-approx`` (without events: its own record of what it sent where, as the
 SGLang router works), ``round-robin``, and ``sglang`` (``sglang-router --policy
 cache_aware``). ``replicas``: two cache-aware routers that share nothing behind a
-round-robin kvmarina router, against one behind the same front (``--replicas-regime``).
+round-robin kvmarina router, against one behind the same front (``--replicas-regime``);
+two controls as policies: ``replica1+shadow`` (a second replica follows the events but
+takes no request: what its CPU costs) and ``replica1x2`` (the front names one replica
+twice: what the front costs).
 
 Targets, per regime: cache-aware hit rate >= SGLang's, TTFT p90 <= 0.8x SGLang's, p50
 no worse; two replicas within 5 % of one replica's hit rate and p90. Exit code 1 when a
@@ -169,9 +172,9 @@ async def run_policy(
                 return None
             started.append(s[0])
             url = s[1]
-        elif policy in ("replica1", "replicas2", "replica1+shadow"):
+        elif policy in ("replica1", "replicas2", "replica1+shadow", "replica1x2"):
             inner = []
-            n = 1 if policy == "replica1" else 2
+            n = 1 if policy in ("replica1", "replica1x2") else 2
             for _ in range(n):
                 p, u = start_router(
                     procs, urls, nodes, args.router_cpu, "cache-aware", tmp,
@@ -183,6 +186,8 @@ async def run_policy(
                 await wait_ready(u)
             if policy == "replica1+shadow":  # a second replica that follows the events
                 inner = inner[:1]  # and takes no request: the CPU it costs, no decisions
+            if policy == "replica1x2":  # the front with two entries for the same replica
+                inner = [inner[0], inner[0]]
             names = [f"router-{i}" for i in range(len(inner))]
             p, url = start_router(
                 procs, inner, names, args.router_cpu, "round-robin", tmp, events=False
