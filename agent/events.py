@@ -1,4 +1,4 @@
-"""The agent's block-event publisher (DESIGN.md "Block events").
+"""The agent's block-event publisher (docs/design.md "Block events").
 
 Events are numbered per boot. Each subscriber has a bounded queue; one that
 falls behind is not given a gap: its queue is replaced by a ``Resync`` marker

@@ -1,4 +1,4 @@
-"""Block events: the agent -> router contract (DESIGN.md "Block events").
+"""Block events: the agent -> router contract (docs/design.md "Block events").
 
 Every agent numbers its events per boot: ``(boot_id, seq)`` with ``seq``
 strictly increasing by one. A subscriber first receives a ``Snapshot`` of the

@@ -385,7 +385,7 @@ class BudgetSpec(Spec):
 
 
 class ServingSharingSpec(Spec):
-    """Who may share this serving's cached prefixes (DESIGN.md "Tenancy")."""
+    """Who may share this serving's cached prefixes (docs/design.md "Tenancy")."""
 
     scope: Scope | None = Field(
         None,
@@ -498,7 +498,7 @@ class TierStatus(Spec):
 
 
 class IndexHealth(Spec):
-    """Health of the agent's block index and its event stream (DESIGN.md "Block events")."""
+    """Health of the agent's block index and its event stream (docs/design.md "Block events")."""
 
     boot_id: str | None = Field(
         None, description="The agent's boot id; a change means its index restarted empty."

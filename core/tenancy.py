@@ -1,4 +1,4 @@
-"""The tenant salt (DESIGN.md "Tenancy"): one derivation for router and engine.
+"""The tenant salt (docs/design.md "Tenancy"): one derivation for router and engine.
 
 * scope ``none``: private to the serving -> salt names namespace and serving;
 * scope ``namespace``: shared inside the namespace -> salt names the namespace;

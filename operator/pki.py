@@ -44,10 +44,10 @@ async def make_pool_pki(pool: str) -> dict[str, str]:
                        "-days", DAYS, "-subj", f"/CN=kvmarina-pool-{pool}-ca")  # fmt: skip
         await _openssl(d, "req", *ec, "-keyout", "tls.key", "-out", "tls.csr",
                        "-subj", f"/CN=kvmarina-agent-{pool}")  # fmt: skip
-        Path(d, "ext.cnf").write_text(
-            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n"
-        )
+        ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n"
+        await asyncio.to_thread(Path(d, "ext.cnf").write_text, ext)
         await _openssl(d, "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
                        "-CAcreateserial", "-out", "tls.crt", "-days", DAYS,
                        "-extfile", "ext.cnf")  # fmt: skip
-        return {f: Path(d, f).read_text() for f in ("ca.crt", "tls.crt", "tls.key")}
+        names = ("ca.crt", "tls.crt", "tls.key")
+        return {f: await asyncio.to_thread(Path(d, f).read_text) for f in names}

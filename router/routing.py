@@ -1,6 +1,6 @@
 """Choosing a pod: hash the prompt, look its prefix up, score the candidates.
 
-Cache-aware scoring (DESIGN.md "Routing") estimates each pod's time to first token::
+Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to first token::
 
     ttft = w_queue   * queue_ahead / rate                (prefill not yet done on the pod)
          + w_prefill * uncached_tokens / rate          (device-tier hits are free)

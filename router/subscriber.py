@@ -1,4 +1,4 @@
-"""Following one agent's block-event stream (DESIGN.md "Block events").
+"""Following one agent's block-event stream (docs/design.md "Block events").
 
 ``GET <agent_url>/v1/events`` streams ``kvmarina.framing`` frames: a ``Snapshot``,
 then ``BlockEvent``s with consecutive ``seq``. On a gap, a new ``boot_id`` or a

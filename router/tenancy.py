@@ -1,4 +1,4 @@
-"""The tenant salt (DESIGN.md "Tenancy"): derived by the router, never taken raw
+"""The tenant salt (docs/design.md "Tenancy"): derived by the router, never taken raw
 from a client.
 
 * scope ``none``: private to the serving -> salt names namespace and serving;

@@ -1,4 +1,4 @@
-"""Guards for the folder -> package mapping (DESIGN.md "The parts")."""
+"""Guards for the folder -> package mapping (docs/design.md "The parts")."""
 
 from __future__ import annotations
 

@@ -285,7 +285,7 @@ async def test_event_stream_snapshot_then_live(agent: AgentProc) -> None:
     # SIGTERM: the agent publishes 'cleared' and exits cleanly
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(10) == 0
-    assert not os.path.exists(agent.socket)
+    assert not await asyncio.to_thread(os.path.exists, agent.socket)
 
 
 def test_metrics_and_stats(agent: AgentProc) -> None:
