@@ -9,25 +9,16 @@ sharing at all; ``kvmarina.engine.paged`` implements it over the agent's pages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from kvmarina.engine.batch import StepBatch
 from kvmarina.engine.contiguous import ContiguousKV
 from kvmarina.engine.model import Attention
+from kvmarina.headers import PullHint
 
 
 class KVFull(RuntimeError):
     """No room for a sequence's next tokens right now (the scheduler waits or preempts)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PullHint:
-    """The router's suggestion: a peer node's agent holds ``blocks`` leading blocks."""
-
-    node: str
-    agent: str
-    blocks: int
 
 
 class KVStore(Protocol):

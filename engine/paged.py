@@ -23,9 +23,10 @@ import torch
 
 from kvmarina.agent.client import AgentError, AgentFull, AgentUnavailable, Hit
 from kvmarina.engine.batch import StepBatch
-from kvmarina.engine.kvstore import KVFull, PullHint
+from kvmarina.engine.kvstore import KVFull
 from kvmarina.engine.model import Attention
 from kvmarina.hashing import HashContract
+from kvmarina.headers import PullHint
 from kvmarina.kernels import paged_attention, paged_decode, reshape_and_cache
 from kvmarina.kernels.layout import blocks_view, layer_views
 from kvmarina.layout import KVLayout

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kvmarina.engine.batch import StepBatch
-from kvmarina.engine.kvstore import KVFull, KVStore, PullHint
+from kvmarina.engine.kvstore import KVFull, KVStore
 from kvmarina.engine.model import LlamaForCausalLM
 from kvmarina.engine.sampling import Sampler, SamplingParams
+from kvmarina.headers import PullHint
 
 #: How long a step with nothing to compute sleeps: every waiting request is held
 #: by the agent (KV full) or waits for blocks another engine is computing, and

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvmarina.engine.kvstore import KVStore, PullHint
+from kvmarina.engine.kvstore import KVStore
 from kvmarina.engine.openai import (
     SSE_DONE,
     ParsedRequest,
@@ -28,12 +28,11 @@ from kvmarina.engine.openai import (
     usage,
 )
 from kvmarina.engine.scheduler import Output, QueueFull, Scheduler, SchedulerStats, Sequence
+from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHint, PullHintError, parse_pull_hint
 from kvmarina.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SALT_HEADER = "x-kvmarina-salt"
-PULL_HEADER = "x-kvmarina-pull"
 MAX_BODY = 4 * 1024 * 1024
 
 
@@ -265,15 +264,7 @@ def parse_pull(value: str | None) -> PullHint | None:
     """``node=<peer>;agent=<url>;blocks=<n>``; a malformed hint is a 400."""
     if not value:
         return None
-    fields: dict[str, str] = {}
-    for part in value.split(";"):
-        key, sep, val = part.strip().partition("=")
-        if not sep:
-            raise RequestError(f"malformed {PULL_HEADER} header: {value!r}", PULL_HEADER)
-        fields[key] = val
     try:
-        return PullHint(fields["node"], fields["agent"], int(fields["blocks"]))
-    except (KeyError, ValueError):
-        raise RequestError(
-            f"{PULL_HEADER} needs node=, agent= and blocks=<int>: {value!r}", PULL_HEADER
-        ) from None
+        return parse_pull_hint(value)
+    except PullHintError as exc:
+        raise RequestError(f"malformed {PULL_HEADER} header: {exc}", PULL_HEADER) from None

@@ -40,12 +40,11 @@ from aiohttp import web
 from kvmarina.events import BlockEvent, Resync, Snapshot
 from kvmarina.framing import encode_frame
 from kvmarina.hashing import HashContract
+from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHintError, parse_pull_hint
 from kvmarina.load_report import LOAD_HEADER, EngineLoad, format_load
 from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
-SALT_HEADER = "x-kvmarina-salt"
-PULL_HEADER = "x-kvmarina-pull"
 SUBSCRIBER_QUEUE = 4096
 DEFAULT_IDENTITY = "sim@v1|simulated|tp0of1"
 OUTPUT_TEXT = "the quick brown fox jumps over the lazy dog "
@@ -262,13 +261,12 @@ class SimEngine:
             raise _BadRequest(str(exc)) from None
 
     def _pull_blocks(self, value: str | None) -> int:
-        if not value:
+        """Blocks a pull hint offers; an unreadable hint is none (a real engine says
+        400: the simulator models timing, not validation)."""
+        try:
+            return parse_pull_hint(value).blocks if value else 0
+        except PullHintError:
             return 0
-        for part in value.split(";"):
-            key, _, val = part.partition("=")
-            if key.strip() == "blocks" and val.strip().isdigit():
-                return int(val)
-        return 0
 
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:

@@ -36,9 +36,9 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kvmarina.headers import PullHint
 from kvmarina.router.config import RouterConfig
 from kvmarina.router.hashmemo import HashMemo
-from kvmarina.router.headers import PullHint
 from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch
 from kvmarina.router.pods import PodState
 

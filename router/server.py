@@ -15,11 +15,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from kvmarina.headers import PULL_HEADER, SALT_HEADER
 from kvmarina.load_report import LOAD_HEADER, parse_load_header
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, RouterConfig, load_config
 from kvmarina.router.engine_load import parse_load
-from kvmarina.router.headers import PULL_HEADER, SALT_HEADER, STRIPPED_HEADERS, raw_value
+from kvmarina.router.headers import STRIPPED_HEADERS, raw_value
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import quote
 
+from kvmarina.headers import SALT_HEADER
 from kvmarina.router.config import SharingConfig
-from kvmarina.router.headers import SALT_HEADER
 from kvmarina.tenancy import scope_salt
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmarina.router.headers import PullHint
+from kvmarina.headers import PullHint
 
 PULL_KEY = "kvmarina_pull"  # kvmarina.connector.vllm reads it
 

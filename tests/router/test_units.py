@@ -12,10 +12,10 @@ import pytest
 
 from kvmarina.events import BlockEvent, Snapshot
 from kvmarina.hashing import HashContract
+from kvmarina.headers import PullHint, PullHintError, parse_pull_hint
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, load_config, parse_config
 from kvmarina.router.hashmemo import HashMemo
-from kvmarina.router.headers import PullHint, PullHintError, parse_pull_hint
 from kvmarina.router.index import BlockIndex
 from kvmarina.router.pods import Breaker, PodState
 from kvmarina.router.routing import NoPodAvailable, RoutingCore
