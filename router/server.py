@@ -215,20 +215,31 @@ class Router:
                     self.core.bandwidth[node] = max(rates)
             await asyncio.sleep(interval_s)
 
+    async def _each_pod(self, check: Any, interval_s: float) -> None:
+        while interval_s > 0:
+            await asyncio.gather(*(check(p) for p in list(self.core.pods.values())))
+            await asyncio.sleep(interval_s)
+
     async def _health_loop(self) -> None:
-        while True:
-            await asyncio.gather(*(self._check(p) for p in list(self.core.pods.values())))
-            await asyncio.sleep(self.cfg.limits.health_interval_s)
+        await self._each_pod(self._check, self.cfg.limits.health_interval_s)
+
+    async def _load_loop(self) -> None:
+        """The engines' own load figures (``engine_load``), for what other routers sent."""
+        await self._each_pod(self._poll_load, self.cfg.limits.load_interval_s)
+
+    async def _get_text(self, pod: PodState, path: str) -> str | None:
+        """The body of a 200 answer to ``GET <pod>/<path>``; ``None`` for anything else."""
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.limits.connect_timeout_s))
+        try:
+            async with self.session.get(f"{pod.cfg.url}{path}", timeout=timeout) as resp:
+                text = await resp.text(errors="replace")
+                return text if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
 
     async def _check(self, pod: PodState) -> None:
-        assert self.session is not None
-        try:
-            timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.limits.connect_timeout_s))
-            async with self.session.get(f"{pod.cfg.url}/health", timeout=timeout) as resp:
-                ok = resp.status == 200
-                await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            ok = False
+        ok = await self._get_text(pod, "/health") is not None
         if ok != pod.healthy:
             log.info("pod %s is now %s", pod.name, "healthy" if ok else "unhealthy")
             follower = self.vllm.get(pod.name)
@@ -236,21 +247,8 @@ class Router:
                 follower.forget("it failed its health check")
         pod.healthy = ok
 
-    async def _load_loop(self) -> None:
-        """The engines' own load figures (``engine_load``), for what other routers sent."""
-        while self.cfg.limits.load_interval_s > 0:
-            await asyncio.gather(*(self._poll_load(p) for p in list(self.core.pods.values())))
-            await asyncio.sleep(self.cfg.limits.load_interval_s)
-
     async def _poll_load(self, pod: PodState) -> None:
-        assert self.session is not None
-        try:
-            timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.limits.connect_timeout_s))
-            async with self.session.get(f"{pod.cfg.url}/metrics", timeout=timeout) as resp:
-                text = await resp.text() if resp.status == 200 else ""
-        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeDecodeError):
-            text = ""
-        load = parse_load(text)
+        load = parse_load(await self._get_text(pod, "/metrics") or "")
         if load is not None or pod.engine is None or pod.engine.queued_tokens is None:
             pod.note_engine(load, time.monotonic())  # a header's report is fresher
 

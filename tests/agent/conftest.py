@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -71,7 +72,10 @@ def write_config(tmp: Path, **over: object) -> Path:
 
 
 @contextmanager
-def agent_process(tmp: Path, **over: object) -> Iterator[AgentProc]:
+def agent_process(
+    tmp: Path, env: dict[str, str] | None = None, **over: object
+) -> Iterator[AgentProc]:
+    """``env``: variables added to the agent's environment (as a pod spec sets them)."""
     cfg_path = write_config(tmp, **over)
     cfg = json.loads(cfg_path.read_text())
     proc = subprocess.Popen(
@@ -79,6 +83,7 @@ def agent_process(tmp: Path, **over: object) -> Iterator[AgentProc]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{cfg['http_port']}"
     try:

@@ -365,3 +365,23 @@ def test_admin_clear_drops_unpinned_blocks_from_loopback_only(agent: AgentProc) 
     assert agent.stats()["blocks"]["device"] == 2  # type: ignore[index]
     assert clear("127.0.0.1") == (200, {"dropped": 2})
     assert agent.stats()["blocks"]["device"] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+def test_the_pools_agent_log_level_reaches_the_agent(tmp_path: Path, level: str) -> None:
+    """spec.agent.logLevel -> the planned DaemonSet's environment -> the agent's logs."""
+    from kvmarina.operator.plan_pool import plan_pool
+    from kvmarina.operator.settings import Settings
+    from kvmarina.validate import parse_resource
+
+    doc = {"apiVersion": "kvmarina.io/v1alpha1", "kind": "KVCachePool",
+           "metadata": {"name": "p"}, "spec": {"agent": {"logLevel": level}}}  # fmt: skip
+    plan = plan_pool(parse_resource(doc), "u", Settings(), {"token": "t"})
+    (ds,) = [m for m in plan if m["kind"] == "DaemonSet"]
+    env = {e["name"]: e["value"] for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "value" in e and e["name"].startswith("KVMARINA_LOG")}  # fmt: skip
+    assert env["KVMARINA_LOG_LEVEL"] == level
+    with agent_process(tmp_path, env=env) as agent:
+        pass
+    out = agent.proc.stdout.read() if agent.proc.stdout else ""
+    assert (" INFO kvmarina.agent" in out) == (level == "info"), out
