@@ -5,12 +5,15 @@ serving's credential, as the reference engine does. When the agent is not there 
 started yet, restarting, gone), every call returns the answer that makes vLLM compute
 for itself — no hits, nothing saved — and says so once in the log; the session tries
 again at most every ``retry_s`` seconds. A new agent boot is a new region: the worker
-maps it again before reading any block it names (``boot_id``).
+maps it again before reading any block it names (``boot_id``). The worker's save thread
+and its main thread share one session: calls take turns (one request in flight on the
+agent's socket at a time).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,12 +35,17 @@ class AgentSession:
         self.boot_id: str | None = None
         self._next_try = 0.0
         self._said_gone = False
+        self._lock = threading.RLock()
 
     def _budget(self) -> Budget:
         s, b = self.settings, self.block_bytes
         return Budget(s.budget_min // b, max(1, s.budget_max // b), s.priority)
 
     def connect(self) -> AgentClient | None:
+        with self._lock:
+            return self._connect()
+
+    def _connect(self) -> AgentClient | None:
         if self.client is not None:
             return self.client
         now = time.monotonic()
@@ -74,29 +82,37 @@ class AgentSession:
 
     def call(self, fn: Callable[[AgentClient], T], default: T) -> T:
         """``fn(client)``, or ``default`` when there is no agent (said once)."""
-        client = self.connect()
-        if client is None:
-            return default
-        try:
-            return fn(client)
-        except AgentUnavailable as exc:
-            self._gone(str(exc))
-            return default
-        except AgentError as exc:  # full, busy, refused: this call only
-            log.debug("kvmarina connector (%s): %s", self.role, exc)
-            return default
+        with self._lock:
+            client = self._connect()
+            if client is None:
+                return default
+            try:
+                return fn(client)
+            except AgentUnavailable as exc:
+                self._gone(str(exc))
+                return default
+            except AgentError as exc:  # full, busy, refused: this call only
+                log.debug("kvmarina connector (%s): %s", self.role, exc)
+                return default
 
     def lookup(self, hashes: list[bytes]) -> list[Hit]:
         return self.call(lambda c: c.lookup(hashes), [])
 
-    def release(self, hashes: list[bytes]) -> None:
-        if hashes:
-            self.call(lambda c: c.release(hashes), None)
+    def lookup_claim(self, hashes: list[bytes]) -> tuple[list[Hit], int]:
+        """The agent's hits, and how many blocks after them other engines compute now;
+        the rest become this session's to compute (see ``kvmarina.agent.claims``)."""
+        nothing: tuple[list[Hit], int] = ([], 0)
+        return self.call(lambda c: c.lookup_claim(hashes), nothing)
+
+    def release(self, hashes: list[bytes], unclaim: list[bytes] | None = None) -> None:
+        if hashes or unclaim:
+            self.call(lambda c: c.release(hashes, unclaim=unclaim), None)
 
     def pull(self, peer: str, hashes: list[bytes], node: str | None) -> dict[str, Any]:
         return self.call(lambda c: c.pull(peer, hashes, node), {"pulled": 0})
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        with self._lock:
+            if self.client is not None:
+                self.client.close()
+                self.client = None

@@ -13,7 +13,9 @@ the request's ``cache_salt``), and plans each step's loads and saves
 (``kvmarina.connector.plan``). In the worker it copies those blocks from the agent's
 shared pages into vLLM's paged KV before the forward pass, and the blocks that became
 full after it into leased pages, committed to the agent (which checksums them and
-publishes their ``stored`` events). A router's pull hint rides in the request's
+publishes their ``stored`` events) on a thread of its own, so decode does not wait on the
+agent (``kvmarina.connector.saver``: vLLM keeps a finished request's blocks until its saves
+are over). A router's pull hint rides in the request's
 ``kv_transfer_params`` (``{"kvmarina_pull": {"agent", "node", "blocks"}}``): the agent
 pulls those blocks from the peer node first. Without an agent, vLLM computes everything
 itself (``kvmarina.connector.agent_session``); a block the worker cannot read from the
@@ -23,6 +25,7 @@ agent that the scheduler saw is reported as a load error, and vLLM recomputes it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvmarina.connector.agent_session import AgentSession
 from kvmarina.connector.kv_blocks import LayoutMismatch, PagedKV, load_blocks, save_blocks
 from kvmarina.connector.plan import Planner, StepPlan
+from kvmarina.connector.saver import BlockSaver
 from kvmarina.connector.settings import ConnectorSettings
 
 if TYPE_CHECKING:
@@ -81,6 +85,7 @@ class KVMarinaConnector(KVConnectorBase_V1):
         )
         self.planner = Planner(self.settings.contract, self.settings.model_identity, self.session)
         self.kv: PagedKV | None = None
+        self.saver = BlockSaver(None)  # records requests until register_kv_caches
         self._load_errors: set[int] = set()
         log.info(
             "kvmarina connector (%s): agent %s, identity %s, blocks of %d bytes",
@@ -94,7 +99,8 @@ class KVMarinaConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         tokens = request.prompt_token_ids or []
         salt = request.cache_salt or self.settings.default_salt
-        self._pull(request, tokens, salt)
+        if request.request_id not in self.planner.waiting:  # asked again: pulled already
+            self._pull(request, tokens, salt)
         n = self.planner.matched(request.request_id, tokens, salt, num_computed_tokens)
         return n, False
 
@@ -138,17 +144,19 @@ class KVMarinaConnector(KVConnectorBase_V1):
             )
             for i, req_id in enumerate(c.req_ids)
         ]
-        plan = self.planner.step(new, cached, scheduler_output.num_scheduled_tokens)
+        preempted = frozenset(scheduler_output.preempted_req_ids or ())
+        plan = self.planner.step(new, cached, scheduler_output.num_scheduled_tokens, preempted)
         return KVMarinaMetadata(plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self.planner.step_done()
+        self.planner.sends_done(connector_output.finished_sending or ())
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self.planner.finished(request.request_id)
-        return False, None
+        # True keeps the blocks until the worker's saves of them are over (get_finished)
+        return self.planner.finished(request.request_id), None
 
     # ------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -165,6 +173,14 @@ class KVMarinaConnector(KVConnectorBase_V1):
             )  # fmt: skip
             return
         self.kv = kv
+        self.saver = BlockSaver(self._store)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        plan = self._plan()
+        if plan is not None and plan.preempted:
+            # a preempted request's blocks are free again: this step may write them
+            self.saver.wait_for(plan.preempted)
 
     def _plan(self) -> StepPlan | None:
         if self.kv is None or not self.has_connector_metadata():
@@ -192,11 +208,25 @@ class KVMarinaConnector(KVConnectorBase_V1):
         return  # whole blocks are saved once the forward pass is over (wait_for_save)
 
     def wait_for_save(self) -> None:
-        plan = self._plan()
-        if plan is None or not plan.saves or self.kv is None:
+        if not self.has_connector_metadata():
             return
+        meta = self._get_connector_metadata()
+        if isinstance(meta, KVMarinaMetadata) and meta.plan.saves:
+            self.saver.submit(meta.plan.saves, self._forward_written())
+
+    def _forward_written(self) -> Callable[[], None] | None:
+        """On CUDA, an event the save thread waits on: the forward pass's KV writes are
+        queued on this thread's stream, not done, when ``wait_for_save`` runs."""
+        if self.kv is None or not self.kv.layers[0].is_cuda:
+            return None
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        return event.synchronize
+
+    def _store(self, saves: Sequence[tuple[int, bytes]]) -> None:
+        """The save thread's part: lease pages, copy the blocks in, commit them."""
         kv = self.kv
-        saves = plan.saves
+        assert kv is not None
 
         def save(client: Any) -> None:
             slots = client.lease(len(saves))
@@ -207,9 +237,13 @@ class KVMarinaConnector(KVConnectorBase_V1):
 
         self.session.call(save, None)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self.saver.finished_sending(finished_req_ids) or None, None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
+        self.saver.close()
         self.session.close()

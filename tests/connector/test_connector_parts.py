@@ -56,12 +56,12 @@ def test_a_request_loads_the_agents_blocks_beyond_vllms_own_and_saves_the_rest()
     hits = pool.lookup(ours[:3])
     assert plan.loads == [(11, hits[1].page, hits[1].index), (12, hits[2].page, hits[2].index)]
     # this step computes tokens 12..17: block 3 becomes full and is saved under its hash
-    assert plan.saves == [(13, ours[3])] and plan.boot_id == pool.info["boot_id"]
+    assert plan.saves == [("r", 13, ours[3])] and plan.boot_id == pool.info["boot_id"]
     pool.release(ours[:3])
     # decoding fills block 4 a step later
     tokens += [19, 20]
     plan = planner.step([], [("r", None, 18, False)], {"r": 2})
-    assert plan.saves == [(14, c.block_hashes(tokens, IDENT, "t")[4])]
+    assert plan.saves == [("r", 14, c.block_hashes(tokens, IDENT, "t")[4])]
     assert planner.loaded_blocks == 2 and planner.saved_blocks == 2
 
 
@@ -94,11 +94,11 @@ def test_a_resumed_request_saves_into_its_new_blocks() -> None:
     assert planner.matched("r", tokens, "", 0) == 0
     planner.allocated("r", [5, 6, 7], 0)
     plan = planner.step([("r", [5, 6, 7], 0)], [], {"r": 4})
-    assert [b for b, _ in plan.saves] == [5]
+    assert [b for _, b, _ in plan.saves] == [5]
     # preempted, then back with other blocks: block 0 is in the agent already, block 1
     # is saved from its new place once computed again
     plan = planner.step([], [("r", [8, 9, 10], 0, True)], {"r": 9})
-    assert [b for b, _ in plan.saves] == [9]
+    assert [b for _, b, _ in plan.saves] == [9]
 
 
 @pytest.mark.parametrize(

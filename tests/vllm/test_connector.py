@@ -72,6 +72,17 @@ def stats(node: Node) -> dict[str, Any]:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
+def stored(node: Node, at_least: int, timeout: float = 20.0) -> int:
+    """The node's committed device blocks once there are ``at_least`` of them: the
+    connector saves on a thread of its own, so a reply can come before its blocks are
+    committed."""
+    deadline = time.monotonic() + timeout
+    while (n := int(stats(node)["blocks"]["device"])) < at_least:
+        assert time.monotonic() < deadline, f"{n} blocks committed, waited for {at_least}"
+        time.sleep(0.05)
+    return n
+
+
 @pytest.fixture(scope="module")
 def fleet(
     vllm_py: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory
@@ -135,25 +146,59 @@ def assert_same(a: tuple[str, list[float], int], b: tuple[str, list[float], int]
     assert max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) < 1e-4
 
 
+def kv_usage(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:kv_cache_usage_perc"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("vLLM reports no vllm:kv_cache_usage_perc")
+
+
+def all_blocks_free(url: str, timeout: float = 20.0) -> None:
+    """vLLM keeps a finished request's blocks while the connector saves them: they must
+    all come back once the saves are over."""
+    deadline = time.monotonic() + timeout
+    while (used := kv_usage(url)) > 0:
+        assert time.monotonic() < deadline, f"vLLM still holds {used:.2%} of its KV blocks"
+        time.sleep(0.1)
+
+
 def test_a_prompt_computed_by_one_vllm_is_served_by_its_sibling(fleet: Fleet) -> None:
     a0, a1 = fleet.engines["a0"], fleet.engines["a1"]
     prompt = block_text(7, 2000)  # 62 full blocks of 32, one token left to compute
+    before = int(stats(fleet.nodes["a"])["blocks"]["device"])
     first = complete(a0.url, prompt, "tenant")
-    committed = stats(fleet.nodes["a"])["blocks"]["device"]
-    assert committed >= 62
+    stored(fleet.nodes["a"], before + 62)
     warm = complete(a1.url, prompt, "tenant")
     assert warm[2] == 62 * 32  # every full block but the last token's came from the agent
     cold = complete(a1.url, prompt, "someone-else")  # other block names: computed
     assert cold[2] == 0
     assert_same(warm, cold)
     assert_same(first, cold)
+    all_blocks_free(a0.url)
+    all_blocks_free(a1.url)
+
+
+def test_a_prefix_two_engines_get_at_once_is_computed_once(fleet: Fleet) -> None:
+    a0, a1 = fleet.engines["a0"], fleet.engines["a1"]
+    prompt = block_text(9, 2000)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(complete, a0.url, prompt, "tenant")
+        time.sleep(0.1)  # a0 is prefilling (about 0.25 s): its blocks are claimed
+        second = pool.submit(complete, a1.url, prompt, "tenant")
+        done = first.result(), second.result()
+    # a1 waited for a0's blocks (the agent's claims) and loaded them
+    assert done[1][2] == 62 * 32
+    assert_same(done[1], done[0])
 
 
 def test_another_node_pulls_the_prefix_when_the_router_says_so(fleet: Fleet) -> None:
     a0, b0 = fleet.engines["a0"], fleet.engines["b0"]
     prompt = block_text(8, 1500)
-    complete(a0.url, prompt, "tenant")
     full = (len(prompt) + 1 - 1) // 32  # BOS + bytes, less the token left to compute
+    before = int(stats(fleet.nodes["a"])["blocks"]["device"])
+    complete(a0.url, prompt, "tenant")
+    stored(fleet.nodes["a"], before + full)
     hint = {"kvmarina_pull": {"agent": fleet.nodes["a"].agent_url, "node": "a", "blocks": full}}
     warm = complete(b0.url, prompt, "tenant", kv_transfer_params=hint)
     assert warm[2] == full * 32
@@ -179,5 +224,7 @@ def test_an_agent_restart_in_the_middle_of_a_run_loses_no_request(fleet: Fleet) 
     # the connector finds the new agent (it tries every 5 s): prefixes are shared again
     time.sleep(6)
     prompt = block_text(200, 1200)
+    before = int(stats(fleet.nodes["a"])["blocks"]["device"])
     complete(a0.url, prompt, "tenant")
+    stored(fleet.nodes["a"], before + len(prompt) // 32)
     assert complete(a1.url, prompt, "tenant")[2] == (len(prompt) // 32) * 32
