@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY core core
 COPY operator operator
 COPY agent agent
+COPY connector connector
 COPY engine engine
 COPY router router
 COPY kernels kernels
@@ -30,10 +31,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends openssl \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /dist /dist
-# The router and operator never import torch; install the CPU wheel only so the
-# dependency resolves without pulling CUDA libraries into this image.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
- && pip install --no-cache-dir /dist/*.whl \
+# The base install: what the operator and the router import (no torch, no CUDA).
+RUN pip install --no-cache-dir /dist/*.whl \
  && rm -rf /dist
 USER 65532:65532
 ENTRYPOINT ["kvmarina"]
@@ -48,7 +47,7 @@ RUN apt-get update \
 ENV PATH=/opt/kvmarina/bin:$PATH
 COPY --from=wheel /dist /dist
 RUN pip install --no-cache-dir "torch==2.13.0" \
- && pip install --no-cache-dir "/dist/$(ls /dist)[gpu]" \
+ && pip install --no-cache-dir "/dist/$(ls /dist)[all,gpu]" \
  && rm -rf /dist
 USER 65532:65532
 ENTRYPOINT ["kvmarina"]

@@ -40,7 +40,7 @@ $(VENV)/.torch: | $(PY)
 
 $(SRC_STAMP): $(VENV)/.torch
 	rm -f $(VENV)/.src-*
-	$(PIP) install -q --no-build-isolation -e '.[test,lint]' $(TORCH_PIN) --config-settings editable_mode=strict
+	$(PIP) install -q --no-build-isolation -e '.[all,test,lint]' $(TORCH_PIN) --config-settings editable_mode=strict
 	touch $@
 
 $(VENV)/bin/helm: | $(PY)

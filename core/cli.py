@@ -29,6 +29,10 @@ PART_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# What the base install (operator, router) lacks, and the extra that brings it.
+EXTRA_OF_MODULE = {"torch": "agent", "xxhash": "agent", "crc32c": "agent", "safetensors": "engine"}
+
+
 def _available(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -107,7 +111,18 @@ def _run_part(name: str, argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"kvmarina {name}: needs {exc.name}, which this install lacks; install the "
+            f"'{extra}' extra: pip install 'kvmarina[{extra}]' (or 'kvmarina[all]')",
+            file=sys.stderr,
+        )
+        return 2
     entry: Callable[[list[str]], int] = module.main
     return int(entry(argv) or 0)
 

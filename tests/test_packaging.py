@@ -148,3 +148,57 @@ def test_wheel_installs_and_imports_every_module(tmp_path: Path) -> None:
         timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+#: what only the agent and engine import: the base install (operator, router) lacks it
+COMPONENT_ONLY = ("torch", "safetensors", "xxhash", "crc32c")
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].strip() for r in reqs}
+
+
+def test_the_base_install_has_no_torch_and_the_extras_add_it() -> None:
+    project = PYPROJECT["project"]
+    base = _requirement_names(project["dependencies"])
+    assert not base & set(COMPONENT_ONLY)
+    extras = project["optional-dependencies"]
+    assert {"torch", "xxhash", "crc32c"} <= _requirement_names(extras["agent"])
+    assert {"kvmarina", "safetensors"} <= _requirement_names(extras["engine"])
+    assert "kvmarina[agent,engine]" in extras["all"]
+
+
+def _without_component_deps(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` where the agent's and engine's dependencies cannot be imported, as
+    in the slim image (``sys.modules[name] = None`` makes ``import name`` fail)."""
+    block = f"import sys\nfor m in {COMPONENT_ONLY!r}: sys.modules[m] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", block + code], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_operator_and_router_run_on_the_base_install() -> None:
+    done = _without_component_deps(
+        "import kvmarina.operator.main, kvmarina.operator.handlers, kvmarina.router.main\n"
+        "from kvmarina.cli import main\n"
+        "for part in ('operator', 'router'):\n"
+        "    try: main([part, '--help'])\n"
+        "    except SystemExit as e: assert e.code == 0, (part, e.code)\n"
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_component_without_its_extra_says_which_to_install() -> None:
+    done = _without_component_deps("from kvmarina.cli import main\nsys.exit(main(['agent']))")
+    assert done.returncode == 2, done.stderr
+    assert "install the 'agent' extra: pip install 'kvmarina[agent]'" in done.stderr
+
+
+def test_the_image_builds_from_every_part_folder() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copied = {
+        line.split()[1]
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--" not in line
+    }
+    assert set(PACKAGE_DIR.values()) <= copied
