@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvmarina.agent.pool import Pool
-from kvmarina.framing import encode_frame
+from kvmarina.event_log import stream
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +150,7 @@ def build_app(
     async def events(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-kvmarina-frames"})
         await resp.prepare(request)
-        sub = pool.events.subscribe()
-        try:
-            while True:
-                record = await sub.queue.get()
-                await resp.write(encode_frame(record.to_wire()))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            pool.events.unsubscribe(sub)
+        await stream(pool.events, resp.write)
         return resp
 
     async def clear(request: web.Request) -> web.Response:

@@ -35,10 +35,10 @@ import torch
 from kvmarina.agent import checksums
 from kvmarina.agent.claims import ClaimTable
 from kvmarina.agent.credentials import Identity
-from kvmarina.agent.events import EventLog
 from kvmarina.agent.index import Block, BlockIndex, Key, Slot
 from kvmarina.agent.memory import CpuRegion, Region, make_region
 from kvmarina.agent.slots import FreePages, SlotPool
+from kvmarina.event_log import EventLog
 
 log = logging.getLogger(__name__)
 

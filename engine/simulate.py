@@ -37,8 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kvmarina.events import BlockEvent, Resync, Snapshot
-from kvmarina.framing import encode_frame
+from kvmarina.event_log import EventLog, stream
 from kvmarina.hashing import HashContract
 from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHintError, parse_pull_hint
 from kvmarina.load_report import LOAD_HEADER, EngineLoad, format_load
@@ -113,37 +112,6 @@ class SimKV:
         return [h for h in stored if h not in gone], [h for h in evicted if h not in stored]
 
 
-class EventHub:
-    """Numbers events per boot and fans them out to subscribers' bounded queues."""
-
-    def __init__(self, node: str, kv: SimKV) -> None:
-        self.node = node
-        self.kv = kv
-        self.boot_id = uuid.uuid4().hex
-        self.seq = 0
-        self.subscribers: set[asyncio.Queue[bytes | None]] = set()
-
-    def publish(self, kind: str, hashes: list[bytes], tier: str | None = None) -> None:
-        if not hashes:
-            return
-        self.seq += 1
-        frame = encode_frame(
-            BlockEvent(kind, self.boot_id, self.seq, tuple(hashes), tier).to_wire()
-        )
-        for q in self.subscribers:
-            try:
-                q.put_nowait(frame)
-            except asyncio.QueueFull:
-                # fell behind: drop its backlog; the handler sends Resync + a snapshot
-                while not q.empty():
-                    q.get_nowait()
-                q.put_nowait(None)
-
-    def snapshot_frame(self) -> bytes:
-        snap = Snapshot(self.boot_id, self.seq, self.node, dict.fromkeys(self.kv.blocks, "device"))
-        return encode_frame(snap.to_wire(), max_size=1 << 30)
-
-
 @dataclass(slots=True)
 class SimStats:
     requests: int = 0
@@ -162,7 +130,9 @@ class SimEngine:
         self.contract = HashContract(cfg.block_size, cfg.hash_algorithm, cfg.digest_bits // 8)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_dir)
         self.kv = SimKV(cfg.kv_blocks)
-        self.hub = EventHub(cfg.node, self.kv)
+        self.hub = EventLog(
+            cfg.node, lambda: dict.fromkeys(self.kv.blocks, "device"), max_queue=SUBSCRIBER_QUEUE
+        )
         self.stats = SimStats()
         self._prefill = asyncio.Lock()
         self.decoding = 0  # sequences past their first token, not yet finished
@@ -183,10 +153,7 @@ class SimEngine:
 
     async def _end_streams(self, app: web.Application) -> None:
         """Event streams never end by themselves: close them so shutdown does not wait."""
-        for q in self.hub.subscribers:
-            while not q.empty():
-                q.get_nowait()
-            q.put_nowait(b"")
+        self.hub.close()
 
     # -- plain endpoints --------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
@@ -220,23 +187,7 @@ class SimEngine:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-kvmarina-frames"})
         await resp.prepare(request)
-        q: asyncio.Queue[bytes | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        self.hub.subscribers.add(q)
-        try:
-            await resp.write(self.hub.snapshot_frame())
-            while True:
-                frame = await q.get()
-                if frame == b"":
-                    break
-                if frame is None:
-                    await resp.write(encode_frame(Resync(self.hub.boot_id, "behind").to_wire()))
-                    await resp.write(self.hub.snapshot_frame())
-                    continue
-                await resp.write(frame)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.hub.subscribers.discard(q)
+        await stream(self.hub, resp.write)
         return resp
 
     # -- generation ---------------------------------------------------------------------

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from kvmarina.agent.credentials import CredentialError, CredentialStore, Identity
-from kvmarina.agent.events import EventLog
 from kvmarina.agent.pool import Budget, Pool, PoolError, PoolFull, Session
+from kvmarina.event_log import EventLog
 from kvmarina.events import BlockEvent, Resync, Snapshot
 
 BB = 4096  # block bytes; pages of 4 blocks

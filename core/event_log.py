@@ -1,23 +1,32 @@
-"""The agent's block-event publisher (docs/design.md "Block events").
+"""The block-event publisher: the node agent's, and the simulated engine's (docs/design.md
+"Block events"); the records themselves are ``kvmarina.events``.
 
-Events are numbered per boot. Each subscriber has a bounded queue; one that
-falls behind is not given a gap: its queue is replaced by a ``Resync`` marker
-followed by a fresh snapshot, and numbering continues from there.
+Events are numbered per boot. Each subscriber has a bounded queue and gets a snapshot
+first; one that falls behind is not given a gap: its queue is replaced by a ``Resync``
+marker followed by a fresh snapshot, and numbering continues from there. ``stream``
+writes one subscriber's records as frames until it goes away or the log is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmarina.events import BlockEvent, Record, Resync, Snapshot
+from kvmarina.framing import encode_frame
+
+#: A snapshot names every block of the node: far larger than any other record.
+MAX_SNAPSHOT_FRAME = 1 << 30
 
 
 @dataclass(eq=False)
 class Subscriber:
-    queue: asyncio.Queue[Record]
+    """One stream's queue: records in ``seq`` order; ``None`` ends the stream."""
+
+    queue: asyncio.Queue[Record | None]
     resyncs: int = 0
 
 
@@ -52,14 +61,23 @@ class EventLog:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
 
-    def publish(self, kind: str, hashes: tuple[bytes, ...] = (), tier: str | None = None) -> None:
+    def close(self) -> None:
+        """End every stream (a server shutting down does not wait for them)."""
+        for sub in self.subscribers:
+            while not sub.queue.empty():
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(None)
+
+    def publish(
+        self, kind: str, hashes: tuple[bytes, ...] | list[bytes] = (), tier: str | None = None
+    ) -> None:
         if kind != "cleared" and not hashes:
             return
         self.seq += 1
         self.published += 1
         if not self.subscribers:
             return  # numbered all the same: a later snapshot carries this seq
-        event = BlockEvent(kind, self.boot_id, self.seq, hashes, tier)
+        event = BlockEvent(kind, self.boot_id, self.seq, tuple(hashes), tier)
         for sub in self.subscribers:
             if sub.queue.qsize() >= self.max_queue:
                 self._resync(sub, "subscriber fell behind")
@@ -73,3 +91,16 @@ class EventLog:
         self.resyncs += 1
         sub.queue.put_nowait(Resync(self.boot_id, reason))
         sub.queue.put_nowait(self.snapshot())
+
+
+async def stream(log: EventLog, write: Callable[[bytes], Awaitable[Any]]) -> None:
+    """Subscribe and ``write`` each record as a frame, the snapshot first, until the
+    peer goes away or ``log.close()``."""
+    sub = log.subscribe()
+    try:
+        while (record := await sub.queue.get()) is not None:
+            await write(encode_frame(record.to_wire(), max_size=MAX_SNAPSHOT_FRAME))
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        log.unsubscribe(sub)
