@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from kvmarina.agent_stats import AgentStats, StatsError
 from kvmarina.local.rundir import run_dir
 from kvmarina.local.supervisor import load_state
 
@@ -22,17 +23,16 @@ def fetch(url: str) -> dict[str, Any] | None:
 
 
 def agent_row(name: str, node: str, url: str) -> list[str]:
-    s = fetch(url + "/stats")
-    if s is None:
-        return [name, node, "down", "-", "-", "-"]
-    pages = s["pages"]
-    dev = f"{pages['device']['used']}/{pages['device']['total']}"
-    host = f"{pages['host']['used']}/{pages['host']['total']}"
-    st = s.get("stats", {})
-    hit, miss = st.get("hit_blocks", 0), st.get("miss_blocks", 0)
-    rate = f"{hit / (hit + miss):.0%}" if hit + miss else "-"
-    blocks = s["blocks"]["device"] + s["blocks"]["host"]
-    return [name, node, f"dev {dev} host {host}", str(blocks), rate, str(s.get("sessions", 0))]
+    doc = fetch(url + "/stats")
+    try:
+        s = AgentStats.from_wire(doc)
+    except StatsError:
+        return [name, node, "down" if doc is None else "bad /stats", "-", "-", "-"]
+    dev, host = s.pages["device"], s.pages["host"]
+    rate = f"{s.hit_blocks / s.asked_blocks:.0%}" if s.asked_blocks else "-"
+    blocks = s.blocks["device"] + s.blocks["host"]
+    tiers = f"dev {dev.used}/{dev.total} host {host.used}/{host.total}"
+    return [name, node, tiers, str(blocks), rate, str(s.sessions)]
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

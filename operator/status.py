@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kvmarina.agent_stats import AgentStats
+
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "InvalidSpec")
 
 
@@ -102,62 +104,38 @@ def rate(hits: int, total: int) -> float | None:
     return round(hits / total, 4) if total > 0 else None
 
 
-def _count(doc: Any, *keys: str) -> int:
-    """An integer at ``doc[k0][k1]...``; ``ValueError`` naming the path otherwise."""
-    for k in keys:
-        if not isinstance(doc, dict) or k not in doc:
-            raise ValueError(f"/stats has no {'.'.join(keys)}")
-        doc = doc[k]
-    if isinstance(doc, bool) or not isinstance(doc, int) or doc < 0:
-        raise ValueError(f"/stats {'.'.join(keys)} is {doc!r}, not a count")
-    return doc
-
-
-def _tier(stats: dict[str, Any], tier: str, page_bytes: int) -> dict[str, int]:
-    return {
-        "capacityBytes": _count(stats, "pages", tier, "total") * page_bytes,
-        "usedBytes": _count(stats, "pages", tier, "used") * page_bytes,
-        "blocks": _count(stats, "blocks", tier),
-    }
-
-
-def _optional_count(stats: dict[str, Any], key: str) -> int | None:
-    value = stats.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def agent_figures(stats: Any, page_bytes: int) -> tuple[dict[str, Any], int, int]:
-    """An agent's ``/stats`` document (``kvmarina.agent`` ``Pool.summary``) as status
-    fields, plus its raw (hit, asked) block counts for the pool-wide hit rate.
+    """An agent's ``/stats`` document (``kvmarina.agent_stats``) as status fields, plus
+    its raw (hit, asked) block counts for the pool-wide hit rate.
 
     Byte figures are pages times the pool's page size (the agent counts pages).
-    ``eventLag`` and ``resyncs`` are filled when the agent reports ``event_lag`` and
-    ``resyncs``; older agents leave them empty. ``ValueError`` when a required
-    figure is missing or not a count."""
-    if not isinstance(stats, dict):
-        raise ValueError(f"/stats answered {type(stats).__name__}, not an object")
-    device, host = _tier(stats, "device", page_bytes), _tier(stats, "host", page_bytes)
-    raw = stats.get("stats")
-    counters: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    hits = _count(counters, "hit_blocks") if "hit_blocks" in counters else 0
-    misses = _count(counters, "miss_blocks") if "miss_blocks" in counters else 0
-    boot = stats.get("boot_id")
+    ``eventLag``, ``resyncs`` and ``subscribers`` are filled when the agent reports
+    them; older agents leave them empty. ``StatsError`` (a ``ValueError``) names the
+    first figure that is missing or not a count."""
+    doc = AgentStats.from_wire(stats)
+    tiers = {
+        tier: {
+            "capacityBytes": doc.pages[tier].total * page_bytes,
+            "usedBytes": doc.pages[tier].used * page_bytes,
+            "blocks": doc.blocks[tier],
+        }
+        for tier in ("device", "host")
+    }
     index = {
-        "bootId": boot if isinstance(boot, str) else None,
-        "lastEventSeq": _count(stats, "seq"),
-        "eventLag": _optional_count(stats, "event_lag"),
-        "resyncs": _optional_count(stats, "resyncs"),
-        "subscribers": _optional_count(stats, "subscribers"),
+        "bootId": doc.boot_id or None,
+        "lastEventSeq": doc.seq,
+        "eventLag": doc.event_lag,
+        "resyncs": doc.resyncs,
+        "subscribers": doc.subscribers,
     }
     fields = {
-        "device": device,
-        "host": host,
-        "blocks": device["blocks"] + host["blocks"],
-        "hitRate": rate(hits, hits + misses),
-        "sessions": _optional_count(stats, "sessions") or 0,
+        **tiers,
+        "blocks": doc.blocks["device"] + doc.blocks["host"],
+        "hitRate": rate(doc.hit_blocks, doc.asked_blocks),
+        "sessions": doc.sessions,
         "index": {k: v for k, v in index.items() if v is not None},
     }
-    return fields, hits, hits + misses
+    return fields, doc.hit_blocks, doc.asked_blocks
 
 
 def agent_entry(sample: AgentSample, page_bytes: int) -> tuple[dict[str, Any], int, int]:

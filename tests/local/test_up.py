@@ -95,6 +95,8 @@ def test_up_serves_status_shows_down_stops_everything(tmp_path: Path) -> None:
                     assert json.loads(r.read())["transfer"]["port"] > 0
         status = cli("status", cwd=tmp_path)
         assert status.returncode == 0 and "agent-local-node-0" in status.stdout
+        agent = next(ln for ln in status.stdout.splitlines() if "agent-local-node-0" in ln)
+        assert " dev " in agent and "bad /stats" not in agent  # the agent's typed /stats
         assert "router-tiny" in status.stdout and "up" in status.stdout
         down = cli("down", cwd=tmp_path)
         assert down.returncode == 0, down.stderr
