@@ -2,10 +2,10 @@
 
 Called by the kopf layer on create, update, resume and a timer alike; it never
 looks at what changed, only at what is, so a child edited or deleted by hand is
-restored on the next pass and a restart creates no duplicates. A child is applied
-only when the live object lacks part of the planned one, so a settled object costs
-reads only. Each function returns the *desired* status; the kopf layer patches
-the difference (``status.diff``).
+restored on the next pass and a restart creates no duplicates. Planning is pure
+(``plan_pool``, ``plan_serving``), applying is ``apply``, reading what the children
+report is ``observe``. Each function returns the *desired* status; the kopf layer
+patches the difference (``status.diff``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any
 
 from kvmarina.operator import naming as n
 from kvmarina.operator import status as st
-from kvmarina.operator.components import ENGINE_PORT, ROUTER_PORT, Endpoint, PlanError, new_token
+from kvmarina.operator.apply import Applier, Key, key_of
+from kvmarina.operator.components import PlanError, new_token
 from kvmarina.operator.kube import KubeClient
+from kvmarina.operator.observe import Observer
 from kvmarina.operator.pki import PKIError, make_pool_pki
 from kvmarina.operator.plan_pool import b64, credential_entry, credential_key, plan_pool, unb64
 from kvmarina.operator.plan_serving import plan_serving
-from kvmarina.operator.plan_vllm import EVENTS_PORT_NAME, REPLAY_PORT_NAME
 from kvmarina.operator.scrape import Scraper
 from kvmarina.operator.settings import Settings
 from kvmarina.serving import check_serving, effective_scope, overcommitted
@@ -33,46 +34,11 @@ from kvmarina.validate import Resource, SpecError, parse_resource
 log = logging.getLogger(__name__)
 ROTATE = "kvmarina.io/rotate-credentials"
 PKI_FILES = ("ca.crt", "tls.crt", "tls.key")
-Key = tuple[str, str | None, str]  # kind, namespace, name
-
-
-def contains(live: Any, want: Any) -> bool:
-    """``want`` is a sub-document of ``live`` (what apply would not change)."""
-    if isinstance(want, dict):
-        return isinstance(live, dict) and all(
-            k in live and contains(live[k], v) for k, v in want.items()
-        )
-    if isinstance(want, list):
-        return (
-            isinstance(live, list)
-            and len(live) == len(want)
-            and all(contains(a, b) for a, b in zip(live, want, strict=True))
-        )
-    return bool(live == want)
-
-
-def key_of(m: dict[str, Any]) -> Key:
-    return m["kind"], m["metadata"].get("namespace"), m["metadata"]["name"]
 
 
 def _spec_only(body: dict[str, Any]) -> dict[str, Any]:
     """The user's part of the object: status is ours and is not validated as input."""
     return {k: v for k, v in body.items() if k != "status"}
-
-
-def pod_port(pod: dict[str, Any], name: str, default: int) -> int:
-    """The pod's container port called ``name``: the live pod, not the plan, says where
-    it listens (during a rollout that changes the port, old pods keep the old one)."""
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        for p in c.get("ports") or []:
-            if p.get("name") == name and isinstance(p.get("containerPort"), int):
-                return int(p["containerPort"])
-    return default
-
-
-def _pod_ip(pod: dict[str, Any]) -> str | None:
-    ip = (pod.get("status") or {}).get("podIP")
-    return str(ip) if ip else None
 
 
 def _carried(body: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -88,60 +54,24 @@ SERVING_FIGURES = ("prefixHitRate", "eventStreams")
 
 @dataclass
 class Reconciler:
-    """Reconciles both kinds through one API client.
-
-    Invariant: ``absent`` holds only optional children this process saw missing and
-    has not created since; it spares a read per pass and is safe to lose (a restart
-    re-reads once)."""
+    """Reconciles both kinds through one API client: plans (pure), applies what differs
+    (``apply.Applier``), reads what the children report (``observe.Observer``)."""
 
     kube: KubeClient
     settings: Settings
-    absent: set[Key] = field(default_factory=set)
     # kopf runs a timer beside an object's change handlers: one pass at a time per object
     locks: defaultdict[Key, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     scrape: Scraper = field(default_factory=Scraper)
+    applier: Applier = field(init=False)
+    observe: Observer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.applier = Applier(self.kube)
+        self.observe = Observer(self.kube, self.settings, self.scrape)
 
     async def close(self) -> None:
         await self.kube.close()
         await self.scrape.close()
-
-    async def apply_all(
-        self,
-        manifests: list[dict[str, Any]],
-        known: dict[Key, Any] | None = None,
-        new: bool = False,
-    ) -> tuple[int, dict[Key, Any]]:
-        """Apply the manifests that differ from the live objects: (number applied,
-        live objects by key). ``known`` are live objects already read this pass;
-        ``new``: the owner was just created, so its children are applied unread."""
-        live_by_key = dict(known or {})
-        changed = 0
-        for m in manifests:
-            k = key_of(m)
-            if new and k not in live_by_key:
-                live_by_key[k] = None
-            if k not in live_by_key:
-                live_by_key[k] = await self.kube.get(m["apiVersion"], k[0], k[1], k[2])
-            self.absent.discard(k)
-            if live_by_key[k] is not None and contains(live_by_key[k], m):
-                continue
-            live_by_key[k] = await self.kube.apply(m, missing=live_by_key[k] is None)
-            changed += 1
-        return changed, live_by_key
-
-    async def prune(self, optional: list[tuple[str, str, str, str]], planned: set[Key]) -> None:
-        """Delete optional children (apiVersion, kind, namespace, name) no longer planned."""
-        for api, kind, ns, name in optional:
-            k = (kind, ns, name)
-            if k in planned or k in self.absent:
-                continue
-            live = await self.kube.get(api, kind, ns, name)
-            if (
-                live is not None
-                and n.PART_OF.items() <= (live.get("metadata", {}).get("labels") or {}).items()
-            ):
-                await self.kube.delete(api, kind, ns, name)
-            self.absent.add(k)
 
     async def servings_of(self, pool: str) -> list[dict[str, Any]]:
         items = await self.kube.list(API_VERSION, "ModelServing", None)
@@ -174,28 +104,6 @@ class Reconciler:
         async with self.locks[("KVCachePool", None, body["metadata"]["name"])]:
             return await self._pool(body, observe)
 
-    async def _observe_agents(self, pool: Resource, agents: list[dict[str, Any]]) -> dict[str, Any]:
-        """Per-node figures from the agents' ``/stats``, read concurrently."""
-        targets = []
-        for a in agents:
-            node = (a.get("spec") or {}).get("nodeName")
-            if not node:
-                continue  # not scheduled: counted in nodesDesired, no node to report
-            ip = _pod_ip(a)
-            port = pod_port(a, "metrics", pool.spec.agent.http_port)
-            targets.append((a, node, f"http://{ip}:{port}/stats" if ip else None))
-        fetched = iter(await self.scrape.fetch_all([u for _, _, u in targets if u]))
-        samples = []
-        for a, node, url in targets:
-            got = next(fetched) if url else None
-            samples.append(
-                st.AgentSample(
-                    node, a["metadata"]["name"], st.pod_ready(a), url,
-                    got.body if got else None, got.error if got else None,
-                )
-            )  # fmt: skip
-        return st.pool_figures(samples, pool.spec.memory.page_bytes)
-
     async def _pool(self, body: dict[str, Any], observe: bool) -> dict[str, Any]:
         meta = body["metadata"]
         gen = meta.get("generation")
@@ -211,8 +119,8 @@ class Reconciler:
         for m in manifests:
             if key_of(m) == secret_key and rotate:
                 m["metadata"]["annotations"] = {ROTATE: rotate}
-        changed, live = await self.apply_all(manifests, {secret_key: transfer["live"]})
-        await self.prune(
+        changed, live = await self.applier.apply_all(manifests, {secret_key: transfer["live"]})
+        await self.applier.prune(
             [("networking.k8s.io/v1", "NetworkPolicy", ns, n.agent_name(pool.name))],
             {key_of(m) for m in manifests},
         )
@@ -224,7 +132,7 @@ class Reconciler:
         )
         ready = sum(1 for p in agents if st.pod_ready(p))
         figures = (
-            await self._observe_agents(pool, agents) if observe else _carried(body, POOL_FIGURES)
+            await self.observe.agents(pool, agents) if observe else _carried(body, POOL_FIGURES)
         )
         ds = live.get(("DaemonSet", ns, n.agent_name(pool.name))) or {}
         desired = int((ds.get("status") or {}).get("desiredNumberScheduled", len(agents)))
@@ -299,30 +207,6 @@ class Reconciler:
         async with self.locks[("ModelServing", meta.get("namespace"), meta["name"])]:
             return await self._serving(body, observe)
 
-    async def _hit_rate(self, engines: list[dict[str, Any]]) -> float | None:
-        urls = [
-            f"http://{_pod_ip(p)}:{pod_port(p, 'http', ENGINE_PORT)}/metrics"
-            for p in engines
-            if _pod_ip(p) and st.pod_ready(p)
-        ]
-        fetched = await self.scrape.fetch_all(urls)
-        return st.prefix_hit_rate([f.body for f in fetched if f.body is not None])
-
-    async def _event_streams(self, serving: Resource) -> list[dict[str, Any]]:
-        """vLLM engines' KV-event health as the first ready router reports it (every
-        replica follows every pod, so one answers for all)."""
-        if serving.spec.engine.type != "vllm":
-            return []
-        ns = serving.namespace or "default"
-        routers = await self.kube.list("v1", "Pod", ns, n.selector("router", serving.name))
-        for r in routers:
-            if _pod_ip(r) and st.pod_ready(r):
-                url = f"http://{_pod_ip(r)}:{pod_port(r, 'http', ROUTER_PORT)}/health"
-                (got,) = await self.scrape.fetch_all([url])
-                if got.body is not None:
-                    return st.event_streams(got.body)
-        return []
-
     async def _serving(self, body: dict[str, Any], observe: bool) -> dict[str, Any]:
         meta = body["metadata"]
         gen = meta.get("generation")
@@ -350,7 +234,7 @@ class Reconciler:
         token_live = await self.kube.get("v1", "Secret", ns, token_key[2])
         token = unb64((token_live or {}).get("data")).get("token") or new_token()
         engines = await self.kube.list("v1", "Pod", ns, n.selector("engine", serving.name))
-        endpoints = await self._endpoints(pool, engines, serving)
+        endpoints = await self.observe.endpoints(pool, engines, serving)
         try:
             manifests = plan_serving(
                 serving, meta.get("uid", ""), pool, self.settings, token, endpoints
@@ -358,7 +242,9 @@ class Reconciler:
         except PlanError as exc:
             return st.invalid(gen, str(exc))
         # No token Secret yet: a new serving, whose children are created unread.
-        changed, live = await self.apply_all(manifests, {token_key: token_live}, token_live is None)
+        changed, live = await self.applier.apply_all(
+            manifests, {token_key: token_live}, token_live is None
+        )
         engine, router = n.engine_name(serving.name), n.router_name(serving.name)
         optional = [
             ("autoscaling/v2", "HorizontalPodAutoscaler", ns, engine),
@@ -368,8 +254,8 @@ class Reconciler:
         planned = {key_of(m) for m in manifests}
         if token_live is None:  # a new serving (no token yet) has no other children
             keys: list[Key] = [(kind, o_ns, o_name) for _, kind, o_ns, o_name in optional]
-            self.absent.update(k for k in keys if k not in planned)
-        await self.prune(optional, planned)
+            self.applier.absent.update(k for k in keys if k not in planned)
+        await self.applier.prune(optional, planned)
         registered = await self._register(serving, pool, token)
         dep = live.get(("Deployment", ns, engine)) or {}
         ready = int((dep.get("status") or {}).get("readyReplicas", 0) or 0)
@@ -384,8 +270,8 @@ class Reconciler:
             log.info("serving %s/%s: %d object(s) applied", ns, serving.name, changed)
         figures: dict[str, Any] = (
             {
-                "prefixHitRate": await self._hit_rate(engines),
-                "eventStreams": await self._event_streams(serving),
+                "prefixHitRate": await self.observe.hit_rate(engines),
+                "eventStreams": await self.observe.event_streams(serving),
             }
             if observe
             else _carried(body, SERVING_FIGURES)
@@ -458,42 +344,3 @@ class Reconciler:
             "v1", "Secret", self.settings.namespace, n.pool_credentials_name(pool),
             {"data": {k: None}},
         )  # fmt: skip
-
-    async def _endpoints(
-        self, pool: Resource, pods: list[dict[str, Any]], serving: Resource
-    ) -> list[Endpoint]:
-        """The ready engine pods as the router sees them, each with its node's agent
-        (and a vLLM pod with its KV-event publisher and replay service)."""
-        if not any(st.pod_ready(p) for p in pods):
-            return []  # no engine to route to yet: the agents' pods are not needed
-        agents = await self.kube.list(
-            "v1", "Pod", self.settings.namespace, n.selector("agent", n.pool_instance(pool.name))
-        )
-        agent_by_node = {
-            (a.get("spec") or {}).get("nodeName"): f"http://{_pod_ip(a)}:"
-            f"{pod_port(a, 'metrics', pool.spec.agent.http_port)}"
-            for a in agents
-            if _pod_ip(a)
-        }
-        vllm = serving.spec.engine.vllm if serving.spec.engine.type == "vllm" else None
-        out = []
-        for p in pods:
-            ip, node = (p.get("status") or {}).get("podIP"), (p.get("spec") or {}).get("nodeName")
-            if not ip or not node or not st.pod_ready(p):
-                continue
-            agent, events, replay = agent_by_node.get(node), None, None
-            if vllm is not None:  # the router follows its events (and its node agent's
-                agent = agent if vllm.kv_connector else None  # when it reads that pool)
-                events = f"tcp://{ip}:{pod_port(p, EVENTS_PORT_NAME, vllm.events_port)}"
-                replay = f"tcp://{ip}:{pod_port(p, REPLAY_PORT_NAME, vllm.replay_port)}"
-            out.append(
-                Endpoint(
-                    p["metadata"]["name"],
-                    f"http://{ip}:{pod_port(p, 'http', ENGINE_PORT)}",
-                    node,
-                    agent,
-                    events,
-                    replay,
-                )
-            )
-        return sorted(out, key=lambda e: e.name)

@@ -19,10 +19,10 @@ import yaml
 
 from kvmarina.operator import handlers
 from kvmarina.operator import status as st
+from kvmarina.operator.apply import contains, key_of
 from kvmarina.operator.components import Endpoint
 from kvmarina.operator.plan_pool import plan_pool
 from kvmarina.operator.plan_serving import plan_serving
-from kvmarina.operator.reconcile import contains, key_of
 from kvmarina.operator.settings import Settings
 from kvmarina.validate import parse_resource
 
