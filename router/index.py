@@ -4,7 +4,10 @@ Nodes get small integer *slots*; an entry is one int with bit ``slot`` set when
 the node holds the block (any tier); a second, usually tiny, map keeps the same
 kind of mask for blocks held in host memory. A lookup is then a C-level pass:
 fetch every hash's mask, accumulate a running AND, and bisect that monotone
-sequence per node for the length of its run.
+sequence for the length of each node's run. The running AND changes value at most
+once per node it loses, so a lookup costs one bisect per distinct run length, never
+a pass over every node (nor every pod): routing a prompt a few nodes hold is as cheap
+with 1,000 nodes as with 8.
 
 A node's whole contribution is dropped in O(1) by retiring its slot (a snapshot,
 a resync, a ``cleared`` event, a node leaving the config): lookups mask entries
@@ -188,24 +191,33 @@ class BlockIndex:
     # -- queries --------------------------------------------------------------
     def match(self, hashes: Sequence[bytes], touch: bool = False) -> PrefixMatch:
         """Longest run of leading blocks each node holds (any tier)."""
-        out = PrefixMatch()
         if not hashes or not self._live:
-            return out
+            return PrefixMatch({}, {})
         running = self._running(hashes)
-        first = running[0] & self._live
-        if not first:
-            return out
-        longest = 0
-        for slot in range(first.bit_length()):
-            bit = 1 << slot
-            if first & bit:
-
-                def lost(r: int, b: int = bit) -> bool:
-                    return not r & b
-
-                run = bisect_left(running, True, key=lost)
-                out.run[self._node_of[slot]] = run
-                longest = max(longest, run)
+        cur = running[0]
+        if not cur:
+            return PrefixMatch({}, {})
+        node_of = self._node_of
+        n = len(running)
+        if running[-1] == cur:  # whoever holds block 0 holds all of them
+            longest = n
+            if cur & (cur - 1):
+                out = PrefixMatch(dict.fromkeys([node_of[s] for s in _slots(cur)], n), {})
+            else:
+                out = PrefixMatch({node_of[cur.bit_length() - 1]: n}, {})
+        else:
+            # ``running`` only ever loses bits: find where it changes, and the nodes
+            # whose bits went there have a run of exactly that many blocks
+            by_slot: dict[int, int] = {}
+            pos = 0
+            while cur:
+                j = n if running[-1] == cur else bisect_left(running, True, pos + 1, key=cur.__ne__)
+                nxt = running[j] if j < n else 0
+                for slot in _slots(cur & ~nxt):
+                    by_slot[slot] = j
+                cur, pos = nxt, j
+            out = PrefixMatch({node_of[s]: by_slot[s] for s in sorted(by_slot)}, {})
+            longest = max(by_slot.values())
         if self._host:
             self._count_host(hashes[:longest], out)
         if touch:
@@ -221,23 +233,26 @@ class BlockIndex:
                 mte(h)
 
     def _running(self, hashes: Sequence[bytes]) -> list[int]:
-        """Running AND of the masks of ``hashes``, stopped soon after no live node is left.
+        """Running AND of the masks of ``hashes`` with the live slots, stopped soon after
+        no live node is left.
 
         Lookups in a dictionary of millions of entries miss the CPU cache, so they are
-        done in doubling batches and stop once no node's run can grow any further."""
-        get, live = self._held.get, self._live
-        running: list[int] = []
-        acc, start, step = -1, 0, 16
-        while start < len(hashes):
-            part = list(
-                accumulate(map(get, hashes[start : start + step], repeat(0)), and_, initial=acc)
-            )
-            running += part[1:]
-            acc = part[-1]
-            if not acc & live:
-                break
-            start += step
+        done in doubling batches and stop once no node's run can grow any further (a
+        decision asks for little more than the held prefix: one batch, as a rule)."""
+        get, step = self._held.get, 32
+        running = list(accumulate(map(get, hashes[:step], repeat(0)), and_, initial=self._live))
+        del running[0]
+        start = step
+        while start < len(hashes) and running[-1]:
             step *= 2
+            part = list(
+                accumulate(
+                    map(get, hashes[start : start + step], repeat(0)), and_, initial=running[-1]
+                )
+            )
+            del part[0]
+            running += part
+            start += step
         return running
 
     def _count_host(self, hashes: Sequence[bytes], out: PrefixMatch) -> None:
@@ -246,11 +261,13 @@ class BlockIndex:
         where = list(compress(range(len(vals)), vals))
         if not where:
             return
-        any_host = reduce(or_, (vals[i] for i in where))
+        host = list(compress(vals, vals))  # the non-zero masks, in block order
+        any_host = reduce(or_, host)
         for node, run in out.run.items():
             bit = 1 << self._slot_of[node]
             if any_host & bit:
-                n = sum(1 for i in where if i < run and vals[i] & bit)
+                k = bisect_left(where, run)  # host blocks inside the node's run
+                n = k - list(map(and_, host[:k], repeat(bit))).count(0)
                 if n:
                     out.host[node] = n
 
@@ -275,3 +292,16 @@ class BlockIndex:
             for h, v in self._held.items()
             if v & bit
         }
+
+
+def any_holds(indexes: Iterable[BlockIndex], h: bytes) -> bool:
+    """Whether a live node of any of ``indexes`` holds block ``h``."""
+    return any(idx._held.get(h, 0) & idx._live for idx in indexes)
+
+
+def _slots(mask: int) -> Iterator[int]:
+    """The set bits of ``mask``, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low

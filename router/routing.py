@@ -25,22 +25,30 @@ decision carries a ``PullHint`` for the ``x-kvmarina-pull`` header.
 The prefix lookup reads the event-fed index for nodes whose agent stream is live,
 and the router's own record of where it sent each prefix (the approximate index)
 for the others; ``mode`` says which of the two is in use.
+
+Cost of a decision: the prompt is hashed only as far as some index still holds its
+prefix (``_prefix``; the rest of the chain is hashed once the request is on its way,
+for ``record_sent``), each index lookup costs one bisect per distinct run length
+(``BlockIndex.match``), and the scoring is one pass over the available pods.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from operator import itemgetter
+from typing import Any, Self
 
 from kvmarina.headers import PullHint
 from kvmarina.router.config import RouterConfig
-from kvmarina.router.hashmemo import HashMemo
-from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch
-from kvmarina.router.pods import PodState
+from kvmarina.router.hashmemo import HashMemo, PromptHashes
+from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch, any_holds
+from kvmarina.router.pods import ENGINE_LOAD_STALE_S, PodState
 
 RECENT_S = 2.0
 
@@ -55,23 +63,138 @@ class NoPodAvailable(RuntimeError):
     """Every pod is unhealthy or has an open breaker."""
 
 
-@dataclass(slots=True)
+class LiveSet(set[str]):
+    """A set of domains that counts its changes, so ``RoutingCore.mode`` (a subset test
+    over every node) is computed once per change, not once per request."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        super().__init__(items)
+        self.version = 0
+
+    def add(self, item: str) -> None:
+        self.version += 1
+        super().add(item)
+
+    def discard(self, item: object) -> None:
+        self.version += 1
+        super().discard(item)
+
+    def remove(self, item: str) -> None:
+        self.version += 1
+        super().remove(item)
+
+    def pop(self) -> str:
+        self.version += 1
+        return super().pop()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def update(self, *others: Iterable[str]) -> None:
+        self.version += 1
+        super().update(*others)
+
+    def difference_update(self, *others: Iterable[Any]) -> None:
+        self.version += 1
+        super().difference_update(*others)
+
+    def intersection_update(self, *others: Iterable[Any]) -> None:
+        self.version += 1
+        super().intersection_update(*others)
+
+    def symmetric_difference_update(self, other: Iterable[str]) -> None:
+        self.version += 1
+        super().symmetric_difference_update(other)
+
+    def __ior__(self, other: AbstractSet[str]) -> Self:  # type: ignore[override,misc]
+        self.version += 1
+        return super().__ior__(other)
+
+    def __iand__(self, other: AbstractSet[object]) -> Self:
+        self.version += 1
+        return super().__iand__(other)
+
+    def __isub__(self, other: AbstractSet[object]) -> Self:
+        self.version += 1
+        return super().__isub__(other)
+
+    def __ixor__(self, other: AbstractSet[str]) -> Self:  # type: ignore[override,misc]
+        self.version += 1
+        return super().__ixor__(other)
+
+
+Scored = tuple[float, int, int, int, str]  # cost, inflight, rotation, index, pull peer
+
+
 class Decision:
     """Pods ranked best first (the rest are the retry order) and what the first costs.
 
+    ``chain`` holds the prompt's block hashes as far as the decision needed them;
+    ``hashes`` completes it (for ``record_sent``, once the request is on its way).
+    A cache-aware decision ranks its pods when ``ranked`` is first read; ``first(k)``
+    gives the same ``k`` pods without sorting them all.
+
     Invariant: ``ranked`` is non-empty; ``pull`` (if any) applies to ``ranked[0]``."""
 
-    ranked: list[PodState]
-    hashes: list[bytes]
-    cached_blocks: dict[str, int]
-    est_ttft_s: float
-    pull: PullHint | None = None
+    __slots__ = (
+        "_pods",
+        "_ranked",
+        "_scored",
+        "best",
+        "cached_blocks",
+        "chain",
+        "est_ttft_s",
+        "pull",
+    )
+
+    def __init__(
+        self,
+        ranked: list[PodState],
+        chain: PromptHashes,
+        cached_blocks: dict[str, int],
+        est_ttft_s: float,
+        pull: PullHint | None = None,
+        scored: list[Scored] | None = None,
+        best: PodState | None = None,
+    ) -> None:
+        """``ranked``: the pods in order, or (with ``scored``) the pods ``scored`` indexes
+        (``best`` is then the least of them)."""
+        self.chain = chain
+        self.cached_blocks = cached_blocks
+        self.est_ttft_s = est_ttft_s
+        self.pull = pull
+        self._scored = scored
+        self._pods = ranked
+        self._ranked: list[PodState] | None = None if scored is not None else ranked
+        self.best = best if best is not None else ranked[0]
+
+    @property
+    def ranked(self) -> list[PodState]:
+        if self._ranked is None:
+            assert self._scored is not None
+            self._scored.sort()
+            self._ranked = [self._pods[t[3]] for t in self._scored]
+        return self._ranked
+
+    def first(self, k: int) -> list[PodState]:
+        """``ranked[:k]`` (a partial sort of many pods: C-level ``sort`` wins below ~64)."""
+        if self._ranked is not None or self._scored is None or len(self._scored) < 64:
+            return self.ranked[:k]
+        return [self._pods[t[3]] for t in heapq.nsmallest(k, self._scored)]
+
+    @property
+    def hashes(self) -> list[bytes]:
+        """Every full block's hash (computed on first use past what routing needed)."""
+        return self.chain.all()
 
     def uncached_tokens(self, pod: PodState, n_tokens: int, block_size: int) -> int:
         cached = self.cached_blocks.get(pod.domain, 0)
         if pod.shared is not None:
             cached = max(cached, self.cached_blocks.get(pod.shared, 0))
-        if self.pull is not None and pod is self.ranked[0]:
+        if self.pull is not None and pod is self.best:
             cached = max(cached, self.pull.blocks)
         return max(0, n_tokens - cached * block_size)
 
@@ -102,7 +225,10 @@ class RoutingCore:
         # computed a prefix, for the sibling term
         self.sent = BlockIndex(cfg.limits.index_max_blocks)
         self.pods: dict[str, PodState] = {}
-        self.live_nodes: set[str] = set()
+        self._live_nodes = LiveSet()
+        self._nodes: set[str] = set()
+        self._mode_for: tuple[LiveSet, int, set[str], str] | None = None
+        self._rates_shared = False  # every pod has the learned rate (none joined since)
         # node -> pull bandwidth its agent measured (bytes/s); the config value until then
         self.bandwidth: dict[str, float] = {}
         self._rr = itertools.count()
@@ -138,6 +264,7 @@ class RoutingCore:
             if name not in new:
                 self.sent.drop_node(name)
         self.pods = new
+        self._rates_shared = False
         self._agents: dict[str, str] = {}
         for pc in cfg.pods:
             if pc.agent_url:
@@ -159,10 +286,15 @@ class RoutingCore:
         conversations off the engine holding them (vLLM fleet: hit rate 0.797 against
         0.8055 with one rate, 3 rounds each)."""
         base = self.cfg.routing.prefill_tokens_per_second
+        before = (pod.prefill_tps, pod.interference, pod.usual_occupancy)
         pod.observe_ttft(uncached, ttft_s, queue_s, base, occupancy)
+        learned = (pod.prefill_tps, pod.interference, pod.usual_occupancy)
+        if learned == before and self._rates_shared:
+            return  # a sample too small to learn from: every pod has these already
         for other in self.pods.values():
             other.prefill_tps, other.interference = pod.prefill_tps, pod.interference
             other.usual_occupancy = pod.usual_occupancy
+        self._rates_shared = True
 
     def queued(self, pod: PodState, now: float) -> float:
         """Prefill tokens ahead of a request sent to ``pod`` now: ours, and what other
@@ -181,12 +313,24 @@ class RoutingCore:
                 self.recent.drop_node(pod.name)
 
     @property
+    def live_nodes(self) -> LiveSet:
+        """Domains whose event stream is current (see the class docstring)."""
+        return self._live_nodes
+
+    @live_nodes.setter
+    def live_nodes(self, value: Iterable[str]) -> None:
+        if value is not self._live_nodes:
+            self._live_nodes = LiveSet(value)
+
+    @property
     def mode(self) -> str:
         """``events`` (every node live), ``mixed``, or ``approximate`` (no events)."""
-        nodes = self._nodes
-        if nodes and nodes <= self.live_nodes:
-            return "events"
-        return "mixed" if self.live_nodes & nodes else "approximate"
+        live, nodes, memo = self._live_nodes, self._nodes, self._mode_for
+        if memo is not None and memo[0] is live and memo[1] == live.version and memo[2] is nodes:
+            return memo[3]
+        mode = "events" if nodes and nodes <= live else "mixed" if live & nodes else "approximate"
+        self._mode_for = (live, live.version, nodes, mode)
+        return mode
 
     def agent_of(self, node: str) -> str | None:
         return self._agents.get(node)
@@ -198,16 +342,45 @@ class RoutingCore:
     def lookup(self, hashes: Sequence[bytes]) -> tuple[PrefixMatch, dict[str, int]]:
         """Runs per node that its agent holds (or, without events, that were sent
         there), and runs per pod of the prefixes sent to it in the last ``RECENT_S``."""
-        m = self.index.match(hashes) if self.live_nodes else PrefixMatch()
-        if self.mode != "events":
+        if self._recent_log:
+            self._expire_recent(time.monotonic())
+        return self._lookup(hashes, self.mode)
+
+    def _lookup(self, hashes: Sequence[bytes], mode: str) -> tuple[PrefixMatch, dict[str, int]]:
+        live = self._live_nodes
+        m = self.index.match(hashes) if live else PrefixMatch()
+        if mode != "events":
             a = self.approx.match(hashes, touch=False)
             for node, run in a.run.items():
-                if node not in self.live_nodes:
+                if node not in live:
                     m.run[node] = run
         if not self._recent_log:
             return m, {}
-        self._expire_recent(time.monotonic())
         return m, self.recent.match(hashes, touch=False).run
+
+    def _prefix(self, chain: PromptHashes, mode: str, sibling: bool) -> list[bytes]:
+        """The prompt's hashes as far as any index could match them: once no index
+        holds the last hash computed, no node's run (nor pod's) reaches past it, so the
+        blocks after it cannot change the decision. Probes grow with what had to be
+        hashed (memoized chunks cost a lookup), so a long shared prefix with a fresh
+        tail hashes a few blocks of the tail, and a cold prompt a few blocks."""
+        live = self._live_nodes
+        sources = [
+            idx
+            for idx, used in (
+                (self.index, bool(live)),
+                (self.approx, mode != "events"),
+                (self.recent, bool(self._recent_log)),
+                (self.sent, sibling),
+            )
+            if used and len(idx)
+        ]
+        if not sources:
+            return []
+        hs = chain.upto(4)
+        while len(hs) < chain.n_blocks and any_holds(sources, hs[-1]):
+            hs = chain.upto(len(hs) + max(4, chain.hashed))
+        return hs
 
     def _runs(self, held: Mapping[str, int], recent: Mapping[str, int]) -> dict[str, int]:
         """Per node: what it holds, or what one of its pods is (maybe) computing."""
@@ -227,33 +400,42 @@ class RoutingCore:
     def decide(
         self, tokens: Sequence[int], salt: str, headers: Mapping[str, str] | None = None
     ) -> Decision:
-        pods = [p for p in self.pods.values() if p.available()]
+        # ``available()``, inlined: a closed breaker is the common case
+        pods = [
+            p
+            for p in self.pods.values()
+            if p.healthy and (p.breaker.state == "closed" or p.breaker.allows())
+        ]
         if not pods:
             raise NoPodAvailable("no pod is healthy (all failing health checks or breakers open)")
-        hashes = self.hashes(tokens, salt)
+        chain = self.memo.chain(tokens, salt)
         policy = self.cfg.routing.policy
         if policy == "round-robin":
             k = next(self._rr) % len(pods)
-            return Decision(pods[k:] + pods[:k], hashes, {}, 0.0)
+            return Decision(pods[k:] + pods[:k], chain, {}, 0.0)
         if policy == "least-load":
             pods.sort(key=lambda p: (p.inflight, p.queued_tokens))
-            return Decision(pods, hashes, {}, 0.0)
+            return Decision(pods, chain, {}, 0.0)
         if policy == "session" and headers is not None:
             key = headers.get(self.cfg.routing.session_header)
             if key:
-                return Decision(_rendezvous(pods, key), hashes, {}, 0.0)
-        return self._cache_aware(pods, len(tokens), hashes)
+                return Decision(_rendezvous(pods, key), chain, {}, 0.0)
+        return self._cache_aware(pods, len(tokens), chain)
 
-    def _cache_aware(self, pods: list[PodState], n_tokens: int, hashes: list[bytes]) -> Decision:
+    def _cache_aware(self, pods: list[PodState], n_tokens: int, chain: PromptHashes) -> Decision:
         r = self.cfg.routing
         w = r.weights
         bs = self.contract.block_size
-        match, recent = self.lookup(hashes)
+        mode = self.mode
+        if self._recent_log:
+            self._expire_recent(time.monotonic())
+        hashes = self._prefix(chain, mode, bool(w.sibling))
+        match, recent = self._lookup(hashes, mode)
         runs = self._runs(match.run, recent) if recent else match.run
         # the best domains, so each pod can find the best *other* one cheaply (a pod
         # has up to two of its own: its engine's, and the node pool it reads)
-        best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:3]
-        pull_ok = r.pull_hints and self.mode != "approximate"
+        best = sorted(runs.items(), key=itemgetter(1), reverse=True)[:3]
+        pull_ok = r.pull_hints and mode != "approximate"
         pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
         host_s_per_block = bs / r.host_load_tokens_per_second
         host = match.host
@@ -264,13 +446,58 @@ class RoutingCore:
         sent = self.sent.match(hashes).run if ws else {}
         agents = self._agents
         now = time.monotonic()
+        replicas = r.replicas
+        match_run = match.run
+        bandwidth = self.bandwidth
         scored: list[tuple[float, int, int, int, str]] = []
+        append = scored.append
+        cold: dict[object, tuple[float, float, str]] = {}
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
+            # the pod's load: RoutingCore.queued() and PodState.slowdown(), inlined (the
+            # same arithmetic; five calls deep per pod, they were most of the loop;
+            # ``x if x > y else y`` is ``max(y, x)`` without the call)
+            q = pod.queued_tokens
+            own = 0.0
+            if q > 0:
+                left = q - tps * (now - pod.busy_since)
+                own = left if left > 0.0 else 0.0
+            e = pod.engine
+            if e is None or not now - pod.engine_at <= ENGINE_LOAD_STALE_S:
+                mine, alone = own * replicas, own + 0.0
+                queued, occupancy = alone if alone > mine else mine, pod.decoding
+            else:
+                if e.queued_tokens is not None:
+                    others = e.queued_tokens - pod.own_queue_at_poll
+                    others = max(0.0, others - tps * (now - pod.engine_at))
+                else:
+                    others = max(0, e.waiting - pod.prefilling_at_poll) * pod.tokens_per_request
+                queued, occupancy = max(own * replicas, own + others), max(pod.decoding, e.running)
+            a = pod.interference
+            slowdown = (1.0 + a * occupancy) / (1.0 + a * pod.usual_occupancy) if a else 1.0
             node, shared = pod.domain, pod.shared
-            run = runs.get(node, 0) if runs else 0
+            if not runs or (node not in runs and (shared is None or shared not in runs)):
+                # nothing of the prompt where this pod reads: the terms below reduce to
+                # the queue and the prefill, plus (if a peer holds some) duplication
+                # and maybe a pull, which depend on the pod only through its rate and
+                # its node's bandwidth (so they are worked out once per such pair)
+                cost = 0.0 + (wq * queued + wp * n_tokens) * slowdown / tps
+                peer = ""
+                if runs:
+                    bw = bandwidth.get(shared or node) if bandwidth else None
+                    key = (tps, bw) if bw else tps
+                    terms = cold.get(key)
+                    if terms is None:
+                        terms = cold[key] = self._away_terms(tps, bw, best[0], match_run)
+                    dup, saved, peer = terms
+                    cost += dup
+                    if saved > 0:
+                        cost -= saved
+                append((cost, pod.inflight, (i - offset) % n, i, peer))
+                continue
+            run = runs.get(node, 0)
             cost = 0.0
-            if shared is not None and runs:
+            if shared is not None:
                 # what the node's pool holds beyond the engine's own cache: a load
                 pooled = runs.get(shared, 0)
                 if pooled > run:
@@ -280,40 +507,58 @@ class RoutingCore:
                 # a sibling's prefill in progress is not this pod's yet: the engine
                 # waits for those blocks instead of computing them twice, about as
                 # long as computing them would take
-                own = max(match.run.get(node, 0), recent.get(pod.name, 0))
+                own = max(match_run.get(node, 0), recent.get(pod.name, 0))
                 if run > own:
                     cost += wi * (run - own) * bs / tps
-            queued = self.queued(pod, now)
-            cost += (wq * queued + wp * (n_tokens - run * bs)) * pod.slowdown(now) / tps
+            cost += (wq * queued + wp * (n_tokens - run * bs)) * slowdown / tps
             if sent:
                 cost += ws * max(0, run - sent.get(pod.name, 0)) * bs / tps
             peer = ""
-            if runs:
-                if host:
-                    cost += host.get(shared or node, 0) * host_s_per_block
-                cand, peer_run = next(
-                    ((k, v) for k, v in best if k != node and k != shared), ("", 0)
-                )
-                if peer_run > run:
-                    extra = peer_run - run
-                    # leaving the holder copies its blocks here, evicting others later
-                    cost += wd * extra * bs / tps
-                    # only blocks the peer's agent announced can be pulled: a prefill
-                    # still running there (``recent``) has nothing to give yet
-                    pullable = match.run.get(cand, 0) - run
-                    if pull_ok and pullable > 0 and cand in agents:
-                        bw = self.bandwidth.get(shared or node)
-                        per_block = r.block_bytes / bw if bw else pull_s_per_block
-                        saved = wp * pullable * bs / tps - wm * pullable * per_block
-                        if saved > 0:
-                            cost -= saved
-                            peer = cand
-            scored.append((cost, pod.inflight, (i - offset) % n, i, peer))
-        scored.sort()
-        cost, _, _, _, peer = scored[0]
+            if host:
+                cost += host.get(shared or node, 0) * host_s_per_block
+            cand, peer_run = "", 0
+            for k, v in best:
+                if k != node and k != shared:
+                    cand, peer_run = k, v
+                    break
+            if peer_run > run:
+                extra = peer_run - run
+                # leaving the holder copies its blocks here, evicting others later
+                cost += wd * extra * bs / tps
+                # only blocks the peer's agent announced can be pulled: a prefill
+                # still running there (``recent``) has nothing to give yet
+                pullable = match_run.get(cand, 0) - run
+                if pull_ok and pullable > 0 and cand in agents:
+                    bw = bandwidth.get(shared or node)
+                    per_block = r.block_bytes / bw if bw else pull_s_per_block
+                    saved = wp * pullable * bs / tps - wm * pullable * per_block
+                    if saved > 0:
+                        cost -= saved
+                        peer = cand
+            append((cost, pod.inflight, (i - offset) % n, i, peer))
+        cost, _, _, top, peer = min(scored)
         hint = PullHint(peer, agents[peer], match.run[peer]) if peer else None
-        ranked = [pods[t[3]] for t in scored]
-        return Decision(ranked, hashes, dict(runs), cost, hint)
+        return Decision(pods, chain, dict(runs), cost, hint, scored, pods[top])
+
+    def _away_terms(
+        self, tps: float, bw: float | None, top: tuple[str, int], match_run: Mapping[str, int]
+    ) -> tuple[float, float, str]:
+        """For a pod none of whose domains holds the prompt: the duplication term, the
+        time a pull would save (0 when it would not be asked for), and the peer to pull
+        from; the loop in ``_cache_aware`` with ``run`` = 0, term by term."""
+        r = self.cfg.routing
+        w = r.weights
+        bs = self.contract.block_size
+        cand, peer_run = top
+        dup = w.duplication * peer_run * bs / tps
+        pullable = match_run.get(cand, 0)
+        if r.pull_hints and self.mode != "approximate" and pullable > 0 and cand in self._agents:
+            pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
+            per_block = r.block_bytes / bw if bw else pull_s_per_block
+            saved = w.prefill * pullable * bs / tps - w.migration * pullable * per_block
+            if saved > 0:
+                return dup, saved, cand
+        return dup, 0.0, ""
 
     def record_sent(
         self, node: str, hashes: Sequence[bytes], matched: int = 0, pod: str | None = None

@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from kvmarina.headers import PULL_HEADER, SALT_HEADER
-from kvmarina.load_report import LOAD_HEADER, parse_load_header
+from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import ConfigError, RouterConfig, load_config
 from kvmarina.router.engine_load import parse_load
@@ -83,7 +83,30 @@ class Router:
         self._mtime = self._config_mtime()
         self.reloads = 0
         self._routed_children: dict[str, Any] = {}
+        self._answered_children: dict[tuple[str, int], Any] = {}
+        self._load_reports: dict[str, EngineLoad | None] = {}
         self.upstream = UpstreamPool(cfg.limits.connect_timeout_s)
+
+    def _answered(self, kind: str, status: int) -> Any:
+        """The requests counter of ``kind`` and ``status`` (label lookups cost more than
+        the increment, so the children are kept)."""
+        child = self._answered_children.get((kind, status))
+        if child is None:
+            child = self.metrics.requests.labels(kind, str(status))
+            self._answered_children[kind, status] = child
+        return child
+
+    def _load_report(self, value: str | None) -> EngineLoad | None:
+        """``parse_load_header``, memoized: an engine's reports repeat a few values."""
+        if value is None:
+            return None
+        try:
+            return self._load_reports[value]
+        except KeyError:
+            if len(self._load_reports) >= 4096:
+                self._load_reports.clear()
+            load = self._load_reports[value] = parse_load_header(value)
+            return load
 
     def _routed(self, pod: str) -> Any:
         child = self._routed_children.get(pod)
@@ -432,7 +455,7 @@ class Router:
         if vllm_body is not None:
             raw = json.dumps(vllm_body).encode()
         last_error = "no pod could be tried"
-        for attempt, pod in enumerate(decision.ranked[:MAX_ATTEMPTS]):
+        for attempt, pod in enumerate(decision.first(MAX_ATTEMPTS)):
             if attempt and not pod.available():
                 continue
             hint = decision.pull if attempt == 0 else None
@@ -451,7 +474,7 @@ class Router:
                 log.warning("attempt %d failed on %s: %s", attempt + 1, pod.name, exc)
                 self.metrics.retries.inc()
                 continue
-            self.metrics.requests.labels(kind, str(resp.status)).inc()
+            self._answered(kind, resp.status).inc()
             return resp
         self.metrics.requests.labels(kind, "503").inc()
         return error_response(
@@ -485,7 +508,11 @@ class Router:
         try:
             async with asyncio.timeout(self.cfg.limits.request_timeout_s):
                 try:
-                    up = await self.upstream.post(pod.cfg.url, path, raw, headers)
+                    # the rest of the prompt's hashes (routing needed only its cached
+                    # prefix) are for ``record_sent``: computed while the pod works
+                    up = await self.upstream.post(
+                        pod.cfg.url, path, raw, headers, decision.chain.all
+                    )
                 except UpstreamError as exc:
                     self._failed(pod)
                     raise UpstreamFailed(str(exc)) from exc
@@ -495,7 +522,7 @@ class Router:
                         raise UpstreamFailed(f"HTTP {up.status}")
                     self._sent(pod, decision, len(parsed.tokens), uncached)
                     # the engine's load as it answers: this request's prefill is done
-                    reported = parse_load_header(up.headers.get(LOAD_HEADER))
+                    reported = self._load_report(up.headers.get(LOAD_HEADER))
                     if not parsed.stream:
                         try:
                             body = await up.read()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -90,7 +90,18 @@ class UpstreamResponse:
             self.release()
 
     async def read(self) -> bytes:
-        return b"".join([c async for c in self.iter_chunks()])
+        length = self.headers.get("content-length", "")
+        if not length.isdecimal() or self._conn is None or "transfer-encoding" in self.headers:
+            return b"".join([c async for c in self.iter_chunks()])
+        # the usual answer: one read of a known length (no async generator to drive)
+        try:
+            body = await self._conn.reader.readexactly(int(length))
+            self._done = True
+        except asyncio.IncompleteReadError:
+            raise UpstreamError("connection closed before the body ended") from None
+        finally:
+            self.release()
+        return body
 
     def release(self) -> None:
         conn, self._conn = self._conn, None
@@ -138,8 +149,16 @@ class UpstreamPool:
         return _Conn(reader, writer)
 
     async def post(
-        self, base: str, path: str, body: bytes, headers: dict[str, str]
+        self,
+        base: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        while_waiting: Callable[[], object] | None = None,
     ) -> UpstreamResponse:
+        """Send the request; the response's head once it came. ``while_waiting`` runs
+        once the request is written, while the pod works on it (the router finishes
+        its own bookkeeping there rather than before sending)."""
         host = base.split("://", 1)[-1]
         head = [f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in headers.items()]
@@ -149,6 +168,9 @@ class UpstreamPool:
             conn = await self._get(base)
             try:
                 conn.writer.write(payload)
+                if while_waiting is not None:
+                    while_waiting()
+                    while_waiting = None
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 conn.close()

@@ -521,3 +521,179 @@ def test_a_vllm_pod_with_the_connector_reads_its_nodes_pool_at_a_load_cost() -> 
     # node 0's pool gets everything: p0 reads it; a pull from n1 is not needed
     rc.index.store("n0", hashes, "device")
     assert rc.decide(tokens, "s").ranked[0].name == "p0"
+
+
+# -- the fast decision path against its plain definition ------------------------------------
+def test_a_prompts_chain_is_hashed_as_far_as_asked_and_memoized() -> None:
+    rng = random.Random(7)
+    c = HashContract()
+    memo = HashMemo(c, "ident", max_chunks=64, chunk_blocks=4)
+    toks = [rng.randrange(2**32) for _ in range(16 * 37 + 5)]
+    full = c.block_hashes(toks, "ident", "s")
+    chain = memo.chain(toks, "s")
+    assert chain.upto(3) == full[:3] and chain.hashed == 3  # a probe: 3 blocks, no more
+    step = 0
+    while len(chain.done) < chain.n_blocks:
+        step += rng.randrange(1, 7)
+        assert chain.upto(step) == full[: len(chain.done)] and len(chain.done) >= min(step, 37)
+    assert chain.all() == full and len(chain) == 37
+    # every chunk was memoized under its exact key, probes included: no hashing again
+    again = memo.chain(toks, "s")
+    assert again.all() == full and again.hashed == 0
+    assert memo.chain(toks, "other salt").all() == c.block_hashes(toks, "ident", "other salt")
+
+
+def test_lookups_find_every_nodes_run_among_many_nodes() -> None:
+    """Runs of 300 nodes (masks wider than a machine word), many lengths, ties, a
+    dropped node and host tiers, against a plain count per node."""
+    rng = random.Random(11)
+    idx = BlockIndex(10**6)
+    chain = [H(i) for i in range(64)]
+    held: dict[str, int] = {}
+    for k in range(300):
+        node, run = f"n{k}", rng.choice([0, 1, 5, 5, 17, 40, 64])
+        idx.store(node, chain[:run], rng.choice(["device", "host"]))
+        idx.store(node, chain[run + 1 : run + 3], "device")  # past a gap: not in the run
+        held[node] = run
+    idx.drop_node("n7")
+    held["n7"] = 0
+    for cut in (64, 30, 5, 1):
+        m = idx.match(chain[:cut])
+        want = {n: min(r, cut) for n, r in held.items() if r}
+        assert m.run == dict(sorted(want.items(), key=lambda kv: idx._slot_of[kv[0]]))
+        for node, run in m.run.items():
+            assert m.host.get(node, 0) == sum(idx.tiers(h).get(node) == "host" for h in chain[:run])
+
+
+def reference_decision(
+    rc: RoutingCore, toks: list[int], now: float
+) -> list[tuple[float, str, str]]:
+    """The cache-aware cost of every pod as docs/design.md "Routing" and the routing module
+    docstring define it, term by term, with the pods' own methods and every block hashed
+    first (the plain form of ``RoutingCore._cache_aware``): (cost, pod, pull peer)."""
+    r, w, bs = rc.cfg.routing, rc.cfg.routing.weights, rc.contract.block_size
+    host_s_per_block = bs / r.host_load_tokens_per_second  # as the code rounds it
+    hashes = rc.hashes(toks, "s")
+    match, recent = rc.lookup(hashes)
+    runs = rc._runs(match.run, recent) if recent else match.run
+    best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:3]
+    sent = rc.sent.match(hashes).run if w.sibling else {}
+    out = []
+    for pod in rc.pods.values():
+        tps, node, shared = pod.prefill_tps, pod.domain, pod.shared
+        run, cost, peer = runs.get(node, 0), 0.0, ""
+        if shared is not None and runs.get(shared, 0) > run:
+            cost += (runs[shared] - run) * host_s_per_block
+            run = runs[shared]
+        own = max(match.run.get(node, 0), recent.get(pod.name, 0))
+        if recent and run > own:
+            cost += w.inflight * (run - own) * bs / tps
+        queued = rc.queued(pod, now)
+        cost += (w.queue * queued + w.prefill * (len(toks) - run * bs)) * pod.slowdown(now) / tps
+        if sent:
+            cost += w.sibling * max(0, run - sent.get(pod.name, 0)) * bs / tps
+        if runs:
+            cost += match.host.get(shared or node, 0) * host_s_per_block
+            cand, peer_run = next(((k, v) for k, v in best if k not in (node, shared)), ("", 0))
+            if peer_run > run:
+                cost += w.duplication * (peer_run - run) * bs / tps
+                pullable = match.run.get(cand, 0) - run
+                if r.pull_hints and rc.mode != "approximate" and pullable > 0 and rc.agent_of(cand):
+                    bw = rc.bandwidth.get(shared or node)
+                    per_block = r.block_bytes / (bw or r.transfer_bytes_per_second)
+                    saved = w.prefill * pullable * bs / tps - w.migration * pullable * per_block
+                    if saved > 0:
+                        cost, peer = cost - saved, cand
+        out.append((cost, pod.name, peer))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_decision_equals_its_plain_definition(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing only what the indexes hold, the bisected lookups and the inlined per-pod
+    load change no cost: for random fleets, loads and cache states, every pod's cost is
+    the plain formula's (so the order, the estimate and the pull hint are too)."""
+    from kvmarina.load_report import EngineLoad
+
+    rng = random.Random(seed)
+    vllm = seed % 3 == 0
+    n = rng.choice([3, 8, 70])
+    conf = [
+        {**p, "node": f"n{i % max(1, n // 2)}", **({"kv_events": f"tcp://h:{i}"} if vllm else {})}
+        for i, p in enumerate(pods(n))
+    ]
+    routing = {"transfer_bytes_per_second": rng.choice([1e9, 1e12]), "replicas": rng.choice([1, 3])}
+    doc = router_doc(conf, routing=routing, **({"engine": "vllm"} if vllm else {}))
+    rc = RoutingCore(parse_config(doc))
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    domains = sorted(
+        {p.domain for p in rc.pods.values()} | {p.shared or "" for p in rc.pods.values()} - {""}
+    )
+    rc.live_nodes = set(domains[: rng.randrange(len(domains) + 1)])
+    base = [rng.randrange(50000) for _ in range(16 * 60)]
+    for d in domains:
+        if rng.random() < 0.5:
+            rc.index.store(
+                d, rc.hashes(base, "s")[: rng.randrange(60)], rng.choice(["device", "host"])
+            )
+    for p in rc.pods.values():
+        p.inflight, p.decoding = rng.randrange(4), rng.randrange(3)
+        p.queue_add(rng.choice([0, 500, 4000]), clock[0] - rng.random())
+        if rng.random() < 0.5:
+            p.note_engine(
+                EngineLoad(rng.randrange(5), rng.randrange(5), rng.choice([None, 300])), clock[0]
+            )
+    rc.observe_ttft(rc.pods["p0"], 3000, 0.5, 0.0, 9)  # a learned interference
+    rc.bandwidth[domains[0]] = 5e9
+    for _ in range(6):
+        toks = base[: 16 * rng.randrange(61)] + [
+            rng.randrange(50000) for _ in range(rng.choice([0, 40, 300]))
+        ]
+        want = reference_decision(rc, toks, clock[0])
+        d = rc.decide(toks, "s")
+        costs = {name: cost for cost, name, _ in want}
+        top = min(want, key=lambda t: (t[0], rc.pods[t[1]].inflight))
+        assert d.est_ttft_s == costs[d.best.name] == top[0]
+        assert [p.name for p in d.first(3)] == [p.name for p in d.ranked[:3]]
+        assert sorted(costs[p.name] for p in d.ranked) == [costs[p.name] for p in d.ranked]
+        peer = next(peer for _, name, peer in want if name == d.best.name)
+        assert (d.pull.node if d.pull else "") == peer
+        assert d.hashes == rc.hashes(toks, "s")
+        rc.record_sent(
+            d.best.domain, d.hashes, max(d.cached_blocks.values(), default=0), d.best.name
+        )
+        clock[0] += rng.choice([0.1, 1.5])
+
+
+def test_the_mode_follows_every_change_of_the_live_streams() -> None:
+    rc = core(n=3)
+    assert rc.mode == "events"
+    rc.live_nodes.discard("n1")
+    assert rc.mode == "mixed"
+    rc.live_nodes -= {"n0", "n2"}
+    assert rc.mode == "approximate"
+    rc.live_nodes.add("n1")
+    assert rc.mode == "mixed"
+    rc.live_nodes = {"n0", "n1", "n2"}
+    assert rc.mode == "events"
+    rc.live_nodes &= {"n0"}
+    assert rc.mode == "mixed"
+    rc.live_nodes.clear()
+    assert rc.mode == "approximate"
+    rc.live_nodes |= {"n0", "n1", "n2"}
+    rc.apply_config(parse_config(router_doc(pods(2))))  # n2 left: the rest stay live
+    assert rc.mode == "events" and rc.live_nodes == {"n0", "n1"}
+
+
+def test_a_pod_that_joins_takes_what_the_others_learned_from_the_next_sample() -> None:
+    rc = RoutingCore(parse_config(router_doc(pods(2))))
+    rc.observe_ttft(rc.pods["p0"], 3000, 0.5, 0.0, 9)
+    learned = (rc.pods["p0"].prefill_tps, rc.pods["p0"].usual_occupancy)
+    assert (rc.pods["p1"].prefill_tps, rc.pods["p1"].usual_occupancy) == learned
+    rc.apply_config(parse_config(router_doc(pods(3))))
+    assert rc.pods["p2"].usual_occupancy == 0.0  # joined: only the rate so far
+    rc.observe_ttft(rc.pods["p0"], 10, 0.5, 0.0)  # too small a sample to learn from ...
+    assert rc.pods["p2"].usual_occupancy == learned[1]  # ... but it is shared
