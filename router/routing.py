@@ -5,8 +5,10 @@ Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to firs
     ttft = w_queue   * queue_ahead / rate                (prefill not yet done on the pod)
          + w_prefill * uncached_tokens / rate          (device-tier hits are free)
          +             host_hit_tokens / host_load_rate (host-tier hits cost a load)
-         + min(w_prefill * recompute, w_migration * pull) of the blocks a peer node
-           holds beyond this node's run (pull = bytes / transfer bandwidth)
+         + min(w_prefill * recompute, w_migration * pull) of the blocks a peer node's
+           pool holds beyond this node's run (pull = bytes / transfer bandwidth; the
+           best such pool, not the best domain: a vLLM engine's own cache holds a
+           prefix too, but only a node agent can be pulled from)
          + w_duplication * recompute of those same blocks: leaving the node that holds
            a prefix copies it here, and under capacity pressure every copy evicts other
            useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
@@ -436,6 +438,14 @@ class RoutingCore:
         # has up to two of its own: its engine's, and the node pool it reads)
         best = sorted(runs.items(), key=itemgetter(1), reverse=True)[:3]
         pull_ok = r.pull_hints and mode != "approximate"
+        agents = self._agents
+        match_run = match.run
+        # the node pools a pod could pull from (announced blocks only: a prefill still
+        # running there, ``recent``, has nothing to give yet), best first
+        sources: list[tuple[str, int]] = []
+        if pull_ok:
+            pools = ((k, v) for k, v in match_run.items() if k in agents)
+            sources = sorted(pools, key=itemgetter(1), reverse=True)[:3]
         pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
         host_s_per_block = bs / r.host_load_tokens_per_second
         host = match.host
@@ -444,10 +454,8 @@ class RoutingCore:
         wq, wp, wm, wd, ws = w.queue, w.prefill, w.migration, w.duplication, w.sibling
         wi = w.inflight
         sent = self.sent.match(hashes).run if ws else {}
-        agents = self._agents
         now = time.monotonic()
         replicas = r.replicas
-        match_run = match.run
         bandwidth = self.bandwidth
         scored: list[tuple[float, int, int, int, str]] = []
         append = scored.append
@@ -488,7 +496,8 @@ class RoutingCore:
                     key = (tps, bw) if bw else tps
                     terms = cold.get(key)
                     if terms is None:
-                        terms = cold[key] = self._away_terms(tps, bw, best[0], match_run)
+                        first = sources[0] if sources else None
+                        terms = cold[key] = self._away_terms(tps, bw, best[0][1], first)
                     dup, saved, peer = terms
                     cost += dup
                     if saved > 0:
@@ -516,43 +525,45 @@ class RoutingCore:
             peer = ""
             if host:
                 cost += host.get(shared or node, 0) * host_s_per_block
-            cand, peer_run = "", 0
+            peer_run = 0
             for k, v in best:
                 if k != node and k != shared:
-                    cand, peer_run = k, v
+                    peer_run = v
                     break
             if peer_run > run:
                 extra = peer_run - run
                 # leaving the holder copies its blocks here, evicting others later
                 cost += wd * extra * bs / tps
-                # only blocks the peer's agent announced can be pulled: a prefill
-                # still running there (``recent``) has nothing to give yet
-                pullable = match_run.get(cand, 0) - run
-                if pull_ok and pullable > 0 and cand in agents:
+                src, src_run = "", 0
+                for k, v in sources:
+                    if k != node and k != shared:
+                        src, src_run = k, v
+                        break
+                pullable = src_run - run
+                if pullable > 0:
                     bw = bandwidth.get(shared or node)
                     per_block = r.block_bytes / bw if bw else pull_s_per_block
                     saved = wp * pullable * bs / tps - wm * pullable * per_block
                     if saved > 0:
                         cost -= saved
-                        peer = cand
+                        peer = src
             append((cost, pod.inflight, (i - offset) % n, i, peer))
         cost, _, _, top, peer = min(scored)
         hint = PullHint(peer, agents[peer], match.run[peer]) if peer else None
         return Decision(pods, chain, dict(runs), cost, hint, scored, pods[top])
 
     def _away_terms(
-        self, tps: float, bw: float | None, top: tuple[str, int], match_run: Mapping[str, int]
+        self, tps: float, bw: float | None, peer_run: int, source: tuple[str, int] | None
     ) -> tuple[float, float, str]:
         """For a pod none of whose domains holds the prompt: the duplication term, the
-        time a pull would save (0 when it would not be asked for), and the peer to pull
-        from; the loop in ``_cache_aware`` with ``run`` = 0, term by term."""
+        time a pull would save (0 when it would not be asked for), and the node pool to
+        pull from; the loop in ``_cache_aware`` with ``run`` = 0, term by term."""
         r = self.cfg.routing
         w = r.weights
         bs = self.contract.block_size
-        cand, peer_run = top
         dup = w.duplication * peer_run * bs / tps
-        pullable = match_run.get(cand, 0)
-        if r.pull_hints and self.mode != "approximate" and pullable > 0 and cand in self._agents:
+        if source is not None and source[1] > 0:
+            cand, pullable = source
             pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
             per_block = r.block_bytes / bw if bw else pull_s_per_block
             saved = w.prefill * pullable * bs / tps - w.migration * pullable * per_block

@@ -594,11 +594,15 @@ def reference_decision(
             cost += w.sibling * max(0, run - sent.get(pod.name, 0)) * bs / tps
         if runs:
             cost += match.host.get(shared or node, 0) * host_s_per_block
-            cand, peer_run = next(((k, v) for k, v in best if k not in (node, shared)), ("", 0))
+            peer_run = next((v for k, v in best if k not in (node, shared)), 0)
             if peer_run > run:
                 cost += w.duplication * (peer_run - run) * bs / tps
-                pullable = match.run.get(cand, 0) - run
-                if r.pull_hints and rc.mode != "approximate" and pullable > 0 and rc.agent_of(cand):
+                # the pull comes from the best node pool that is not this pod's
+                pools = [(k, v) for k, v in match.run.items() if rc.agent_of(k)]
+                pools = [kv for kv in pools if kv[0] not in (node, shared)]
+                cand, src_run = max(pools, key=lambda kv: kv[1], default=("", 0))
+                pullable = src_run - run
+                if r.pull_hints and rc.mode != "approximate" and pullable > 0:
                     bw = rc.bandwidth.get(shared or node)
                     per_block = r.block_bytes / (bw or r.transfer_bytes_per_second)
                     saved = w.prefill * pullable * bs / tps - w.migration * pullable * per_block
