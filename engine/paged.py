@@ -111,6 +111,8 @@ class PagedStore:
         assert self.client.region is not None
         self.per_page = page // self.layout.bytes_per_block
         self.blocks = blocks_view(self.client.region, self.layout)
+        # each layer's K and V caches (strided views), made once per mapping, not per step
+        self.layer_kv = [layer_views(self.blocks, i) for i in range(self.layout.num_layers)]
 
     def _block_id(self, page: int, index: int) -> int:
         return page * self.per_page + index
@@ -354,35 +356,39 @@ class PagedStore:
 
 
 class _StepAttention:
-    """The per-step metadata, built once; ``__call__`` runs for every layer."""
+    """The per-step metadata, built once (plain Python, one tensor each); ``__call__``
+    runs for every layer and only reads it."""
 
     def __init__(self, store: PagedStore, batch: StepBatch) -> None:
         bsz = store.block_size
         self.store, self.batch = store, batch
-        seqs = [store.seqs[sid] for sid in batch.seq_ids]
-        slots = []
-        for seq, cached, n in zip(seqs, batch.cached_lens, batch.new_lens, strict=True):
-            for pos in range(cached, cached + n):
-                slots.append(seq.block_ids[pos // bsz] * bsz + pos % bsz)
+        slots: list[int] = []
+        rows: list[list[int]] = []
+        ctx: list[int] = []
+        for sid, cached, n in zip(batch.seq_ids, batch.cached_lens, batch.new_lens, strict=True):
+            seq = store.seqs[sid]
+            ids = seq.block_ids
+            slots += [ids[pos // bsz] * bsz + pos % bsz for pos in range(cached, cached + n)]
+            total = cached + n
+            nb = -(-total // bsz)  # the blocks this step reads: only those in use
+            seq.used_blocks = max(seq.used_blocks, nb)
+            ctx.append(total)
+            rows.append(ids[:nb])
+        width = max(len(r) for r in rows)
         self.slot_mapping = torch.tensor(slots, dtype=torch.int64)
-        for seq, cached, n in zip(seqs, batch.cached_lens, batch.new_lens, strict=True):
-            seq.used_blocks = max(seq.used_blocks, (cached + n - 1) // bsz + 1)
-        ctx = [c + n for c, n in zip(batch.cached_lens, batch.new_lens, strict=True)]
-        width = max(-(-c // bsz) for c in ctx)
-        table = torch.zeros(len(seqs), width, dtype=torch.int32)
-        for i, (seq, c) in enumerate(zip(seqs, ctx, strict=True)):
-            nb = -(-c // bsz)
-            table[i, :nb] = torch.tensor(seq.block_ids[:nb], dtype=torch.int32)
-        self.block_tables = table
+        self.block_tables = torch.tensor(
+            [r + [0] * (width - len(r)) for r in rows], dtype=torch.int32
+        )
         self.ctx_lens = torch.tensor(ctx, dtype=torch.int64)
-        self.q_lens = torch.tensor(batch.new_lens, dtype=torch.int64)
-        self.q_starts = torch.tensor(batch.starts, dtype=torch.int64)
         self.decode_only = all(n == 1 for n in batch.new_lens)
+        if not self.decode_only:
+            self.q_lens = torch.tensor(batch.new_lens, dtype=torch.int64)
+            self.q_starts = torch.tensor(batch.starts, dtype=torch.int64)
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        k_cache, v_cache = layer_views(self.store.blocks, layer)
+        k_cache, v_cache = self.store.layer_kv[layer]
         check = layer == 0  # the metadata is the same for every layer: check it once
         reshape_and_cache(k, v, k_cache, v_cache, self.slot_mapping, check=check)
         if self.decode_only:

@@ -129,13 +129,18 @@ def _check_tables(
     )
     bsz = k_cache.shape[1]
     if s:
-        require(int(ctx_lens.min()) >= 1, "every sequence needs at least one cached token")
+        ctx = [int(c) for c in ctx_lens.tolist()]
+        lo, hi = min(ctx), max(ctx)
+        require(lo >= 1, "every sequence needs at least one cached token")
         require(
-            int(ctx_lens.max()) <= mb * bsz,
-            f"a context of {int(ctx_lens.max())} tokens needs more than the {mb} blocks "
-            "of block_tables",
+            hi <= mb * bsz,
+            f"a context of {hi} tokens needs more than the {mb} blocks of block_tables",
         )
-        used = torch.cat([block_tables[i, : -(-int(c) // bsz)] for i, c in enumerate(ctx_lens)])
+        width = -(-hi // bsz)
+        used = block_tables[:, :width]  # the entries past a context are never read
+        if -(-lo // bsz) < width:  # ragged: each row's own blocks only
+            nblk = torch.tensor([-(-c // bsz) for c in ctx], device=used.device)
+            used = used[torch.arange(width, device=used.device)[None, :] < nblk[:, None]]
         check_index("block_tables", used, k_cache.shape[0])
 
 

@@ -125,6 +125,35 @@ def test_paged_decode_long_ragged_contexts_on_layer_views(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ctx", [[1], [16], [37], [37, 37], [5, 37, 16]], ids=str)
+@pytest.mark.parametrize("heads", [(8, 2, 32), (8, 8, 256)], ids=["small-blocks", "big-blocks"])
+def test_paged_decode_with_wide_tables_and_equal_or_ragged_contexts(
+    backend: str, ctx: list[int], heads: tuple[int, int, int]
+) -> None:
+    """Tables wider than the longest context (the columns past it are never read),
+    contexts all equal (no mask needed: batch 1) or ragged (masked); blocks small
+    and big (16 x 8 x 256 values: the torch gather takes its other path)."""
+    q, kc, vc, tables, _, _, ctx_lens = ragged_case(
+        4, torch.float32, 16, *heads, ctx=ctx, new=[1] * len(ctx)
+    )
+    wide = torch.cat([tables, torch.full((len(ctx), 3), 10**6, dtype=tables.dtype)], 1)
+    got = paged_decode(q, kc, vc, wide, ctx_lens, backend=backend)
+    ones = torch.ones(len(ctx), dtype=torch.int64)
+    want = oracle(q, kc, vc, tables, torch.arange(len(ctx)), ones, ctx_lens)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    if backend == "torch":  # the argument checks read only the columns in use too
+        torch.testing.assert_close(paged_decode(q, kc, vc, tables, ctx_lens), got)
+
+
+def test_paged_decode_of_no_sequence_is_empty() -> None:
+    kc, vc = make_cache(4, 8, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    empty = torch.zeros(0, 4, 16)
+    tables = torch.zeros(0, 1, dtype=torch.int32)
+    out = paged_decode(empty, kc, vc, tables, torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reshape_and_cache_writes_slots(backend: str, dtype: torch.dtype) -> None:
     lay = KVLayout(3, 2, 16, "float32" if dtype == torch.float32 else "bfloat16", 8)
