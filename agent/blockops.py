@@ -49,10 +49,8 @@ def evict_own(pool: Pool, sess: Session, k: int, prefer: list[bytes]) -> int:
     if len(victims) < k:
         victims += _own_order(pool, me, sess.evict_own, k - len(victims), chosen)
     for i, b in enumerate(victims):
-        if i < replaced:  # the value being replaced: not counted as an eviction
-            _remove(pool, b)
-        else:
-            pool._drop(b, publish=False)
+        # the value being replaced is not counted as an eviction
+        pool.remove(b, evicted=i >= replaced, publish=False)
     if victims:
         pool.events.publish("evicted", tuple(b.key[1] for b in victims))
     pool.stats["evicted_own"] += len(victims) - replaced
@@ -67,7 +65,7 @@ def _own_order(
     blocks = pool.index.blocks
     own = (
         b
-        for key in pool.index.orders["device"].recency()
+        for key in pool.index.recency("device")
         if key not in skip and (b := blocks.get(key)) is not None and b.owner == owner
     )
     if policy == "lru":
@@ -78,14 +76,6 @@ def _own_order(
 
 def _peek(pool: Pool, block: Block, n: int) -> bytes:
     return bytes(pool.host_view(block)[: min(n, MAX_PEEK)])
-
-
-def _remove(pool: Pool, block: Block) -> None:
-    """Take an unpinned block out of the index and free its slot (not an eviction)."""
-    pool.index.remove(block.key)
-    pool._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
-    if block.tier == "device":
-        pool.usage[block.owner] -= 1
 
 
 def _check_owner(sess: Session, block: Block | None) -> None:
@@ -116,7 +106,7 @@ def drop(
             peeked.append(None)
             continue
         peeked.append(_peek(pool, b, peek) if peek else None)
-        _remove(pool, b)
+        pool.remove(b, evicted=False, publish=False)
         removed.append(h)
     if removed:
         pool.events.publish("evicted", tuple(removed))
@@ -138,8 +128,7 @@ def replace(
         if old.refs > 0:
             raise Busy(f"block {block_hash.hex()} is being read; retry shortly")
         replaced = _peek(pool, old, peek) if peek else b""
-        _remove(pool, old)
-        pool.events.publish("evicted", (block_hash,))
+        pool.remove(old, evicted=False)
     loc = pool.commit(sess, slot, block_hash, publish=False, tag=tag)
     pool.events.publish("stored", (block_hash,), "device")
     return loc, replaced

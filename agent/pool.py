@@ -15,32 +15,52 @@ needs no locks. Engines act through ``Session`` objects:
 * ``release`` unpins and frees what the session no longer needs; a session that
   disconnects is released whole.
 
-Budgets per serving: usage = slots the serving holds (leased + blocks it
-committed). Its ``min`` is guaranteed (it may evict others' unpinned blocks to
-get back to it), its ``max`` is a hard cap, and above ``min`` it may only evict
-blocks of servings with no higher priority that are above their own minimum.
+Budgets per serving: usage = device slots the serving holds (leased + device
+blocks it committed; ``usage.UsageTable``). Its ``min`` is guaranteed (it may
+evict others' unpinned blocks to get back to it), its ``max`` is a hard cap, and
+above ``min`` it may only evict blocks of servings with no higher priority that
+are above their own minimum.
+
+Who changes what: block refs, uses, tiers and eviction orders change only in
+``BlockIndex``; leases and usage only in ``UsageTable``; a block leaves the pool
+only through ``Pool.remove``. ``Pool.check_invariants`` checks all of it (the
+state-machine test calls it after every step).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from kvmarina.agent import checksums
 from kvmarina.agent.claims import ClaimTable
 from kvmarina.agent.credentials import Identity
-from kvmarina.agent.index import Block, BlockIndex, Key, Slot
+from kvmarina.agent.index import TIERS, Block, BlockIndex, InvariantError, Key, Slot
 from kvmarina.agent.memory import CpuRegion, Region, make_region
 from kvmarina.agent.slots import FreePages, SlotPool
+from kvmarina.agent.usage import UsageTable
 from kvmarina.event_log import EventLog
 
+__all__ = [
+    "Budget",
+    "InvariantError",
+    "Location",
+    "OverMax",
+    "Pool",
+    "PoolError",
+    "PoolFull",
+    "Session",
+]
+
 log = logging.getLogger(__name__)
+_KEY = operator.attrgetter("key")
 
 
 class PoolError(ValueError):
@@ -67,7 +87,10 @@ class Session:
     """One registered engine connection.
 
     Invariants: ``leased`` holds slots allocated to this session and not yet
-    committed or freed; ``pins`` counts this session's references per key.
+    committed or freed (changed through the pool's ``UsageTable`` only);
+    ``pins`` counts this session's references per key, every count ``> 0``, and
+    each key's block holds at least the pins of all sessions together
+    (``Block.refs``; transfers pin too).
     """
 
     id: int
@@ -80,16 +103,19 @@ class Session:
     # "lru" | "lfu": a lease past the serving's max first drops the serving's own
     # unpinned device blocks in that order (tensor caches); "" refuses (engines)
     evict_own: str = ""
+    serving: str = ""  # ``ident.key``: its budget's and usage's name
 
     def __post_init__(self) -> None:
         self.scope = self.ident.scope_key
+        self.serving = self.ident.key
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):
+    """Where a block lives: its hash, page, index in the page and tier (immutable)."""
+
     hash: bytes
     page: int
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index: unused here
     tier: str
 
     def offset(self, page_size: int, block_bytes: int) -> int:
@@ -97,6 +123,25 @@ class Location:
 
 
 class Pool:
+    """The node's KV pool (see the module docstring). One thread, no locks.
+
+    Invariants (``check_invariants`` raises ``InvariantError`` on the first broken one):
+
+    * the index's, every slot pool's and both tiers' own (``BlockIndex``,
+      ``SlotPool``, ``FreePages``);
+    * every block's slot is allocated in the slot pool of its (scope, size,
+      tier); every leased slot in its session's device slot pool; no slot is
+      named twice; a slot pool holds no slot that is neither a block's nor
+      leased (nothing leaks); the pages the slot pools hold are exactly the
+      pages their tier handed out;
+    * usage (``UsageTable``): a serving's count is its sessions' leased slots
+      plus its device-tier blocks;
+    * pins: a session's pin counts are ``> 0`` and name indexed blocks; the
+      sessions' pins of a block add up to at most its ``refs`` (transfers pin
+      blocks too, outside any session);
+    * claims: ``ClaimTable``'s two maps agree, and only open sessions claim.
+    """
+
     def __init__(
         self,
         *,
@@ -123,9 +168,11 @@ class Pool:
             CpuRegion(f"{node}-host", host_pages * page_size) if host_pages else None
         )
         self._slot_pools: dict[tuple[str, int, str], SlotPool] = {}
+        # (scope, tier) -> the region's bytes, where it is shared RAM (else None)
+        self._views: dict[tuple[str, str], memoryview | None] = {}
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
-        self.usage: Counter[str] = Counter()  # namespace/serving -> device slots held
+        self.usage = UsageTable()  # namespace/serving -> device slots held
         self.budgets: dict[str, Budget] = {}
         self.events = events or EventLog(node, self.snapshot)
         self.stats: Counter[str] = Counter()
@@ -172,6 +219,15 @@ class Pool:
         off = slot.page * self.page_size + slot.index * block_bytes
         return region.tensor()[off : off + block_bytes]
 
+    def _cpu_view(self, scope: str, tier: str) -> memoryview | None:
+        """The whole region of ``scope`` in ``tier`` as bytes when it is shared RAM
+        (made once; slicing it costs far less than slicing a tensor), else None."""
+        key = (scope, "device") if tier == "device" else ("", "host")
+        if key not in self._views:
+            region = self.region(scope) if tier == "device" else self.host_region
+            self._views[key] = region.view() if isinstance(region, CpuRegion) else None
+        return self._views[key]
+
     # ------------------------------------------------------------ sessions
 
     def open_session(self, ident: Identity, block_bytes: int, budget: Budget) -> Session:
@@ -196,8 +252,8 @@ class Pool:
         per: dict[str, int] = {}
         for s in self.sessions.values():
             slots_per_page = self.page_size // s.block_bytes
-            need = -(-self.budgets[s.ident.key].min_slots // slots_per_page)
-            per[s.ident.key] = max(per.get(s.ident.key, 0), need)
+            need = -(-self.budgets[s.serving].min_slots // slots_per_page)
+            per[s.serving] = max(per.get(s.serving, 0), need)
         return sum(per.values())
 
     def _warn_if_minimums_overcommit(self) -> None:
@@ -233,7 +289,7 @@ class Pool:
         own to drop first when it must make room under its max (a value it replaces)."""
         if n < 0:
             raise PoolError("cannot lease a negative number of blocks")
-        serving = sess.ident.key
+        serving = sess.serving
         over = self.usage[serving] + n - sess.budget.max_slots
         if over > 0 and sess.evict_own:
             from kvmarina.agent.blockops import evict_own  # blockops builds on this module
@@ -250,8 +306,7 @@ class Pool:
             for _ in range(n):
                 slot = pool.alloc() or self._reclaim_for(sess, pool)
                 got.append(slot)
-                sess.leased.add(slot)
-                self.usage[serving] += 1
+                self.usage.lease(sess, slot)
         except PoolFull:
             for slot in got:
                 self._free_leased(sess, slot)
@@ -260,8 +315,7 @@ class Pool:
         return got
 
     def _free_leased(self, sess: Session, slot: Slot) -> None:
-        sess.leased.discard(slot)
-        self.usage[sess.ident.key] -= 1
+        self.usage.free(sess, slot)
         self._slots(sess.scope, sess.block_bytes, "device").free(slot)
 
     def check_leased(self, sess: Session, slots: Iterable[Slot]) -> None:
@@ -312,18 +366,25 @@ class Pool:
         key = (sess.scope, block_hash)
         if self.claims.owner:
             self.claims.settle(key)
-        existing = self.index.get(key)
+        existing = self.index.blocks.get(key)
         if existing is not None:
             # Someone committed the same prefix first: keep theirs, use it, free ours.
             self._free_leased(sess, slot)
             self._pin(sess, existing)
             return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
-        sess.leased.discard(slot)
-        block = Block(key, slot, sess.block_bytes, sess.ident.key, checksum=checksum, tag=tag)
+        size = sess.block_bytes
+        self.usage.commit(sess, slot)
+        block = Block(key, slot, size, sess.serving, "device", 0, 0, checksum, tag)
         if checksum is None and self.backend == "cpu":
-            self.checksum(block)
+            view = self._cpu_view(sess.scope, "device")
+            if view is None:
+                self.checksum(block)
+            else:  # the same bytes as ``host_view``, without its calls (a hot path)
+                off = slot.page * self.page_size + slot.index * size
+                block.checksum = self._checksum(view[off : off + size])
         self.index.insert(block)
-        sess.pins[key] += 1
+        pins = sess.pins
+        pins[key] = pins.get(key, 0) + 1
         self.stats["committed"] += 1
         if publish:
             self.events.publish("stored", (block_hash,), "device")
@@ -340,28 +401,33 @@ class Pool:
 
     def lookup_blocks(self, sess: Session, hashes: list[bytes]) -> list[Block]:
         """``lookup`` without building result objects (the socket path's hot loop)."""
-        blocks, pins, scope, size = self.index.blocks, sess.pins, sess.scope, sess.block_bytes
-        orders = self.index.orders
-        discard_device, discard_host = orders["device"].discard, orders["host"].discard
-        out: list[Block] = []
-        for h in hashes:
-            key = (scope, h)
-            block = blocks.get(key)
+        out = self.index.pin_prefix(sess.scope, hashes, sess.block_bytes)
+        pins = sess.pins
+        if len(out) > 4:
+            pins.update(map(_KEY, out))  # counted in C
+        else:
+            for block in out:
+                pins[block.key] = pins.get(block.key, 0) + 1
+        if len(out) < len(hashes) and self.host_region is not None:
+            self._lookup_on(sess, hashes, out)  # stopped at a host-tier hit, maybe
+        stats = self.stats
+        stats["lookups"] += 1
+        stats["hit_blocks"] += len(out)
+        stats["miss_blocks"] += len(hashes) - len(out)
+        return out
+
+    def _lookup_on(self, sess: Session, hashes: list[bytes], out: list[Block]) -> None:
+        """The rest of a lookup past a run of device hits: pin each next hit, and
+        promote those in host memory (which may move other blocks down)."""
+        blocks, scope, size = self.index.blocks, sess.scope, sess.block_bytes
+        for h in hashes[len(out) :]:
+            block = blocks.get((scope, h))
             if block is None or block.block_bytes != size:
                 break  # a miss, or the same hash under another layout: never mismatched bytes
-            if block.refs == 0:
-                (discard_device if block.tier == "device" else discard_host)(key, None)
-            block.refs += 1
-            block.uses += 1
-            pins[key] = pins.get(key, 0) + 1
+            self._pin(sess, block)
             if block.tier == "host" and not self._promote(sess, block):
-                self._unpin(sess, block)
                 break
             out.append(block)
-        self.stats["lookups"] += 1
-        self.stats["hit_blocks"] += len(out)
-        self.stats["miss_blocks"] += len(hashes) - len(out)
-        return out
 
     def in_flight(self, sess: Session, hashes: list[bytes], claim: bool) -> int:
         """How many of ``hashes`` (the blocks past a lookup's cached run), from the
@@ -384,13 +450,17 @@ class Pool:
 
     def _pin(self, sess: Session, block: Block) -> None:
         self.index.pin(block)
-        sess.pins[block.key] += 1
+        pins = sess.pins
+        pins[block.key] = pins.get(block.key, 0) + 1
 
     def _unpin(self, sess: Session, block: Block) -> None:
         self.index.unpin(block)
-        sess.pins[block.key] -= 1
-        if sess.pins[block.key] <= 0:
-            del sess.pins[block.key]
+        pins = sess.pins
+        n = pins.get(block.key, 0) - 1
+        if n > 0:
+            pins[block.key] = n
+        else:
+            pins.pop(block.key, None)
 
     def release(self, sess: Session, hashes: list[bytes]) -> None:
         """Unpin blocks this session pinned (all-or-nothing: checked first; a hash
@@ -401,23 +471,21 @@ class Pool:
             for key in keys:
                 if pins.get(key, 0) <= 0:
                     raise PoolError(f"block {key[1].hex()} is not pinned by this session")
+            pop = pins.pop  # Counter's own __delitem__ is Python code: far slower
+            for key in keys:
+                n = pop(key) - 1
+                if n:
+                    pins[key] = n
         else:
-            for key, k in Counter(keys).items():
+            named = Counter(keys)
+            for key, k in named.items():
                 if pins.get(key, 0) < k:
                     raise PoolError(f"block {key[1].hex()} is not pinned {k} times by this session")
-        blocks, orders = self.index.blocks, self.index.orders
-        add_device, add_host = orders["device"].add, orders["host"].add
-        for key in keys:
-            n = pins[key] - 1
-            if n:
-                pins[key] = n
-            else:
-                del pins[key]
-            block = blocks.get(key)
-            if block is not None:
-                block.refs -= 1
-                if block.refs == 0:
-                    (add_device if block.tier == "device" else add_host)(key, block.uses)
+            for key, k in named.items():
+                n = pins.pop(key) - k
+                if n:
+                    pins[key] = n
+        self.index.unpin_keys(keys)
 
     # ------------------------------------------------------------ eviction and tiers
 
@@ -426,7 +494,7 @@ class Pool:
 
     def _may_take_from(self, requester: Session, owner: str) -> bool:
         """May ``requester`` take a block that ``owner`` holds, by the budgets?"""
-        me = requester.ident.key
+        me = requester.serving
         if owner == me:
             return True
         ob = self.budgets.get(owner, Budget())
@@ -445,12 +513,12 @@ class Pool:
         # Any scope: pages are shared by all scopes, and a page another scope
         # empties comes back to the free queue for ours.
         others = [s for s in self.sessions.values() if s.id != sess.id]
-        others.sort(key=lambda s: self.budgets.get(s.ident.key, Budget()).priority)
+        others.sort(key=lambda s: self.budgets.get(s.serving, Budget()).priority)
         want = n
         for other in others:
             if want <= 0:
                 break
-            if not self._may_take_from(sess, other.ident.key):
+            if not self._may_take_from(sess, other.serving):
                 continue
             held = len(other.leased) + sum(
                 1
@@ -476,11 +544,13 @@ class Pool:
             if slot is not None:
                 return slot
         raise PoolFull(
-            f"no free KV block for serving {sess.ident.key}: every block is "
+            f"no free KV block for serving {sess.serving}: every block is "
             "in use by running requests or protected by budgets"
         )
 
     def _evict(self, block: Block) -> None:
+        """Make room in the device tier: move ``block`` (unpinned) to host memory,
+        dropping host victims for room; with no host tier or no room, remove it."""
         scope, h = block.key
         if self.host_region is not None:
             host = self._slots(scope, block.block_bytes, "host")
@@ -491,7 +561,7 @@ class Pool:
                 hvictim = next(self.index.victims("host"), None)
                 if hvictim is None:
                     break
-                self._drop(hvictim)
+                self.remove(hvictim, evicted=True)
                 hslot = host.alloc()
             if hslot is not None:
                 self._copy(
@@ -499,18 +569,49 @@ class Pool:
                     self._bytes(scope, "host", hslot, block.block_bytes),
                 )
                 self._slots(scope, block.block_bytes, "device").free(block.slot)
-                self.usage[block.owner] -= 1  # budgets count device-tier blocks only
+                self.usage.block_out(block.owner)  # budgets count device-tier blocks only
                 block.slot = hslot
                 self.index.move(block, "host")
                 self.stats["offloaded"] += 1
                 self.events.publish("moved", (h,), "host")
                 return
-        self._drop(block)
+        self.remove(block, evicted=True)
+
+    def remove(
+        self, block: Block, *, evicted: bool, publish: bool = True, slot_freed: bool = False
+    ) -> None:
+        """The one way a block leaves the pool: out of the index, its slot freed
+        (``slot_freed``: the caller already gave it up), its owner's usage lowered
+        if it was in the device tier.
+
+        ``evicted``: the pool chose it to make room, counted in ``stats["evicted"]``
+        and per tag (``tag_evictions``); else its owner dropped or replaced it, or
+        an operator reset the pool, and the caller counts it as such. ``publish``:
+        an ``evicted`` event for this block alone (callers that remove several
+        publish one event for all). Callers remove unpinned blocks only, except a
+        promotion whose bytes lost their host slot (the block is gone either way).
+        """
+        self.index.remove(block.key)
+        if not slot_freed:
+            self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
+        if block.tier == "device":
+            self.usage.block_out(block.owner)
+        if evicted:
+            self.stats["evicted"] += 1
+            if block.tag:
+                self.tag_evictions[block.key[0], block.tag] += 1
+        if publish:
+            self.events.publish("evicted", (block.key[1],))
 
     def host_view(self, block: Block) -> memoryview:
         """A block's bytes readable on the CPU: a view of shared RAM, or a copy
         out of device memory on CUDA."""
-        data = self._bytes(block.key[0], block.tier, block.slot, block.block_bytes)
+        scope, size = block.key[0], block.block_bytes
+        view = self._cpu_view(scope, block.tier)
+        if view is not None:
+            off = block.slot.page * self.page_size + block.slot.index * size
+            return view[off : off + size]
+        data = self._bytes(scope, block.tier, block.slot, size)
         if data.device.type != "cpu":
             data = data.cpu()
         return data.numpy().data
@@ -539,23 +640,13 @@ class Pool:
         else:
             dst.copy_(src)
 
-    def _drop(self, block: Block, publish: bool = True) -> None:
-        self.index.remove(block.key)
-        self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
-        if block.tier == "device":
-            self.usage[block.owner] -= 1
-        self.stats["evicted"] += 1
-        if block.tag:
-            self.tag_evictions[block.key[0], block.tag] += 1
-        if publish:
-            self.events.publish("evicted", (block.key[1],))
-
     def _promote(self, sess: Session, block: Block) -> bool:
-        """Copy a (pinned) host-tier block back into the device tier.
+        """Copy a host-tier block the lookup has just pinned back into the device tier.
 
         With the device full, a victim must move down to host memory just as
         this block leaves it: the block's bytes are staged first so the victim
-        can take its host slot (a swap), instead of pushing a third block out."""
+        can take its host slot (a swap), instead of pushing a third block out.
+        On failure (False) the lookup's pin is released here."""
         scope, size = block.key[0], block.block_bytes
         pool, host = self._slots(scope, size, "device"), self._slots(scope, size, "host")
         src = self._bytes(scope, "host", block.slot, size)
@@ -569,28 +660,28 @@ class Pool:
             try:
                 slot = self._reclaim_for(sess, pool)
             except PoolFull:
-                return self._back_to_host(block, staged)
+                self._back_to_host(sess, block, staged)
+                return False
             self._copy(staged, self._bytes(scope, "device", slot, size))
         block.slot = slot
         self.index.move(block, "device")  # pinned by the lookup: no order to change
-        self.usage[block.owner] += 1
+        self.usage.block_in(block.owner)
         self.stats["promoted"] += 1
         self.events.publish("moved", (block.key[1],), "device")
         return True
 
-    def _back_to_host(self, block: Block, staged: torch.Tensor) -> bool:
+    def _back_to_host(self, sess: Session, block: Block, staged: torch.Tensor) -> None:
         """A promotion that found no device room: put the staged bytes back in
-        host memory (or, if a victim took the last host slot, drop the block)."""
+        host memory (or, if a victim took the last host slot, remove the block),
+        and release the lookup's pin."""
         scope = block.key[0]
         hslot = self._slots(scope, block.block_bytes, "host").alloc()
+        self._unpin(sess, block)
         if hslot is None:
-            self.index.remove(block.key)
-            self.stats["evicted"] += 1
-            self.events.publish("evicted", (block.key[1],))
+            self.remove(block, evicted=True, slot_freed=True)
         else:
             self._bytes(scope, "host", hslot, block.block_bytes).copy_(staged)
             block.slot = hslot
-        return False
 
     # ------------------------------------------------------------ views
 
@@ -603,13 +694,11 @@ class Pool:
 
     def drop_unpinned(self) -> int:
         """Evict every unpinned block (an operator's or a benchmark's reset); pinned
-        blocks stay. Publishes ``cleared`` when nothing is left, else ``evicted``."""
+        blocks stay. Publishes ``cleared`` when nothing is left, else ``evicted``.
+        A reset, not the policy's choice: not counted in ``stats["evicted"]``."""
         victims = [b for b in self.index.blocks.values() if b.refs == 0]
         for block in victims:
-            self.index.remove(block.key)
-            self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
-            if block.tier == "device":
-                self.usage[block.owner] -= 1
+            self.remove(block, evicted=False, publish=False)
         if not self.index.blocks:
             self.events.publish("cleared")
         else:
@@ -634,10 +723,77 @@ class Pool:
             "sessions": len(self.sessions),
             "claimed_blocks": len(self.claims),  # being computed by an engine now
             "reserved_pages": self.reserved_pages(),
-            "usage": dict(self.usage),
+            "usage": self.usage.as_dict(),
             "stats": dict(self.stats),
             "subscribers": len(self.events.subscribers),
             "event_lag": self.events.lag(),
             "resyncs": self.events.resyncs,
             **{name: fn() for name, fn in self.extra_summary.items()},
         }
+
+    # ------------------------------------------------------------ invariants
+
+    def check_invariants(self) -> None:
+        """Raise ``InvariantError`` naming the first invariant (class docstring) that
+        does not hold. A full scan: for tests and debugging, not hot paths."""
+        self.index.check()
+        tiers = {"device": self.device, "host": self.host}
+        held: dict[str, set[int]] = {tier: set() for tier in TIERS}
+        for (_, _, tier), sp in self._slot_pools.items():
+            sp.check()
+            if held[tier] & sp.used.keys():
+                raise InvariantError(f"a {tier} page is held by two slot pools")
+            held[tier].update(sp.used)
+        for tier, pages in tiers.items():
+            pages.check()
+            if held[tier] != pages.handed_out():
+                raise InvariantError(f"{tier} pages handed out and pages cut into slots differ")
+
+        # every allocated slot is exactly one block's or one lease's
+        taken: dict[tuple[str, int, str], dict[Slot, str]] = {}
+
+        def take(where: tuple[str, int, str], slot: Slot, who: str) -> None:
+            mine = taken.setdefault(where, {})
+            if slot in mine:
+                raise InvariantError(f"slot {slot} is both {mine[slot]}'s and {who}'s")
+            mine[slot] = who
+
+        usage: dict[str, int] = {}
+        for key, b in self.index.blocks.items():
+            take((key[0], b.block_bytes, b.tier), b.slot, f"block {key[1].hex()}")
+            if b.tier == "device":
+                usage[b.owner] = usage.get(b.owner, 0) + 1
+        pinned: dict[Key, int] = {}
+        for s in self.sessions.values():
+            for slot in s.leased:
+                take((s.scope, s.block_bytes, "device"), slot, f"session {s.id}'s lease")
+            usage[s.serving] = usage.get(s.serving, 0) + len(s.leased)
+            for key, n in s.pins.items():
+                if n <= 0 or key not in self.index.blocks:
+                    raise InvariantError(f"session {s.id} pins {key[1].hex()} {n} times")
+                pinned[key] = pinned.get(key, 0) + n
+        for where in taken.keys() | self._slot_pools.keys():
+            pool = self._slot_pools.get(where)
+            allocated = pool.allocated() if pool is not None else set()
+            if allocated != taken.get(where, {}).keys():
+                raise InvariantError(
+                    f"{where[2]} slots of {where[0]}: allocated and held by a block "
+                    "or a lease differ (a leak, or a slot used twice)"
+                )
+
+        for serving in usage.keys() | set(self.usage):
+            if self.usage[serving] != usage.get(serving, 0):
+                raise InvariantError(
+                    f"usage of {serving} is {self.usage[serving]}; "
+                    f"it leases and owns {usage.get(serving, 0)}"
+                )
+        for key, n in pinned.items():
+            if self.index.blocks[key].refs < n:
+                raise InvariantError(f"block {key[1].hex()} has fewer refs than session pins")
+
+        claims = self.claims
+        flat = {k: sid for sid, ks in claims.by_session.items() for k in ks}
+        if flat != claims.owner or not all(claims.by_session.values()):
+            raise InvariantError("the claim table's two maps disagree")
+        if not claims.by_session.keys() <= self.sessions.keys():
+            raise InvariantError("a closed session still claims blocks")

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvmarina.agent.index import Slot
+from kvmarina.agent.index import InvariantError, Slot
 
 
 class FreePages:
@@ -84,6 +84,23 @@ class FreePages:
     def used(self) -> int:
         return len(self._out)
 
+    def handed_out(self) -> set[int]:
+        """The pages handed out now (a copy: for checks)."""
+        return set(self._out)
+
+    def check(self) -> None:
+        """Raise ``InvariantError`` where an invariant above does not hold."""
+        free = list(self._bare) + [p for q in self._resident.values() for p in q]
+        if len(set(free)) != len(free) or set(free) & self._out:
+            raise InvariantError("a page is free twice, or both free and handed out")
+        if set(free) | self._out != set(range(self.n_pages)) or self._free != len(free):
+            raise InvariantError("free and handed-out pages do not add up to the tier")
+        for home, pages in self._resident.items():
+            if any(self._home.get(p) != home for p in pages):
+                raise InvariantError(f"a page resident in {home!r} has another home")
+        if any(p in self._home for p in self._bare):
+            raise InvariantError("a bare page still has a home")
+
 
 @dataclass
 class SlotPool:
@@ -135,3 +152,23 @@ class SlotPool:
     @property
     def slots_used(self) -> int:
         return sum(self.used.values())
+
+    def allocated(self) -> set[Slot]:
+        """Every slot handed out and not freed (a scan: for checks, not hot paths)."""
+        return {
+            Slot(page, i)
+            for page, free in self.free_slots.items()
+            for i in set(range(self.slots_per_page)) - set(free)
+        }
+
+    def check(self) -> None:
+        """Raise ``InvariantError`` where an invariant above does not hold."""
+        if self.used.keys() != self.free_slots.keys():
+            raise InvariantError("pages with counts and pages with free lists differ")
+        for page, free in self.free_slots.items():
+            if len(set(free)) != len(free) or not set(free) <= set(range(self.slots_per_page)):
+                raise InvariantError(f"page {page} lists a free slot twice or out of range")
+            if self.used[page] + len(free) != self.slots_per_page or self.used[page] <= 0:
+                raise InvariantError(f"page {page}: {self.used[page]} used, {len(free)} free")
+        if self.partial != {p for p, free in self.free_slots.items() if free}:
+            raise InvariantError("the partial pages are not exactly those with a free slot")
