@@ -46,6 +46,7 @@ from kvmarina.agent.index import TIERS, Block, BlockIndex, InvariantError, Key, 
 from kvmarina.agent.memory import CpuRegion, Region, make_region
 from kvmarina.agent.slots import FreePages, SlotPool
 from kvmarina.agent.usage import UsageTable
+from kvmarina.agent_stats import AgentStats, TierPages
 from kvmarina.event_log import EventLog
 
 __all__ = [
@@ -705,31 +706,33 @@ class Pool:
             self.events.publish("evicted", tuple(b.key[1] for b in victims))
         return len(victims)
 
-    def summary(self) -> dict[str, object]:
+    def stats_doc(self) -> AgentStats:
+        """The pool as its ``/stats`` document (``kvmarina.agent_stats``)."""
         tiers = Counter(b.tier for b in self.index.blocks.values())
-        return {
-            "node": self.node,
-            "boot_id": self.events.boot_id,
-            "seq": self.events.seq,
-            "pages": {
-                "device": {
-                    "total": self.device.n_pages,
-                    "used": self.device.used,
-                    "kept": self.device.kept,  # free, memory kept for their last scope
-                },
-                "host": {"total": self.host.n_pages, "used": self.host.used},
+        return AgentStats(
+            node=self.node,
+            boot_id=self.events.boot_id,
+            seq=self.events.seq,
+            pages={
+                # kept: free pages whose memory stays mapped for their last scope
+                "device": TierPages(self.device.n_pages, self.device.used, self.device.kept),
+                "host": TierPages(self.host.n_pages, self.host.used),
             },
-            "blocks": {"device": tiers.get("device", 0), "host": tiers.get("host", 0)},
-            "sessions": len(self.sessions),
-            "claimed_blocks": len(self.claims),  # being computed by an engine now
-            "reserved_pages": self.reserved_pages(),
-            "usage": self.usage.as_dict(),
-            "stats": dict(self.stats),
-            "subscribers": len(self.events.subscribers),
-            "event_lag": self.events.lag(),
-            "resyncs": self.events.resyncs,
-            **{name: fn() for name, fn in self.extra_summary.items()},
-        }
+            blocks={"device": tiers.get("device", 0), "host": tiers.get("host", 0)},
+            sessions=len(self.sessions),
+            claimed_blocks=len(self.claims),  # being computed by an engine now
+            reserved_pages=self.reserved_pages(),
+            usage=self.usage.as_dict(),
+            counters=dict(self.stats),
+            subscribers=len(self.events.subscribers),
+            event_lag=self.events.lag(),
+            resyncs=self.events.resyncs,
+            extra={name: fn() for name, fn in self.extra_summary.items()},
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """``stats_doc`` as it goes on the wire."""
+        return self.stats_doc().to_wire()
 
     # ------------------------------------------------------------ invariants
 
