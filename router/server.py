@@ -1,11 +1,11 @@
-"""The router's HTTP front door (aiohttp): OpenAI endpoints proxied to the chosen
-pod, ``/v1/models``, ``/health``, ``/metrics``; background tasks for health checks,
-agent event streams, index sweeping and config reloads."""
+"""The router process wired as an aiohttp app: its routes (the OpenAI endpoints go to
+``proxy``), ``/v1/models``, ``/health``, ``/metrics``; startup and shutdown; config
+reloads; and the background tasks that keep the routing state current (health checks,
+engines' load, agents' and engines' event streams, bandwidth, index sweeping)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,46 +15,21 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from kvmarina.headers import PULL_HEADER, SALT_HEADER
-from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
-from kvmarina.router.admission import Admission, Rejected
+from kvmarina.router.admission import Admission
 from kvmarina.router.config import ConfigError, RouterConfig, load_config
 from kvmarina.router.engine_load import parse_load
-from kvmarina.router.headers import STRIPPED_HEADERS, raw_value
+from kvmarina.router.forward import Forwarder
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
-from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request
-from kvmarina.router.routing import Decision, NoPodAvailable, RoutingCore, pod_domain
+from kvmarina.router.proxy import Proxy
+from kvmarina.router.routing import RoutingCore, pod_domain
 from kvmarina.router.subscriber import NodeFollower
-from kvmarina.router.tenancy import derive_salt
-from kvmarina.router.upstream import UpstreamError, UpstreamPool
+from kvmarina.router.upstream import UpstreamPool
 from kvmarina.router.vllm_events import PodBlocks
 from kvmarina.router.vllm_follower import VLLMFollower
-from kvmarina.router.vllm_request import vllm_request, with_pull
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("kvmarina.router")
-RETRY_STATUSES = frozenset({502, 503, 504})
-MAX_ATTEMPTS = 3
-
-
-class UpstreamFailed(Exception):
-    """The pod failed before sending a first byte: the next pod may be tried."""
-
-
-def error_response(
-    status: int, message: str, *, retry_after: int | None = None, kind: str | None = None
-) -> web.Response:
-    body = {
-        "error": {
-            "message": message,
-            "type": kind or ("invalid_request_error" if status < 500 else "service_unavailable"),
-            "param": None,
-            "code": None,
-        }
-    }
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.json_response(body, status=status, headers=headers)
 
 
 class Router:
@@ -82,37 +57,14 @@ class Router:
         self._stopping: set[asyncio.Task[None]] = set()
         self._mtime = self._config_mtime()
         self.reloads = 0
-        self._routed_children: dict[str, Any] = {}
-        self._answered_children: dict[tuple[str, int], Any] = {}
-        self._load_reports: dict[str, EngineLoad | None] = {}
-        self.upstream = UpstreamPool(cfg.limits.connect_timeout_s)
-
-    def _answered(self, kind: str, status: int) -> Any:
-        """The requests counter of ``kind`` and ``status`` (label lookups cost more than
-        the increment, so the children are kept)."""
-        child = self._answered_children.get((kind, status))
-        if child is None:
-            child = self.metrics.requests.labels(kind, str(status))
-            self._answered_children[kind, status] = child
-        return child
-
-    def _load_report(self, value: str | None) -> EngineLoad | None:
-        """``parse_load_header``, memoized: an engine's reports repeat a few values."""
-        if value is None:
-            return None
-        try:
-            return self._load_reports[value]
-        except KeyError:
-            if len(self._load_reports) >= 4096:
-                self._load_reports.clear()
-            load = self._load_reports[value] = parse_load_header(value)
-            return load
-
-    def _routed(self, pod: str) -> Any:
-        child = self._routed_children.get(pod)
-        if child is None:
-            child = self._routed_children[pod] = self.metrics.routed.labels(pod)
-        return child
+        # the request path; its upstream pool is replaced with a sized one at startup
+        upstream = UpstreamPool(cfg.limits.connect_timeout_s)
+        self.forwarder = Forwarder(
+            self.core, self.metrics, self.vllm, upstream, cfg.limits.request_timeout_s
+        )
+        self.proxy = Proxy(
+            cfg, self.tokenizer, self.core, self.admission, self.metrics, self.forwarder
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -132,7 +84,9 @@ class Router:
             limit=max(64, lim.max_inflight + 16), limit_per_host=0, keepalive_timeout=30
         )
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        self.upstream = UpstreamPool(lim.connect_timeout_s, max_idle=max(64, lim.max_inflight))
+        self.forwarder.upstream = UpstreamPool(
+            lim.connect_timeout_s, max_idle=max(64, lim.max_inflight)
+        )
         self._events_session = aiohttp.ClientSession()
         self._sync_followers()
         loops = (
@@ -153,7 +107,7 @@ class Router:
         await asyncio.gather(*(f.stop() for f in self.vllm.values()))
         if self.session is not None:
             await self.session.close()
-        self.upstream.close()
+        self.forwarder.upstream.close()
         await self._events_session.close()
 
     def _on_live(self, node: str, live: bool) -> None:
@@ -312,6 +266,7 @@ class Router:
         if tok is not None:
             self.tokenizer = tok
         self.core.apply_config(cfg)
+        self.proxy.apply(cfg, tok)
         lim = cfg.limits
         self.admission.resize(lim.max_inflight, lim.max_queue, lim.queue_timeout_s)
         self._sync_followers()
@@ -384,223 +339,7 @@ class Router:
 
     # -- the proxy ----------------------------------------------------------------------
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, "completions", "/v1/completions")
+        return await self.proxy.handle(request, "completions", "/v1/completions")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, "chat", "/v1/chat/completions")
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.cfg.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise BadRequest(
-                f"request body of {request.content_length} bytes exceeds the "
-                f"limit of {limit} bytes",
-                status=413,
-            )
-        if request.content_length is not None:
-            return await request.read()
-        chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(f"request body exceeds the limit of {limit} bytes", status=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _proxy(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
-        try:
-            raw = await self._read_body(request)
-            parsed = parse_request(parse_body(raw), kind, self.cfg.model, self.tokenizer)
-        except BadRequest as exc:
-            self.metrics.requests.labels(kind, str(exc.status)).inc()
-            return web.json_response(exc.body(), status=exc.status)
-        salt = derive_salt(self.cfg.sharing, self.cfg.namespace, self.cfg.serving, request.headers)
-        try:
-            await self.admission.acquire()
-        except Rejected as exc:
-            self.metrics.rejected.inc()
-            self.metrics.requests.labels(kind, "429").inc()
-            return error_response(
-                429,
-                f"the router is at capacity ({exc}); retry later",
-                retry_after=self.cfg.limits.retry_after_s,
-                kind="rate_limit_error",
-            )
-        try:
-            return await self._route(request, kind, path, raw, parsed, salt)
-        finally:
-            self.admission.release()
-
-    async def _route(
-        self,
-        request: web.Request,
-        kind: str,
-        path: str,
-        raw: bytes,
-        parsed: ParsedRequest,
-        salt: str,
-    ) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        try:
-            decision = self.core.decide(parsed.tokens, salt, request.headers)
-        except NoPodAvailable as exc:
-            self.metrics.requests.labels(kind, "503").inc()
-            return error_response(503, str(exc), retry_after=self.cfg.limits.retry_after_s)
-        self.metrics.decision.observe(time.perf_counter() - t0)
-        headers = {
-            k: raw_value(v) for k, v in request.headers.items() if k.lower() not in STRIPPED_HEADERS
-        }
-        headers[SALT_HEADER] = salt
-        vllm_body = vllm_request(parsed.body, salt) if self.cfg.engine == "vllm" else None
-        if vllm_body is not None:
-            raw = json.dumps(vllm_body).encode()
-        last_error = "no pod could be tried"
-        for attempt, pod in enumerate(decision.first(MAX_ATTEMPTS)):
-            if attempt and not pod.available():
-                continue
-            hint = decision.pull if attempt == 0 else None
-            body = raw
-            if hint is not None:
-                headers[PULL_HEADER] = hint.format()
-                self.metrics.pull_hints.inc()
-                if vllm_body is not None:  # vLLM hands kv_transfer_params to the connector
-                    body = json.dumps(with_pull(vllm_body, hint)).encode()
-            else:
-                headers.pop(PULL_HEADER, None)
-            try:
-                resp = await self._forward(request, pod, path, body, headers, parsed, decision)
-            except UpstreamFailed as exc:
-                last_error = f"pod {pod.name}: {exc}"
-                log.warning("attempt %d failed on %s: %s", attempt + 1, pod.name, exc)
-                self.metrics.retries.inc()
-                continue
-            self._answered(kind, resp.status).inc()
-            return resp
-        self.metrics.requests.labels(kind, "503").inc()
-        return error_response(
-            503, f"no pod answered: {last_error}", retry_after=self.cfg.limits.retry_after_s
-        )
-
-    async def _forward(
-        self,
-        request: web.Request,
-        pod: PodState,
-        path: str,
-        raw: bytes,
-        headers: dict[str, str],
-        parsed: ParsedRequest,
-        decision: Decision,
-    ) -> web.StreamResponse:
-        bs = self.core.contract.block_size
-        uncached = decision.uncached_tokens(pod, len(parsed.tokens), bs)
-        now = time.monotonic()
-        occupancy = pod.occupancy(now)
-        queue_s = self.core.queued(pod, now) * pod.slowdown(now)
-        queue_s /= pod.prefill_tps
-        pod.breaker.on_attempt()
-        pod.inflight += 1
-        pod.queue_add(uncached, now)
-        pod.note_sent(uncached)
-        pending = uncached
-        decoding = False
-        out: web.StreamResponse | None = None
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.cfg.limits.request_timeout_s):
-                try:
-                    # the rest of the prompt's hashes (routing needed only its cached
-                    # prefix) are for ``record_sent``: computed while the pod works
-                    up = await self.upstream.post(
-                        pod.cfg.url, path, raw, headers, decision.chain.all
-                    )
-                except UpstreamError as exc:
-                    self._failed(pod)
-                    raise UpstreamFailed(str(exc)) from exc
-                try:
-                    if up.status in RETRY_STATUSES:
-                        self._failed(pod)
-                        raise UpstreamFailed(f"HTTP {up.status}")
-                    self._sent(pod, decision, len(parsed.tokens), uncached)
-                    # the engine's load as it answers: this request's prefill is done
-                    reported = self._load_report(up.headers.get(LOAD_HEADER))
-                    if not parsed.stream:
-                        try:
-                            body = await up.read()
-                        except UpstreamError as exc:
-                            self._failed(pod)
-                            raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
-                        ttft = time.perf_counter() - t0
-                        self._first_byte(pod, ttft, uncached, queue_s, occupancy)
-                        pod.queue_done(pending)
-                        pending = 0
-                        if reported is not None:
-                            pod.note_engine(reported, time.monotonic())
-                        pod.breaker.on_success()
-                        return web.Response(
-                            body=body, status=up.status, content_type=up.content_type
-                        )
-                    try:
-                        async for chunk in up.iter_chunks():
-                            if out is None:
-                                ttft = time.perf_counter() - t0
-                                self._first_byte(pod, ttft, uncached, queue_s, occupancy)
-                                pod.queue_done(pending)
-                                pending = 0
-                                pod.decoding += 1
-                                decoding = True
-                                if reported is not None:
-                                    pod.note_engine(reported, time.monotonic())
-                                out = web.StreamResponse(status=up.status)
-                                out.content_type = up.content_type
-                                if "cache-control" in up.headers:
-                                    out.headers["Cache-Control"] = up.headers["cache-control"]
-                                await out.prepare(request)
-                            await out.write(chunk)
-                    except UpstreamError as exc:
-                        self._failed(pod)
-                        if out is None:
-                            raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
-                        log.warning("pod %s failed mid-stream: %s", pod.name, exc)
-                        return out  # the client sees a truncated stream
-                finally:
-                    up.release()
-            if out is None:
-                out = web.StreamResponse(status=up.status)
-                await out.prepare(request)
-            pod.breaker.on_success()
-            await out.write_eof()
-            return out
-        except TimeoutError:
-            self._failed(pod)
-            if out is None:
-                raise UpstreamFailed("timed out") from None
-            return out
-        finally:
-            pod.inflight -= 1
-            pod.queue_done(pending)
-            if decoding:
-                pod.decoding -= 1
-
-    def _failed(self, pod: PodState) -> None:
-        pod.breaker.on_failure()
-        pod.failed += 1
-
-    def _sent(self, pod: PodState, decision: Decision, n_tokens: int, uncached: int) -> None:
-        pod.served += 1
-        self._routed(pod.name).inc()
-        follower = self.vllm.get(pod.name)
-        if follower is not None and len(decision.hashes) > decision.cached_blocks.get(
-            pod.domain, 0
-        ):
-            follower.expect()  # new full blocks: their BlockStored events are due
-        self.core.record_sent(
-            pod.domain, decision.hashes, max(decision.cached_blocks.values(), default=0), pod.name
-        )
-        self.metrics.prompt_tokens.inc(n_tokens)
-        self.metrics.cached_tokens.inc(n_tokens - uncached)
-
-    def _first_byte(
-        self, pod: PodState, ttft: float, uncached: int, queue_s: float, occupancy: int
-    ) -> None:
-        self.metrics.ttft.observe(ttft)
-        self.core.observe_ttft(pod, uncached, ttft, queue_s, occupancy)
+        return await self.proxy.handle(request, "chat", "/v1/chat/completions")

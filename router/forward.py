@@ -1,0 +1,257 @@
+"""One attempt of a request on one pod: send it, relay the answer (whole or streamed) to
+the client, and keep the books the routing decisions read: the pod's queue, in-flight
+and decoding counts, its breaker, TTFTs, the engine's load reports and the record of
+where the prompt's blocks went.
+
+An attempt that fails before the client saw a byte raises ``UpstreamFailed`` (the
+request path may try the next pod); one that fails later ends the client's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
+from kvmarina.router.metrics import RouterMetrics
+from kvmarina.router.pods import PodState
+from kvmarina.router.requests import ParsedRequest
+from kvmarina.router.routing import Decision, RoutingCore
+from kvmarina.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from kvmarina.router.vllm_follower import VLLMFollower
+
+log = logging.getLogger("kvmarina.router")
+#: answers that mean "not this pod, not now": nothing was processed, another pod may be
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class UpstreamFailed(Exception):
+    """The pod failed before sending a first byte: the next pod may be tried."""
+
+
+class Attempt:
+    """One attempt's share of its pod's load figures, from sending to the last byte.
+
+    Invariant: what ``__init__`` added to the pod, ``settle`` takes back exactly once,
+    however the attempt ends (the prompt's tokens leave the queue at the first byte at
+    the latest; a request past its first byte counts as decoding until it ends)."""
+
+    __slots__ = ("decoding", "occupancy", "out", "pending", "pod", "queue_s", "t0", "uncached")
+
+    def __init__(self, pod: PodState, uncached: int, core: RoutingCore) -> None:
+        now = time.monotonic()
+        self.pod = pod
+        self.uncached = uncached
+        # what the TTFT model is fed with is the pod's state as this request joined it
+        self.occupancy = pod.occupancy(now)
+        self.queue_s = core.queued(pod, now) * pod.slowdown(now) / pod.prefill_tps
+        pod.breaker.on_attempt()
+        pod.inflight += 1
+        pod.queue_add(uncached, now)
+        pod.note_sent(uncached)
+        self.pending = uncached  # tokens of ours still in the pod's queue
+        self.decoding = False
+        self.out: web.StreamResponse | None = None  # set once the client got a byte
+        self.t0 = time.perf_counter()
+
+    def prefilled(self) -> None:
+        self.pod.queue_done(self.pending)
+        self.pending = 0
+
+    def settle(self) -> None:
+        pod = self.pod
+        pod.inflight -= 1
+        pod.queue_done(self.pending)
+        if self.decoding:
+            pod.decoding -= 1
+
+
+class Forwarder:
+    """Sends attempts to pods over ``upstream`` and keeps the books on each.
+
+    ``vllm`` is the router's own map of pod name to KV-event follower (shared, so that
+    followers started later are seen); ``timeout_s`` bounds an attempt end to end."""
+
+    def __init__(
+        self,
+        core: RoutingCore,
+        metrics: RouterMetrics,
+        vllm: Mapping[str, VLLMFollower],
+        upstream: UpstreamPool,
+        timeout_s: float,
+    ) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.vllm = vllm
+        self.upstream = upstream
+        self.timeout_s = timeout_s
+        self._routed_children: dict[str, Any] = {}
+        self._load_reports: dict[str, EngineLoad | None] = {}
+
+    async def forward(
+        self,
+        request: web.Request,
+        pod: PodState,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        parsed: ParsedRequest,
+        decision: Decision,
+    ) -> web.StreamResponse:
+        """The pod's answer, relayed; ``UpstreamFailed`` if the client got nothing yet."""
+        n_tokens = len(parsed.tokens)
+        uncached = decision.uncached_tokens(pod, n_tokens, self.core.contract.block_size)
+        a = Attempt(pod, uncached, self.core)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                up = await self._send(a, path, body, headers, decision)
+                try:
+                    if up.status in RETRY_STATUSES:
+                        self._failed(pod)
+                        raise UpstreamFailed(f"HTTP {up.status}")
+                    self._sent(pod, decision, n_tokens, uncached)
+                    # the engine's load as it answers: this request's prefill is done
+                    reported = self._load_report(up.headers.get(LOAD_HEADER))
+                    if not parsed.stream:
+                        return await self._relay_whole(a, up, reported)
+                    if not await self._relay_stream(request, a, up, reported):
+                        assert a.out is not None
+                        return a.out  # the client sees a truncated stream
+                finally:
+                    up.release()
+            return await self._end_stream(request, a, up.status)
+        except TimeoutError:
+            self._failed(pod)
+            if a.out is None:
+                raise UpstreamFailed("timed out") from None
+            return a.out
+        finally:
+            a.settle()
+
+    async def _send(
+        self, a: Attempt, path: str, body: bytes, headers: dict[str, str], decision: Decision
+    ) -> UpstreamResponse:
+        try:
+            # the rest of the prompt's hashes (routing needed only its cached prefix)
+            # are for ``record_sent``: computed while the pod works
+            return await self.upstream.post(a.pod.cfg.url, path, body, headers, decision.chain.all)
+        except UpstreamError as exc:
+            self._failed(a.pod)
+            raise UpstreamFailed(str(exc)) from exc
+
+    async def _relay_whole(
+        self, a: Attempt, up: UpstreamResponse, reported: EngineLoad | None
+    ) -> web.Response:
+        try:
+            body = await up.read()
+        except UpstreamError as exc:
+            self._failed(a.pod)
+            raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
+        self._first_byte(a, reported, decoding=False)
+        a.pod.breaker.on_success()
+        return web.Response(body=body, status=up.status, content_type=up.content_type)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        a: Attempt,
+        up: UpstreamResponse,
+        reported: EngineLoad | None,
+    ) -> bool:
+        """Copy the pod's chunks to the client; ``False`` if the pod failed mid-stream."""
+        try:
+            async for chunk in up.iter_chunks():
+                if a.out is None:
+                    a.out = await self._first_chunk(request, a, up, reported)
+                await a.out.write(chunk)
+        except UpstreamError as exc:
+            self._failed(a.pod)
+            if a.out is None:
+                raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
+            log.warning("pod %s failed mid-stream: %s", a.pod.name, exc)
+            return False
+        return True
+
+    async def _first_chunk(
+        self,
+        request: web.Request,
+        a: Attempt,
+        up: UpstreamResponse,
+        reported: EngineLoad | None,
+    ) -> web.StreamResponse:
+        """The client's response, started: from here on no other pod can be tried."""
+        self._first_byte(a, reported, decoding=True)
+        out = web.StreamResponse(status=up.status)
+        out.content_type = up.content_type
+        if "cache-control" in up.headers:
+            out.headers["Cache-Control"] = up.headers["cache-control"]
+        await out.prepare(request)
+        return out
+
+    async def _end_stream(
+        self, request: web.Request, a: Attempt, status: int
+    ) -> web.StreamResponse:
+        out = a.out
+        if out is None:  # the pod's stream ended without a chunk
+            out = web.StreamResponse(status=status)
+            await out.prepare(request)
+        a.pod.breaker.on_success()
+        await out.write_eof()
+        return out
+
+    def _first_byte(self, a: Attempt, reported: EngineLoad | None, *, decoding: bool) -> None:
+        """TTFT observed, the prompt out of the pod's queue, the engine's report noted;
+        ``decoding``: a stream, which decodes on the pod until its last byte."""
+        pod = a.pod
+        ttft = time.perf_counter() - a.t0
+        self.metrics.ttft.observe(ttft)
+        self.core.observe_ttft(pod, a.uncached, ttft, a.queue_s, a.occupancy)
+        a.prefilled()
+        if decoding:
+            # counted before the engine's report: it reads prefilling = inflight - decoding
+            pod.decoding += 1
+            a.decoding = True
+        if reported is not None:
+            pod.note_engine(reported, time.monotonic())
+
+    def _failed(self, pod: PodState) -> None:
+        pod.breaker.on_failure()
+        pod.failed += 1
+
+    def _sent(self, pod: PodState, decision: Decision, n_tokens: int, uncached: int) -> None:
+        """The pod took the request: count it and record where its blocks will be."""
+        pod.served += 1
+        self._routed(pod.name).inc()
+        follower = self.vllm.get(pod.name)
+        if follower is not None and len(decision.hashes) > decision.cached_blocks.get(
+            pod.domain, 0
+        ):
+            follower.expect()  # new full blocks: their BlockStored events are due
+        self.core.record_sent(
+            pod.domain, decision.hashes, max(decision.cached_blocks.values(), default=0), pod.name
+        )
+        self.metrics.prompt_tokens.inc(n_tokens)
+        self.metrics.cached_tokens.inc(n_tokens - uncached)
+
+    def _routed(self, pod: str) -> Any:
+        """The routed counter of ``pod`` (label lookups cost more than the increment)."""
+        child = self._routed_children.get(pod)
+        if child is None:
+            child = self._routed_children[pod] = self.metrics.routed.labels(pod)
+        return child
+
+    def _load_report(self, value: str | None) -> EngineLoad | None:
+        """``parse_load_header``, memoized: an engine's reports repeat a few values."""
+        if value is None:
+            return None
+        try:
+            return self._load_reports[value]
+        except KeyError:
+            if len(self._load_reports) >= 4096:
+                self._load_reports.clear()
+            load = self._load_reports[value] = parse_load_header(value)
+            return load
