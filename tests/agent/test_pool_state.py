@@ -35,7 +35,8 @@ from kvmarina.agent.credentials import Identity
 from kvmarina.agent.index import Slot
 from kvmarina.agent.pool import Budget, Pool, PoolError, PoolFull, Session
 
-BB = 4096  # pages of 4 blocks
+from .test_pool import BB, make_pool  # blocks of 4096 bytes, pages of 4 blocks
+
 HASHES = [bytes([i]) * 16 for i in range(1, 13)]  # few: shared prefixes and dedup happen
 PROMPTS = [HASHES[:6], HASHES[:3] + HASHES[6:9], HASHES[9:] + HASHES[:3]]  # shared prefixes
 SERVINGS = [  # (serving, namespace, budget, evict_own)
@@ -86,14 +87,7 @@ class PoolMachine(RuleBasedStateMachine):
         first=st.integers(0, len(SERVINGS) - 1),
     )
     def make_pool(self, device_pages: int, host_pages: int, policy: str, first: int) -> None:
-        self.pool = Pool(
-            node="n",
-            backend="cpu",
-            page_size=4 * BB,
-            device_pages=device_pages,
-            host_pages=host_pages,
-            policy=policy,
-        )
+        self.pool = make_pool(device_pages, host_pages, policy)
         self.open_session(first)
 
     @property
