@@ -59,6 +59,7 @@ MAX_ITEMS = 1 << 16
 MAX_TAG = 64
 EVICT_OWN = ("", "lru", "lfu")
 TIER_CODES = {"device": ord("d"), "host": ord("h")}
+DEVICE_CODE = bytes([TIER_CODES["device"]])
 
 
 class ProtocolError(ValueError):
@@ -103,12 +104,18 @@ class AgentProtocol:
     def _hashes(self, raw: Any) -> list[bytes]:
         if not isinstance(raw, list) or len(raw) > MAX_ITEMS:
             raise ProtocolError("hashes must be a list")
-        for h in raw:
-            if not isinstance(h, bytes) or len(h) != self.digest_bytes:
-                raise ProtocolError(
-                    f"every hash must be {self.digest_bytes} bytes (the pool's hashing contract)"
-                )
-        return raw
+        # Checked in C, not per hash in Python (a lookup names thousands): every
+        # length is digest_bytes (len() refuses None and numbers), and join()
+        # refuses what is not bytes (a decoded frame holds no other bytes-like type).
+        try:
+            if list(map(len, raw)).count(self.digest_bytes) == len(raw):
+                b"".join(raw)
+                return raw
+        except TypeError:
+            pass
+        raise ProtocolError(
+            f"every hash must be {self.digest_bytes} bytes (the pool's hashing contract)"
+        )
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sess: Session | None = None
@@ -292,15 +299,23 @@ class AgentProtocol:
             if op == "lookup":
                 hashes = self._hashes(msg.get("hashes"))
                 hits = self.pool.lookup_blocks(sess, hashes)
-                pending = self.pool.in_flight(sess, hashes[len(hits) :], bool(msg.get("claim")))
+                n = len(hits)
+                pending = self.pool.in_flight(sess, hashes[n:], bool(msg.get("claim")))
                 # Compact reply: the client knows the hashes it asked for; hit i is
                 # hashes[i] for i < n. Pages and indices as packed uint32 arrays.
+                # One pass per field (no per-hit generator); tiers: all device, as a
+                # lookup promotes host hits, unless a block says otherwise.
+                tiers = [b.tier for b in hits]
+                if tiers.count("device") == n:
+                    codes = DEVICE_CODE * n
+                else:
+                    codes = bytes(map(TIER_CODES.__getitem__, tiers))
                 return {
                     "ok": True,
-                    "n": len(hits),
+                    "n": n,
                     "pages": array.array("I", [b.slot.page for b in hits]).tobytes(),
                     "indices": array.array("I", [b.slot.index for b in hits]).tobytes(),
-                    "tiers": bytes(TIER_CODES[b.tier] for b in hits),
+                    "tiers": codes,
                     "pending": pending,
                 }
             if op == "release":

@@ -16,7 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmarina.agent.client import AgentClient, AgentError, AgentFull, AgentUnavailable, Budget
+from kvmarina.agent.client import (
+    RECV_BYTES,
+    AgentClient,
+    AgentError,
+    AgentFull,
+    AgentUnavailable,
+    Budget,
+)
 from kvmarina.events import from_wire
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 
@@ -148,6 +155,15 @@ def test_bad_requests_get_clear_errors_and_hurt_no_one(agent: AgentProc) -> None
     assert b"limit" in s.recv(4096)
     s.close()
     assert c.ping() == agent.stats()["boot_id"]
+    c.close()
+
+
+def test_a_reply_longer_than_one_read_arrives_whole(agent: AgentProc) -> None:
+    c = AgentClient(agent.socket, "tok-chat", 4096).connect()
+    tags = [bytes([i % 251]) for i in range(60_000)]  # a reply of two 60,000-long lists
+    assert 2 * len(tags) > RECV_BYTES  # of a byte an item: more than one recv() takes
+    assert c.count(tags) == [(0, 0)] * len(tags)
+    assert c.ping() == agent.stats()["boot_id"]  # the stream is still in step
     c.close()
 
 
