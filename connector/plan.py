@@ -217,12 +217,13 @@ class Planner:
         r = self.requests.pop(req_id, None)
         if r is None:
             return saving
-        self._drop_pins(r)
         claimed = r.hashes[: r.usable]
-        never_saved = claimed[r.saved :]
         if saving:
             self._unclaim_after[req_id] = claimed[: r.saved]
-        self.session.release([], unclaim=never_saved if saving else claimed)
+            claimed = claimed[r.saved :]  # never saved: given up now
+        # its pins and its claims go back in one call (this runs in vLLM's scheduler loop)
+        self.session.release(r.pinned, unclaim=claimed)
+        r.pinned, r.load = [], []
         return saving
 
     def sends_done(self, req_ids: Iterable[str]) -> None:
