@@ -25,10 +25,10 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import torch
 
@@ -64,6 +64,81 @@ class Hit(NamedTuple):
     page: int
     index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the slot index
     tier: str
+
+
+# A lookup reply's tier of each hit, one byte each (the socket protocol's contract)
+TIER_CODES = {"device": ord("d"), "host": ord("h")}
+TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
+
+
+class Hits(Sequence[Hit]):
+    """A lookup's cached run, column by column: hit ``i`` is ``hashes[i]`` at slot
+    (``pages[i]``, ``indices[i]``) of tier ``tier(i)``.
+
+    Columns, not ``Hit`` objects: a long lookup names thousands of blocks and its
+    callers want the hashes (to release) and the slots (a block table), which the
+    reply carries as packed arrays already. Indexing and iterating build ``Hit``s
+    on demand. Invariant: every column has ``len(self)`` entries; ``tiers`` is
+    ``None`` when every hit is in device memory (what a lookup leaves: it promotes
+    host hits), else one code per hit (``d`` or ``h``).
+    """
+
+    __slots__ = ("hashes", "indices", "pages", "tiers")
+
+    def __init__(
+        self,
+        hashes: list[bytes],
+        pages: Sequence[int],
+        indices: Sequence[int],
+        tiers: bytes | None = None,
+    ) -> None:
+        if not len(hashes) == len(pages) == len(indices) or (
+            tiers is not None and len(tiers) != len(hashes)
+        ):
+            raise ValueError("a lookup's columns differ in length")
+        self.hashes, self.pages, self.indices, self.tiers = hashes, pages, indices, tiers
+
+    def tier(self, i: int) -> str:
+        return "device" if self.tiers is None else TIER_NAMES[self.tiers[i]]
+
+    def slots(self) -> Iterator[tuple[int, int]]:
+        """(page, index) of each hit, in order."""
+        return zip(self.pages, self.indices, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @overload
+    def __getitem__(self, i: int) -> Hit: ...
+    @overload
+    def __getitem__(self, i: slice) -> Hits: ...
+    def __getitem__(self, i: int | slice) -> Hit | Hits:
+        if isinstance(i, slice):
+            tiers = None if self.tiers is None else self.tiers[i]
+            return Hits(self.hashes[i], self.pages[i], self.indices[i], tiers)
+        return Hit(self.hashes[i], self.pages[i], self.indices[i], self.tier(i))
+
+    def __iter__(self) -> Iterator[Hit]:
+        names = repeat("device") if self.tiers is None else map(TIER_NAMES.get, self.tiers)
+        # tuple.__new__ straight from C: a third faster than Hit(...) per hit
+        return map(
+            tuple.__new__,
+            repeat(Hit),
+            zip(self.hashes, self.pages, self.indices, names, strict=False),  # names: endless
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Hits | list | tuple):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable columns, as a list
+
+    def __repr__(self) -> str:
+        return f"Hits({list(self)!r})"
+
+
+NO_HITS = Hits([], (), ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,11 +444,11 @@ class AgentClient(RegionBlocks):
         reply = self._call({"op": "count", "tags": list(tags)})
         return list(zip(reply["blocks"], reply["evicted"], strict=True))
 
-    def lookup(self, hashes: list[bytes]) -> list[Hit]:
+    def lookup(self, hashes: list[bytes]) -> Hits:
         """The longest cached run of ``hashes`` from the first, pinned until released."""
         return self.lookup_claim(hashes, claim=False)[0]
 
-    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[list[Hit], int]:
+    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[Hits, int]:
         """``lookup``, and how many blocks after the hits another engine of the node
         is computing now; ``claim``: the blocks after those are this session's to
         compute (others then wait for them) until committed or given up
@@ -386,19 +461,7 @@ class AgentClient(RegionBlocks):
         pages.frombytes(reply["pages"])
         indices.frombytes(reply["indices"])
         tiers = reply["tiers"]
-        names = (
-            repeat("device")
-            if b"h" not in tiers
-            else ("device" if t == 100 else "host" for t in tiers)
-        )
-        # tuple.__new__ straight from C: a third faster than Hit(...) per hit
-        hits = list(
-            map(
-                tuple.__new__,
-                repeat(Hit),
-                zip(hashes[: reply["n"]], pages, indices, names, strict=False),
-            )  # names may be endless
-        )
+        hits = Hits(hashes[: reply["n"]], pages, indices, tiers if b"h" in tiers else None)
         return hits, int(reply.get("pending", 0))
 
     def release(
@@ -514,13 +577,20 @@ class LocalPool(RegionBlocks):
             out.append(Hit(loc.hash, loc.page, loc.index, loc.tier))
         return out
 
-    def lookup(self, hashes: list[bytes]) -> list[Hit]:
+    def lookup(self, hashes: list[bytes]) -> Hits:
         return self.lookup_claim(hashes, claim=False)[0]
 
-    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[list[Hit], int]:
-        locs = self._guard(self._pool.lookup, self._sess, hashes)
-        pending = self._pool.in_flight(self._sess, hashes[len(locs) :], claim)
-        return [Hit(x.hash, x.page, x.index, x.tier) for x in locs], pending
+    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[Hits, int]:
+        blocks = self._guard(self._pool.lookup_blocks, self._sess, hashes)
+        pending = self._pool.in_flight(self._sess, hashes[len(blocks) :], claim)
+        codes = bytes(TIER_CODES[b.tier] for b in blocks)
+        hits = Hits(
+            hashes[: len(blocks)],
+            [b.slot.page for b in blocks],
+            [b.slot.index for b in blocks],
+            codes if b"h" in codes else None,
+        )
+        return hits, pending
 
     def release(
         self,

@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvmarina.agent import blockops
+from kvmarina.agent.client import TIER_CODES
 from kvmarina.agent.credentials import CredentialStore
 from kvmarina.agent.index import Slot
 from kvmarina.agent.pool import Budget, OverMax, Pool, PoolError, PoolFull, Session
@@ -58,7 +59,6 @@ MAX_FRAME = 8 * 1024 * 1024
 MAX_ITEMS = 1 << 16
 MAX_TAG = 64
 EVICT_OWN = ("", "lru", "lfu")
-TIER_CODES = {"device": ord("d"), "host": ord("h")}
 DEVICE_CODE = bytes([TIER_CODES["device"]])
 
 

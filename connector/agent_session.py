@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvmarina.agent.client import AgentClient, AgentError, AgentUnavailable, Budget, Hit
+from kvmarina.agent.client import NO_HITS, AgentClient, AgentError, AgentUnavailable, Budget, Hits
 from kvmarina.connector.settings import ConnectorSettings
 
 log = logging.getLogger("kvmarina.connector")
@@ -95,13 +95,13 @@ class AgentSession:
                 log.debug("kvmarina connector (%s): %s", self.role, exc)
                 return default
 
-    def lookup(self, hashes: list[bytes]) -> list[Hit]:
-        return self.call(lambda c: c.lookup(hashes), [])
+    def lookup(self, hashes: list[bytes]) -> Hits:
+        return self.call(lambda c: c.lookup(hashes), NO_HITS)
 
-    def lookup_claim(self, hashes: list[bytes]) -> tuple[list[Hit], int]:
+    def lookup_claim(self, hashes: list[bytes]) -> tuple[Hits, int]:
         """The agent's hits, and how many blocks after them other engines compute now;
         the rest become this session's to compute (see ``kvmarina.agent.claims``)."""
-        nothing: tuple[list[Hit], int] = ([], 0)
+        nothing: tuple[Hits, int] = (NO_HITS, 0)
         return self.call(lambda c: c.lookup_claim(hashes), nothing)
 
     def release(self, hashes: list[bytes], unclaim: list[bytes] | None = None) -> None:

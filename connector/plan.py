@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvmarina.agent.client import NO_HITS, Hits
 from kvmarina.connector.agent_session import AgentSession
 from kvmarina.hashing import HashContract
 
@@ -37,6 +38,8 @@ log = logging.getLogger("kvmarina.connector")
 PEER_WAIT_S = 10.0
 #: Asked again no sooner than this while waiting: an idle vLLM schedules in a tight loop.
 ASK_EVERY_S = 0.002
+
+NONE: tuple[Hits, int] = (NO_HITS, 0)  # nothing to look up
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +116,8 @@ class Planner:
         r = self.requests[req_id] = Tracked(req_id, tokens, salt)
         r.usable = max(0, (len(tokens) - 1) // self.bs)
         self._extend(r, r.usable)
-        hits, pending = self.session.lookup_claim(r.hashes[: r.usable]) if r.usable else ([], 0)
-        r.pinned = [h.hash for h in hits]
+        hits, pending = self.session.lookup_claim(r.hashes[: r.usable]) if r.usable else NONE
+        r.pinned = list(hits.hashes)
         if pending and self._wait(req_id, first, now, pending):
             self._drop_pins(r)
             return None
@@ -124,7 +127,8 @@ class Planner:
         if len(hits) <= local:
             self._drop_pins(r)
             return 0
-        r.load = [(h.page, h.index, h.hash) for h in hits[local:]]
+        rest = hits[local:]
+        r.load = list(zip(rest.pages, rest.indices, rest.hashes, strict=True))
         r.load_from = local
         return len(r.load) * self.bs
 

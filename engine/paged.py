@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvmarina.agent.client import AgentError, AgentFull, AgentUnavailable, Hit
+from kvmarina.agent.client import NO_HITS, AgentError, AgentFull, AgentUnavailable, Hit, Hits
 from kvmarina.engine.batch import StepBatch
 from kvmarina.engine.kvstore import KVFull
 from kvmarina.engine.model import Attention
@@ -44,9 +44,9 @@ class PoolClient(Protocol):
 
     def commit(self, items: list[tuple[int, int, bytes]]) -> list[Hit]: ...
 
-    def lookup(self, hashes: list[bytes]) -> list[Hit]: ...
+    def lookup(self, hashes: list[bytes]) -> Hits: ...
 
-    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[list[Hit], int]: ...
+    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[Hits, int]: ...
 
     def release(
         self,
@@ -152,7 +152,7 @@ class PagedStore:
         hashes, usable = self._hashes(prompt, salt)
         if pull is not None and usable:
             self._pull(pull, usable[: pull.blocks])
-        hits: list[Hit] = []
+        hits: Hits = NO_HITS
         pending = 0
         try:
             if usable:  # claims the blocks this sequence will compute
@@ -162,8 +162,8 @@ class PagedStore:
         except AgentError as exc:
             log.warning("lookup failed (%s); computing the whole prompt", exc)
         seq = SeqKV(salt, hashes, pending=pending, usable=len(usable))
-        seq.block_ids = [self._block_id(h.page, h.index) for h in hits]
-        seq.pinned = [h.hash for h in hits]
+        seq.block_ids = list(map(self._block_id, hits.pages, hits.indices))
+        seq.pinned = list(hits.hashes)
         seq.committed = len(hits)
         self.seqs[seq_id] = seq
         return len(hits) * self.block_size
