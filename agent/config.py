@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from kvmarina.agent import checksums
+from kvmarina.agent.node import checksums
 from kvmarina.hashing import HashContract, HashingError
 
 

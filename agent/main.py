@@ -17,13 +17,13 @@ import sys
 
 from aiohttp import web
 
+from kvmarina.agent.api.http import build_app
+from kvmarina.agent.api.protocol import AgentProtocol
 from kvmarina.agent.config import AgentConfig, ConfigError, load_config
-from kvmarina.agent.credentials import CredentialError, CredentialStore
-from kvmarina.agent.http import build_app
 from kvmarina.agent.memory import RegionError
-from kvmarina.agent.pool import Pool
-from kvmarina.agent.protocol import AgentProtocol
-from kvmarina.agent.transfer import TransferError, start_transfer_service
+from kvmarina.agent.node.credentials import CredentialError, CredentialStore
+from kvmarina.agent.node.pool import Pool
+from kvmarina.agent.transfer.service import TransferError, start_transfer_service
 from kvmarina.logs import add_log_format_option, setup_logging
 
 log = logging.getLogger("kvmarina.agent")

@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Target, enforce, median, percentile, report
 
 from kvmarina.agent.client import AgentClient, Budget
-from kvmarina.agent.credentials import Identity
-from kvmarina.agent.pool import Budget as PoolBudget
-from kvmarina.agent.pool import Pool, Session
+from kvmarina.agent.node.credentials import Identity
+from kvmarina.agent.node.pool import Budget as PoolBudget
+from kvmarina.agent.node.pool import Pool, Session
 from kvmarina.framing import encode_frame
 
 BB = 4096

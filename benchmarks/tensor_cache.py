@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _common import median, report
 
-from kvmarina.agent.tensor_cache import Cache
+from kvmarina.agent.cache.tensor_cache import Cache
 
 SIZES = {"1mib": 1 << 20, "64mib": 64 << 20}
 TOKEN = "bench-token"

@@ -100,7 +100,7 @@ class AgentSession:
 
     def lookup_claim(self, hashes: list[bytes]) -> tuple[Hits, int]:
         """The agent's hits, and how many blocks after them other engines compute now;
-        the rest become this session's to compute (see ``kvmarina.agent.claims``)."""
+        the rest become this session's to compute (see ``kvmarina.agent.node.claims``)."""
         nothing: tuple[Hits, int] = (NO_HITS, 0)
         return self.call(lambda c: c.lookup_claim(hashes), nothing)
 

@@ -10,7 +10,7 @@ become full in this step, to save after it.
 
 A lookup pins the blocks it found; they stay pinned until the step that loads them is
 over (``step_done``), so the agent cannot reuse their pages while the worker reads
-them. It also claims the blocks past them (``kvmarina.agent.claims``): another engine
+them. It also claims the blocks past them (``kvmarina.agent.node.claims``): another engine
 of the node that gets the same prefix meanwhile learns that they are being computed
 and waits for them (``matched`` answers ``None``: vLLM asks again next step) instead of
 computing them a second time, at most ``PEER_WAIT_S``. The claims end as the worker

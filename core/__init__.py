@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # name -> "module:attribute", resolved on first access so that importing the
 # core never pulls in torch, aiohttp or a part.
-_LAZY: dict[str, str] = {"Cache": "kvmarina.agent.tensor_cache:Cache"}
+_LAZY: dict[str, str] = {"Cache": "kvmarina.agent.cache.tensor_cache:Cache"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 HOSTED_PACKAGES = {
     "kvmarina": "kvmarina",
     "kvmarina.agent": "kvmarina/agent",
+    "kvmarina.agent.client": "kvmarina/agent/client",
     "kvmarina.connector": "kvmarina/connector",
 }
 

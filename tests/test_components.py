@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kvmarina.agent.config import load_config as load_agent_config
-from kvmarina.agent.credentials import CredentialStore
+from kvmarina.agent.node.credentials import CredentialStore
 from kvmarina.engine.serve import build_parser
 from kvmarina.operator.components import (
     Endpoint,

@@ -16,14 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmarina.agent.client import (
-    RECV_BYTES,
-    AgentClient,
-    AgentError,
-    AgentFull,
-    AgentUnavailable,
-    Budget,
-)
+from kvmarina.agent.client import AgentClient, AgentError, AgentFull, AgentUnavailable, Budget
+from kvmarina.agent.client.connection import RECV_BYTES
 from kvmarina.events import from_wire
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvmarina.agent import claims as claims_mod
-from kvmarina.agent.claims import ClaimTable
-from kvmarina.agent.index import Key
+from kvmarina.agent.node import claims as claims_mod
+from kvmarina.agent.node.claims import ClaimTable
+from kvmarina.agent.node.index import Key
 
 from .test_pool import make_pool, session
 

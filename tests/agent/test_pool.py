@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from kvmarina.agent.credentials import CredentialError, CredentialStore, Identity
-from kvmarina.agent.pool import Budget, Pool, PoolError, PoolFull, Session
+from kvmarina.agent.node.credentials import CredentialError, CredentialStore, Identity
+from kvmarina.agent.node.pool import Budget, Pool, PoolError, PoolFull, Session
 from kvmarina.event_log import EventLog
 from kvmarina.events import BlockEvent, Resync, Snapshot
 
@@ -262,7 +262,7 @@ def test_each_tier_keeps_its_own_eviction_order() -> None:
 
 
 def test_free_pages_prefer_the_home_that_used_them_then_bare_then_others() -> None:
-    from kvmarina.agent.slots import FreePages
+    from kvmarina.agent.node.slots import FreePages
 
     dropped: list[tuple[str, int]] = []
     pages = FreePages(3, lambda home, page: dropped.append((home, page)))

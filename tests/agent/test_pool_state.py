@@ -30,10 +30,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvmarina.agent import blockops
-from kvmarina.agent.credentials import Identity
-from kvmarina.agent.index import Slot
-from kvmarina.agent.pool import Budget, Pool, PoolError, PoolFull, Session
+from kvmarina.agent.node import blockops
+from kvmarina.agent.node.credentials import Identity
+from kvmarina.agent.node.index import Slot
+from kvmarina.agent.node.pool import Budget, Pool, PoolError, PoolFull, Session
 
 from .test_pool import BB, make_pool  # blocks of 4096 bytes, pages of 4 blocks
 

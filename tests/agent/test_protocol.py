@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from kvmarina.agent.credentials import Identity
-from kvmarina.agent.index import Block, Slot
-from kvmarina.agent.pool import Budget, Pool, Session
-from kvmarina.agent.protocol import AgentProtocol
+from kvmarina.agent.api.protocol import AgentProtocol
+from kvmarina.agent.node.credentials import Identity
+from kvmarina.agent.node.index import Block, Slot
+from kvmarina.agent.node.pool import Budget, Pool, Session
 
 BB = 4096
 DIGEST = 16

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kvmarina.agent.tensor_cache import Cache, CacheError
+from kvmarina.agent.cache.tensor_cache import Cache, CacheError
 
 from .conftest import AgentProc, agent_process
 
@@ -150,7 +150,7 @@ def test_mapping_api_stats_and_memoize(make_cache) -> None:  # type: ignore[no-u
 
 
 def test_namespaces_do_not_collide(make_cache) -> None:  # type: ignore[no-untyped-def]
-    from kvmarina.agent.tensor_cache import key_digest
+    from kvmarina.agent.cache.tensor_cache import key_digest
 
     assert key_digest("a", "bc") != key_digest("ab", "c")
     assert key_digest("a", "x") != key_digest("b", "x")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmarina.agent import cache_format as fmt
+from kvmarina.agent.cache import format as fmt
+from kvmarina.agent.cache.tensor_cache import Cache, CacheError, key_digest
 from kvmarina.agent.client import AgentClient
-from kvmarina.agent.tensor_cache import Cache, CacheError, key_digest
 
 from .conftest import AgentProc, agent_process
 
@@ -44,7 +44,7 @@ def run_py(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from kvmarina.agent.tensor_cache import Cache
+    from kvmarina.agent.cache.tensor_cache import Cache
     c = Cache(capacity=64 * 4096, namespace="t", agent=sys.argv[1], token=sys.argv[2],
               chunk_bytes=4096)
     g = torch.Generator().manual_seed(7)

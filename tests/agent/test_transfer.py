@@ -353,8 +353,8 @@ def test_pull_larger_than_one_run_per_stream_and_a_bad_fetch_is_refused(tmp_path
 
 def _raw_fetch(port: int, request: dict[str, object]) -> object:
     """Authenticate with the shared token by hand, send one request, read one frame."""
-    from kvmarina.agent.transfer_auth import client_handshake
-    from kvmarina.agent.transfer_wire import dial, recv_frame, send_frame
+    from kvmarina.agent.transfer.auth import client_handshake
+    from kvmarina.agent.transfer.wire import dial, recv_frame, send_frame
 
     conn = dial("127.0.0.1", port, None, 5.0)
     try:

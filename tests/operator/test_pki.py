@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmarina.agent.transfer import tls_contexts
+from kvmarina.agent.transfer.service import tls_contexts
 from kvmarina.operator.pki import make_pool_pki
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from kvmarina.agent.pool import Pool
+from kvmarina.agent.node.pool import Pool
 from kvmarina.crd import closed, schema_for_kind
 from kvmarina.operator import status as st
 

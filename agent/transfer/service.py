@@ -3,7 +3,7 @@
 Pull-based. The agent that lacks blocks connects to the peer that has them and
 asks for them by hash, over ``streams_per_peer`` concurrent streams that share
 the hash list in runs of up to ``run_bytes`` (the wire format is in
-``transfer_wire``, authentication in ``transfer_auth``). For each run the
+``wire``, authentication in ``auth``). For each run the
 receiver first leases slots, the stream's worker thread lands the payloads
 straight in them and checksums them, and back on the event loop only verified
 blocks are committed (visible, one ``stored`` event per run); the other slots
@@ -30,16 +30,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvmarina.agent.config import AgentConfig
-from kvmarina.agent.index import Slot
-from kvmarina.agent.pool import Location, Pool, PoolError, Session
-from kvmarina.agent.transfer_auth import (
+from kvmarina.agent.node.index import Slot
+from kvmarina.agent.node.pool import Location, Pool, PoolError, Session
+from kvmarina.agent.transfer.auth import (
     TransferError,
     client_handshake,
     load_token,
     tls_contexts,
 )
-from kvmarina.agent.transfer_serve import Server
-from kvmarina.agent.transfer_wire import Conn, RunResult, Span, abort_all, dial, receive_run
+from kvmarina.agent.transfer.serve import Server
+from kvmarina.agent.transfer.wire import Conn, RunResult, Span, abort_all, dial, receive_run
 
 __all__ = [
     "TransferError",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator
 from typing import Protocol
 
-from kvmarina.agent.index import InvariantError, Slot
+from kvmarina.agent.node.index import InvariantError, Slot
 
 
 class Holder(Protocol):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from kvmarina.agent.index import Key
+from kvmarina.agent.node.index import Key
 
 #: Claims one session may hold at once: a bound on the table's memory that no
 #: real engine reaches (its claims are blocks of prompts it is prefilling now).

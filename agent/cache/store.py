@@ -4,10 +4,10 @@ Every process on the node that opens a cache with a token of the same sharing
 scope and the same cache namespace sees the same values. Bytes never travel
 through the agent's socket: a writer copies the tensor straight into leased
 slots of the shared region it mapped; a reader maps the value's blocks into one
-private range of its own (``cache_view``: no copy, copy-on-write if the caller
+private range of its own (``view``: no copy, copy-on-write if the caller
 writes) and keeps its chunks pinned until the tensor it got is freed. Values of
 one block, and pools whose memory cannot be mapped so (CUDA), are copied out
-instead. Layout and hashes: ``cache_format``.
+instead. Layout and hashes: ``format``.
 
 Capacity is the session's budget: ``max_blocks = capacity // block_bytes``, held
 per serving by the agent like an engine's. The session registers ``evict_own``
@@ -38,17 +38,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from kvmarina.agent import cache_format as fmt
-from kvmarina.agent.cache_view import ViewError, map_value
-from kvmarina.agent.client import (
+from kvmarina.agent.cache import format as fmt
+from kvmarina.agent.cache.view import ViewError, map_value
+from kvmarina.agent.client.connection import (
     AgentBusy,
     AgentClient,
     AgentError,
     AgentFull,
     AgentUnavailable,
     Budget,
-    Hit,
 )
+from kvmarina.agent.client.hits import Hit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -22,8 +22,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from kvmarina.agent.index import Block, Slot
-from kvmarina.agent.pool import Location, Pool, PoolError, Session
+from kvmarina.agent.node.index import Block, Slot
+from kvmarina.agent.node.pool import Location, Pool, PoolError, Session
 
 MAX_PEEK = 4096
 

@@ -20,10 +20,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvmarina.agent.index import Block
-from kvmarina.agent.pool import Location, Pool
-from kvmarina.agent.transfer_auth import server_handshake
-from kvmarina.agent.transfer_wire import (
+from kvmarina.agent.node.index import Block
+from kvmarina.agent.node.pool import Location, Pool
+from kvmarina.agent.transfer.auth import server_handshake
+from kvmarina.agent.transfer.wire import (
     Conn,
     PeerClosed,
     Span,

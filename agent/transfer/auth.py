@@ -17,7 +17,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from kvmarina.agent.transfer_wire import TransferError, recv_frame, send_frame
+from kvmarina.agent.transfer.wire import TransferError, recv_frame, send_frame
 
 MIN_TOKEN = 16
 __all__ = ["TransferError", "client_handshake", "load_token", "server_handshake", "tls_contexts"]

@@ -39,13 +39,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kvmarina.agent import checksums
-from kvmarina.agent.claims import ClaimTable
-from kvmarina.agent.credentials import Identity
-from kvmarina.agent.index import TIERS, Block, BlockIndex, InvariantError, Key, Slot
 from kvmarina.agent.memory import CpuRegion, Region, make_region
-from kvmarina.agent.slots import FreePages, SlotPool
-from kvmarina.agent.usage import UsageTable
+from kvmarina.agent.node import checksums
+from kvmarina.agent.node.claims import ClaimTable
+from kvmarina.agent.node.credentials import Identity
+from kvmarina.agent.node.index import TIERS, Block, BlockIndex, InvariantError, Key, Slot
+from kvmarina.agent.node.slots import FreePages, SlotPool
+from kvmarina.agent.node.usage import UsageTable
 from kvmarina.agent_stats import AgentStats, TierPages
 from kvmarina.event_log import EventLog
 
@@ -293,7 +293,7 @@ class Pool:
         serving = sess.serving
         over = self.usage[serving] + n - sess.budget.max_slots
         if over > 0 and sess.evict_own:
-            from kvmarina.agent.blockops import evict_own  # blockops builds on this module
+            from kvmarina.agent.node.blockops import evict_own  # blockops builds on this module
 
             evict_own(self, sess, over, prefer or [])
         if self.usage[serving] + n > sess.budget.max_slots:

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvmarina.agent.index import InvariantError, Slot
+from kvmarina.agent.node.index import InvariantError, Slot
 
 
 class FreePages:

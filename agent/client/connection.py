@@ -1,9 +1,7 @@
-"""The engine's side of the agent: register, lease, commit, lookup, release, map the region.
+"""An engine's connection to its node agent: register, lease, commit, lookup, release, map.
 
-The engine imports only this module from the agent. ``AgentClient`` talks to a
-running agent over its unix socket (blocking calls, safe from any one thread at a
-time: the engine's scheduler thread); ``LocalPool`` offers the same methods over a
-private in-process pool for ``kvmarina engine --no-agent``.
+``AgentClient`` talks to a running agent over its unix socket (blocking calls,
+safe from any one thread at a time: the engine's scheduler thread).
 
 The scope region arrives once, as a file descriptor on the ``register`` reply
 (shared RAM is mmapped; CUDA memory is imported with the driver's VMM API);
@@ -25,13 +23,13 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
-from typing import Any, NamedTuple, overload
+from typing import Any
 
 import torch
 
+from kvmarina.agent.client.hits import Hit, Hits
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
@@ -55,90 +53,6 @@ class AgentBusy(AgentError):
 
 class AgentUnavailable(AgentError):
     """The agent is not there or went away (e.g. restarted): reconnect and re-register."""
-
-
-class Hit(NamedTuple):
-    """Where one cached block lives (a tuple: thousands are built per long lookup)."""
-
-    hash: bytes
-    page: int
-    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the slot index
-    tier: str
-
-
-# A lookup reply's tier of each hit, one byte each (the socket protocol's contract)
-TIER_CODES = {"device": ord("d"), "host": ord("h")}
-TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
-
-
-class Hits(Sequence[Hit]):
-    """A lookup's cached run, column by column: hit ``i`` is ``hashes[i]`` at slot
-    (``pages[i]``, ``indices[i]``) of tier ``tier(i)``.
-
-    Columns, not ``Hit`` objects: a long lookup names thousands of blocks and its
-    callers want the hashes (to release) and the slots (a block table), which the
-    reply carries as packed arrays already. Indexing and iterating build ``Hit``s
-    on demand. Invariant: every column has ``len(self)`` entries; ``tiers`` is
-    ``None`` when every hit is in device memory (what a lookup leaves: it promotes
-    host hits), else one code per hit (``d`` or ``h``).
-    """
-
-    __slots__ = ("hashes", "indices", "pages", "tiers")
-
-    def __init__(
-        self,
-        hashes: list[bytes],
-        pages: Sequence[int],
-        indices: Sequence[int],
-        tiers: bytes | None = None,
-    ) -> None:
-        if not len(hashes) == len(pages) == len(indices) or (
-            tiers is not None and len(tiers) != len(hashes)
-        ):
-            raise ValueError("a lookup's columns differ in length")
-        self.hashes, self.pages, self.indices, self.tiers = hashes, pages, indices, tiers
-
-    def tier(self, i: int) -> str:
-        return "device" if self.tiers is None else TIER_NAMES[self.tiers[i]]
-
-    def slots(self) -> Iterator[tuple[int, int]]:
-        """(page, index) of each hit, in order."""
-        return zip(self.pages, self.indices, strict=True)
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    @overload
-    def __getitem__(self, i: int) -> Hit: ...
-    @overload
-    def __getitem__(self, i: slice) -> Hits: ...
-    def __getitem__(self, i: int | slice) -> Hit | Hits:
-        if isinstance(i, slice):
-            tiers = None if self.tiers is None else self.tiers[i]
-            return Hits(self.hashes[i], self.pages[i], self.indices[i], tiers)
-        return Hit(self.hashes[i], self.pages[i], self.indices[i], self.tier(i))
-
-    def __iter__(self) -> Iterator[Hit]:
-        names = repeat("device") if self.tiers is None else map(TIER_NAMES.get, self.tiers)
-        # tuple.__new__ straight from C: a third faster than Hit(...) per hit
-        return map(
-            tuple.__new__,
-            repeat(Hit),
-            zip(self.hashes, self.pages, self.indices, names, strict=False),  # names: endless
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Hits | list | tuple):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable columns, as a list
-
-    def __repr__(self) -> str:
-        return f"Hits({list(self)!r})"
-
-
-NO_HITS = Hits([], (), ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,115 +414,3 @@ class AgentClient(RegionBlocks):
         return self._call(msg)
 
     # ------------------------------------------------------------ memory
-
-
-class LocalPool(RegionBlocks):
-    """The ``AgentClient`` API over a private in-process pool (``engine --no-agent``).
-
-    Same slots, same index, same eviction; nothing is shared with other processes.
-    """
-
-    def __init__(
-        self,
-        block_bytes: int,
-        device_bytes: int,
-        page_size: int = 2 * 1024 * 1024,
-        policy: str = "lru",
-    ) -> None:
-        from kvmarina.agent.credentials import Identity
-        from kvmarina.agent.pool import Budget as PoolBudget
-        from kvmarina.agent.pool import Pool
-
-        self.block_bytes = block_bytes
-        self._pool = Pool(
-            node="local",
-            backend="cpu",
-            page_size=page_size,
-            device_pages=max(1, device_bytes // page_size),
-            host_pages=0,
-            policy=policy,
-        )
-        self._sess = self._pool.open_session(
-            Identity("engine", "local", "none"), block_bytes, PoolBudget()
-        )
-        self.region: torch.Tensor | None = self._pool.region(self._sess.scope).tensor()
-        self.info: dict[str, Any] = {
-            "page_size": page_size,
-            "node": "local",
-            "boot_id": self._pool.events.boot_id,
-        }
-
-    def connect(self) -> LocalPool:
-        return self
-
-    def sibling(self) -> LocalPool:
-        """Another engine's session on this same pool: two engines of one node in one
-        process (what tests and benchmarks of node-level sharing need)."""
-        from kvmarina.agent.pool import Budget as PoolBudget
-
-        other = object.__new__(LocalPool)
-        other.block_bytes, other._pool = self.block_bytes, self._pool
-        other._sess = self._pool.open_session(self._sess.ident, self.block_bytes, PoolBudget())
-        other.region, other.info = self.region, self.info
-        return other
-
-    def close(self) -> None:
-        self._pool.close_session(self._sess)
-
-    def _guard(self, fn: Any, *args: Any) -> Any:
-        from kvmarina.agent.pool import PoolError, PoolFull
-
-        try:
-            return fn(*args)
-        except PoolFull as exc:
-            raise AgentFull(str(exc)) from None
-        except PoolError as exc:
-            raise AgentError(str(exc)) from None
-
-    def lease(self, n: int) -> list[tuple[int, int]]:
-        return [(s.page, s.index) for s in self._guard(self._pool.lease, self._sess, n)]
-
-    def commit(self, items: list[tuple[int, int, bytes]]) -> list[Hit]:
-        from kvmarina.agent.index import Slot
-
-        out = []
-        for p, i, h in items:
-            loc = self._guard(self._pool.commit, self._sess, Slot(p, i), h)
-            out.append(Hit(loc.hash, loc.page, loc.index, loc.tier))
-        return out
-
-    def lookup(self, hashes: list[bytes]) -> Hits:
-        return self.lookup_claim(hashes, claim=False)[0]
-
-    def lookup_claim(self, hashes: list[bytes], claim: bool = True) -> tuple[Hits, int]:
-        blocks = self._guard(self._pool.lookup_blocks, self._sess, hashes)
-        pending = self._pool.in_flight(self._sess, hashes[len(blocks) :], claim)
-        codes = bytes(TIER_CODES[b.tier] for b in blocks)
-        hits = Hits(
-            hashes[: len(blocks)],
-            [b.slot.page for b in blocks],
-            [b.slot.index for b in blocks],
-            codes if b"h" in codes else None,
-        )
-        return hits, pending
-
-    def release(
-        self,
-        hashes: list[bytes],
-        slots: list[tuple[int, int]] | None = None,
-        unclaim: list[bytes] | None = None,
-    ) -> None:
-        from kvmarina.agent.index import Slot
-
-        self._guard(self._pool.release, self._sess, list(hashes))
-        self._guard(self._pool.release_slots, self._sess, [Slot(p, i) for p, i in slots or []])
-        self._pool.unclaim(self._sess, list(unclaim or []))
-
-    def stats(self) -> dict[str, Any]:
-        return self._pool.summary()
-
-    def pull(self, peer: str, hashes: list[bytes], node: str | None = None) -> dict[str, Any]:
-        raise AgentError("'pull' needs a node agent (engine runs with --no-agent)")
-
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        raise AgentError(f"{msg.get('op')!r} needs a node agent (engine runs with --no-agent)")

@@ -242,7 +242,7 @@ class Cache:
             else:
                 why = f"no agent running at ${AGENT_SOCKET_ENV} ({found})"
         if agent is not None:
-            from kvmarina.agent.cache_store import open_store
+            from kvmarina.agent.cache.store import open_store
 
             with _store_errors():
                 return open_store(self, agent, token, chunk_bytes)
@@ -359,8 +359,8 @@ class Cache:
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
     """The store's refusals and a lost agent, as ``CacheError`` with their message."""
-    from kvmarina.agent.cache_store import StoreError
-    from kvmarina.agent.client import AgentError
+    from kvmarina.agent.cache.store import StoreError
+    from kvmarina.agent.client.connection import AgentError
 
     try:
         yield

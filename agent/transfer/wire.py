@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from kvmarina.agent import checksums
 from kvmarina.agent.memory import backed
+from kvmarina.agent.node import checksums
 from kvmarina.framing import HEADER, check_length, decode_body, encode_frame
 
 MAX_HEADER = 1 << 20

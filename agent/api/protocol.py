@@ -24,7 +24,7 @@ slots (``[page, index]``) and hashes only.
                   tiers: b"d"/b"h" per hit,   (hit i is hashes[i])
                   pending}  (blocks from hashes[n] on that another engine is computing;
               claim: the blocks after those become this session's to compute, until
-              committed or unclaimed: see ``kvmarina.agent.claims``)
+              committed or unclaimed: see ``kvmarina.agent.node.claims``)
     release   {hashes: [...], slots: [[page, index], ...], unclaim?: [hash]} -> {}
     drop      {hashes, peek?: n}       -> {removed: [hash], busy: [hash], peeked: [bytes|None]}
               (the serving's own blocks only; pinned ones stay, listed as busy)
@@ -47,11 +47,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvmarina.agent import blockops
-from kvmarina.agent.client import TIER_CODES
-from kvmarina.agent.credentials import CredentialStore
-from kvmarina.agent.index import Slot
-from kvmarina.agent.pool import Budget, OverMax, Pool, PoolError, PoolFull, Session
+from kvmarina.agent.client.hits import TIER_CODES
+from kvmarina.agent.node import blockops
+from kvmarina.agent.node.credentials import CredentialStore
+from kvmarina.agent.node.index import Slot
+from kvmarina.agent.node.pool import Budget, OverMax, Pool, PoolError, PoolFull, Session
 from kvmarina.framing import FrameError, encode_frame, read_frame, write_frame
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvmarina.agent.pool import Pool
+from kvmarina.agent.node.pool import Pool
 from kvmarina.event_log import stream
 
 log = logging.getLogger(__name__)
