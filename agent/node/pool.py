@@ -25,6 +25,10 @@ Who changes what: block refs, uses, tiers and eviction orders change only in
 ``BlockIndex``; leases and usage only in ``UsageTable``; a block leaves the pool
 only through ``Pool.remove``. ``Pool.check_invariants`` checks all of it (the
 state-machine test calls it after every step).
+
+Beside this module: ``session`` (the types callers hold), ``storage`` (regions,
+pages, slots, bytes), ``tiers`` (moves between device and host memory),
+``budgets`` (who may take room from whom) and ``invariants`` (the full check).
 """
 
 from __future__ import annotations
@@ -34,17 +38,16 @@ import logging
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
-
-from kvmarina.agent.memory import CpuRegion, Region, make_region
-from kvmarina.agent.node import checksums
+from kvmarina.agent.memory import Region
+from kvmarina.agent.node import budgets, checksums, tiers
 from kvmarina.agent.node.claims import ClaimTable
 from kvmarina.agent.node.credentials import Identity
-from kvmarina.agent.node.index import TIERS, Block, BlockIndex, InvariantError, Key, Slot
-from kvmarina.agent.node.slots import FreePages, SlotPool
+from kvmarina.agent.node.index import Block, BlockIndex, InvariantError, Slot
+from kvmarina.agent.node.invariants import check_pool
+from kvmarina.agent.node.session import Budget, Location, OverMax, PoolError, PoolFull, Session
+from kvmarina.agent.node.storage import Storage
 from kvmarina.agent.node.usage import UsageTable
 from kvmarina.agent_stats import AgentStats, TierPages
 from kvmarina.event_log import EventLog
@@ -62,65 +65,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _KEY = operator.attrgetter("key")
-
-
-class PoolError(ValueError):
-    """A request the pool refuses; the message says why."""
-
-
-class PoolFull(PoolError):
-    """No slot can be had within the budgets right now."""
-
-
-class OverMax(PoolFull):
-    """The serving's own maximum forbids it: asking others to release cannot help."""
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    min_slots: int = 0
-    max_slots: int = 1 << 40
-    priority: int = 100
-
-
-@dataclass(eq=False)
-class Session:
-    """One registered engine connection.
-
-    Invariants: ``leased`` holds slots allocated to this session and not yet
-    committed or freed (changed through the pool's ``UsageTable`` only);
-    ``pins`` counts this session's references per key, every count ``> 0``, and
-    each key's block holds at least the pins of all sessions together
-    (``Block.refs``; transfers pin too).
-    """
-
-    id: int
-    ident: Identity
-    block_bytes: int
-    budget: Budget
-    leased: set[Slot] = field(default_factory=set)
-    pins: Counter[Key] = field(default_factory=Counter)
-    scope: str = ""
-    # "lru" | "lfu": a lease past the serving's max first drops the serving's own
-    # unpinned device blocks in that order (tensor caches); "" refuses (engines)
-    evict_own: str = ""
-    serving: str = ""  # ``ident.key``: its budget's and usage's name
-
-    def __post_init__(self) -> None:
-        self.scope = self.ident.scope_key
-        self.serving = self.ident.key
-
-
-class Location(NamedTuple):
-    """Where a block lives: its hash, page, index in the page and tier (immutable)."""
-
-    hash: bytes
-    page: int
-    index: int  # type: ignore[assignment]  # shadows tuple.index: unused here
-    tier: str
-
-    def offset(self, page_size: int, block_bytes: int) -> int:
-        return self.page * page_size + self.index * block_bytes
 
 
 class Pool:
@@ -160,17 +104,18 @@ class Pool:
         self.block_tokens = block_tokens  # tokens per block (the hashing contract's)
         self.checksum_name = checksums.check(checksum)  # the pool's migration.checksum
         self._checksum = checksums.one_shot(checksum)
-        self.device = FreePages(device_pages, self._drop_page)
-        self.host = FreePages(host_pages)  # one region for every scope: never dropped
+        self.storage = Storage(
+            node=node,
+            backend=backend,
+            page_size=page_size,
+            device_pages=device_pages,
+            host_pages=host_pages,
+        )
+        # the storage's, under the names every endpoint reads
+        self.device, self.host = self.storage.device, self.storage.host
+        self.regions, self.host_region = self.storage.regions, self.storage.host_region
         self.index = BlockIndex(policy)
         self.claims = ClaimTable()
-        self.regions: dict[str, Region] = {}
-        self.host_region: CpuRegion | None = (
-            CpuRegion(f"{node}-host", host_pages * page_size) if host_pages else None
-        )
-        self._slot_pools: dict[tuple[str, int, str], SlotPool] = {}
-        # (scope, tier) -> the region's bytes, where it is shared RAM (else None)
-        self._views: dict[tuple[str, str], memoryview | None] = {}
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self.usage = UsageTable()  # namespace/serving -> device slots held
@@ -183,51 +128,18 @@ class Pool:
 
     # ------------------------------------------------------------ regions and slots
 
+    # ------------------------------------------------------------ regions
+
     def region(self, scope: str) -> Region:
-        if scope not in self.regions:
-            self.regions[scope] = make_region(
-                self.backend,
-                f"{self.node}-{scope}".replace("/", "-"),
-                self.device.n_pages * self.page_size,
-            )
-        return self.regions[scope]
+        return self.storage.region(scope)
 
-    def _slots(self, scope: str, block_bytes: int, tier: str) -> SlotPool:
-        key = (scope, block_bytes, tier)
-        if key not in self._slot_pools:
-            pages = self.device if tier == "device" else self.host
-            per_page = self.page_size // block_bytes
-            if per_page < 1:
-                raise PoolError(
-                    f"a block of {block_bytes} bytes does not fit a page of "
-                    f"{self.page_size} bytes; raise the pool's pageSize"
-                )
-            if tier == "device":
-                self.region(scope)  # made before the first page is written
-            self._slot_pools[key] = SlotPool(pages, per_page, scope if tier == "device" else "")
-        return self._slot_pools[key]
+    def host_view(self, block: Block) -> memoryview:
+        """A block's bytes readable on the CPU (a copy out of device memory on CUDA)."""
+        return self.storage.host_view(block)
 
-    def _drop_page(self, scope: str, page: int) -> None:
-        """A free device page moves to another scope: its memory in ``scope``'s region
-        goes back first (a memfd reads zeros there from then on)."""
-        region = self.regions.get(scope)
-        if region is not None:
-            region.release(page * self.page_size, self.page_size)
-
-    def _bytes(self, scope: str, tier: str, slot: Slot, block_bytes: int) -> torch.Tensor:
-        region = self.region(scope) if tier == "device" else self.host_region
-        assert region is not None
-        off = slot.page * self.page_size + slot.index * block_bytes
-        return region.tensor()[off : off + block_bytes]
-
-    def _cpu_view(self, scope: str, tier: str) -> memoryview | None:
-        """The whole region of ``scope`` in ``tier`` as bytes when it is shared RAM
-        (made once; slicing it costs far less than slicing a tensor), else None."""
-        key = (scope, "device") if tier == "device" else ("", "host")
-        if key not in self._views:
-            region = self.region(scope) if tier == "device" else self.host_region
-            self._views[key] = region.view() if isinstance(region, CpuRegion) else None
-        return self._views[key]
+    def write_block(self, scope: str, slot: Slot, size: int, data: bytes) -> None:
+        """Fill a leased device slot from bytes received on the CPU (a pulled block)."""
+        self.storage.write_block(scope, slot, size, data)
 
     # ------------------------------------------------------------ sessions
 
@@ -301,11 +213,11 @@ class Pool:
                 f"serving {serving} holds {self.usage[serving]} blocks; {n} more "
                 f"would exceed its max of {sess.budget.max_slots}"
             )
-        pool = self._slots(sess.scope, sess.block_bytes, "device")
+        pool = self.storage.slots(sess.scope, sess.block_bytes, "device")
         got: list[Slot] = []
         try:
             for _ in range(n):
-                slot = pool.alloc() or self._reclaim_for(sess, pool)
+                slot = pool.alloc() or tiers.reclaim_slot(self, sess, pool)
                 got.append(slot)
                 self.usage.lease(sess, slot)
         except PoolFull:
@@ -317,7 +229,7 @@ class Pool:
 
     def _free_leased(self, sess: Session, slot: Slot) -> None:
         self.usage.free(sess, slot)
-        self._slots(sess.scope, sess.block_bytes, "device").free(slot)
+        self.storage.slots(sess.scope, sess.block_bytes, "device").free(slot)
 
     def check_leased(self, sess: Session, slots: Iterable[Slot]) -> None:
         seen: set[Slot] = set()
@@ -371,13 +283,13 @@ class Pool:
         if existing is not None:
             # Someone committed the same prefix first: keep theirs, use it, free ours.
             self._free_leased(sess, slot)
-            self._pin(sess, existing)
+            self.pin(sess, existing)
             return Location(block_hash, existing.slot.page, existing.slot.index, existing.tier)
         size = sess.block_bytes
         self.usage.commit(sess, slot)
         block = Block(key, slot, size, sess.serving, "device", 0, 0, checksum, tag)
         if checksum is None and self.backend == "cpu":
-            view = self._cpu_view(sess.scope, "device")
+            view = self.storage.cpu_view(sess.scope, "device")
             if view is None:
                 self.checksum(block)
             else:  # the same bytes as ``host_view``, without its calls (a hot path)
@@ -425,8 +337,8 @@ class Pool:
             block = blocks.get((scope, h))
             if block is None or block.block_bytes != size:
                 break  # a miss, or the same hash under another layout: never mismatched bytes
-            self._pin(sess, block)
-            if block.tier == "host" and not self._promote(sess, block):
+            self.pin(sess, block)
+            if block.tier == "host" and not tiers.promote(self, sess, block):
                 break
             out.append(block)
 
@@ -449,12 +361,14 @@ class Pool:
         if hashes:
             self.claims.unclaim(sess.id, [(sess.scope, h) for h in hashes])
 
-    def _pin(self, sess: Session, block: Block) -> None:
+    def pin(self, sess: Session, block: Block) -> None:
+        """One more pin of ``block`` by ``sess``."""
         self.index.pin(block)
         pins = sess.pins
         pins[block.key] = pins.get(block.key, 0) + 1
 
-    def _unpin(self, sess: Session, block: Block) -> None:
+    def unpin(self, sess: Session, block: Block) -> None:
+        """One pin of ``block`` by ``sess`` fewer."""
         self.index.unpin(block)
         pins = sess.pins
         n = pins.get(block.key, 0) - 1
@@ -488,95 +402,11 @@ class Pool:
                     pins[key] = n
         self.index.unpin_keys(keys)
 
-    # ------------------------------------------------------------ eviction and tiers
-
-    def _may_evict(self, requester: Session, block: Block) -> bool:
-        return self._may_take_from(requester, block.owner)
-
-    def _may_take_from(self, requester: Session, owner: str) -> bool:
-        """May ``requester`` take a block that ``owner`` holds, by the budgets?"""
-        me = requester.serving
-        if owner == me:
-            return True
-        ob = self.budgets.get(owner, Budget())
-        if self.usage[owner] <= ob.min_slots:
-            return False  # the owner's guaranteed minimum
-        if self.usage[me] < requester.budget.min_slots:
-            return True  # getting back to my own guaranteed minimum
-        return ob.priority <= requester.budget.priority
+    # ------------------------------------------------------------ eviction
 
     def reclaim_targets(self, sess: Session, n: int) -> dict[int, int]:
-        """Sessions to ask to release blocks so that ``sess`` can lease ``n``:
-        session id -> how many to ask for. Only holders the budgets let ``sess``
-        take from, lowest priority first; blocks another session also pins are
-        not counted (releasing them would free nothing)."""
-        asked: dict[int, int] = {}
-        # Any scope: pages are shared by all scopes, and a page another scope
-        # empties comes back to the free queue for ours.
-        others = [s for s in self.sessions.values() if s.id != sess.id]
-        others.sort(key=lambda s: self.budgets.get(s.serving, Budget()).priority)
-        want = n
-        for other in others:
-            if want <= 0:
-                break
-            if not self._may_take_from(sess, other.serving):
-                continue
-            held = len(other.leased) + sum(
-                1
-                for key, k in other.pins.items()
-                if (b := self.index.get(key)) is not None and b.tier == "device" and b.refs == k
-            )
-            if held:
-                asked[other.id] = min(held, want)
-                want -= asked[other.id]
-        return asked
-
-    def _reclaim_for(self, sess: Session, pool: SlotPool) -> Slot:
-        """Free a device slot usable by ``pool`` by moving or dropping a victim."""
-        for _ in range(64):  # each round frees one block; pages free when emptied
-            victim = next(
-                (b for b in self.index.victims("device") if self._may_evict(sess, b)),
-                None,
-            )
-            if victim is None:
-                break
-            self._evict(victim)
-            slot = pool.alloc()
-            if slot is not None:
-                return slot
-        raise PoolFull(
-            f"no free KV block for serving {sess.serving}: every block is "
-            "in use by running requests or protected by budgets"
-        )
-
-    def _evict(self, block: Block) -> None:
-        """Make room in the device tier: move ``block`` (unpinned) to host memory,
-        dropping host victims for room; with no host tier or no room, remove it."""
-        scope, h = block.key
-        if self.host_region is not None:
-            host = self._slots(scope, block.block_bytes, "host")
-            hslot = host.alloc()
-            for _ in range(64):  # host full: drop host victims until a slot frees
-                if hslot is not None:
-                    break
-                hvictim = next(self.index.victims("host"), None)
-                if hvictim is None:
-                    break
-                self.remove(hvictim, evicted=True)
-                hslot = host.alloc()
-            if hslot is not None:
-                self._copy(
-                    self._bytes(scope, "device", block.slot, block.block_bytes),
-                    self._bytes(scope, "host", hslot, block.block_bytes),
-                )
-                self._slots(scope, block.block_bytes, "device").free(block.slot)
-                self.usage.block_out(block.owner)  # budgets count device-tier blocks only
-                block.slot = hslot
-                self.index.move(block, "host")
-                self.stats["offloaded"] += 1
-                self.events.publish("moved", (h,), "host")
-                return
-        self.remove(block, evicted=True)
+        """Sessions to ask to release blocks so ``sess`` can lease ``n`` (``budgets``)."""
+        return budgets.reclaim_targets(self, sess, n)
 
     def remove(
         self, block: Block, *, evicted: bool, publish: bool = True, slot_freed: bool = False
@@ -594,7 +424,7 @@ class Pool:
         """
         self.index.remove(block.key)
         if not slot_freed:
-            self._slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
+            self.storage.slots(block.key[0], block.block_bytes, block.tier).free(block.slot)
         if block.tier == "device":
             self.usage.block_out(block.owner)
         if evicted:
@@ -604,85 +434,10 @@ class Pool:
         if publish:
             self.events.publish("evicted", (block.key[1],))
 
-    def host_view(self, block: Block) -> memoryview:
-        """A block's bytes readable on the CPU: a view of shared RAM, or a copy
-        out of device memory on CUDA."""
-        scope, size = block.key[0], block.block_bytes
-        view = self._cpu_view(scope, block.tier)
-        if view is not None:
-            off = block.slot.page * self.page_size + block.slot.index * size
-            return view[off : off + size]
-        data = self._bytes(scope, block.tier, block.slot, size)
-        if data.device.type != "cpu":
-            data = data.cpu()
-        return data.numpy().data
-
     def checksum(self, block: Block) -> int:
         if block.checksum is None:
             block.checksum = self._checksum(self.host_view(block))
         return block.checksum
-
-    def write_block(self, scope: str, slot: Slot, size: int, data: bytes) -> None:
-        """Fill a leased device slot from bytes received on the CPU (a pulled block)."""
-        dst = self._bytes(scope, "device", slot, size)
-        if dst.device.type == "cpu":
-            dst.numpy()[:] = memoryview(data).cast("B")
-        else:
-            dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-
-    def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Move one block's bytes between tiers. On CUDA through the kernels'
-        block copy (one row each side); shared RAM is a plain memory copy."""
-        if self.backend == "cuda":
-            from kvmarina.kernels.dispatch import copy_blocks
-
-            zero = torch.zeros(1, dtype=torch.int64)
-            copy_blocks(src.view(1, -1), dst.view(1, -1), zero.to(src.device), zero.to(dst.device))
-        else:
-            dst.copy_(src)
-
-    def _promote(self, sess: Session, block: Block) -> bool:
-        """Copy a host-tier block the lookup has just pinned back into the device tier.
-
-        With the device full, a victim must move down to host memory just as
-        this block leaves it: the block's bytes are staged first so the victim
-        can take its host slot (a swap), instead of pushing a third block out.
-        On failure (False) the lookup's pin is released here."""
-        scope, size = block.key[0], block.block_bytes
-        pool, host = self._slots(scope, size, "device"), self._slots(scope, size, "host")
-        src = self._bytes(scope, "host", block.slot, size)
-        slot = pool.alloc()
-        if slot is not None:
-            self._copy(src, self._bytes(scope, "device", slot, size))
-            host.free(block.slot)
-        else:
-            staged = src.clone()
-            host.free(block.slot)
-            try:
-                slot = self._reclaim_for(sess, pool)
-            except PoolFull:
-                self._back_to_host(sess, block, staged)
-                return False
-            self._copy(staged, self._bytes(scope, "device", slot, size))
-        block.slot = slot
-        self.index.move(block, "device")  # pinned by the lookup: no order to change
-        self.usage.block_in(block.owner)
-        self.stats["promoted"] += 1
-        self.events.publish("moved", (block.key[1],), "device")
-        return True
-
-    def _back_to_host(self, sess: Session, block: Block, staged: torch.Tensor) -> None:
-        """A promotion that found no device room: put the staged bytes back in
-        host memory (or, if a victim took the last host slot, remove the block),
-        and release the lookup's pin."""
-        scope = block.key[0]
-        hslot = self._slots(scope, block.block_bytes, "host").alloc()
-        self._unpin(sess, block)
-        if hslot is None:
-            self.remove(block, evicted=True, slot_freed=True)
-        else:
-            self._bytes(scope, "host", hslot, block.block_bytes).copy_(staged)
-            block.slot = hslot
 
     # ------------------------------------------------------------ views
 
@@ -734,69 +489,7 @@ class Pool:
         """``stats_doc`` as it goes on the wire."""
         return self.stats_doc().to_wire()
 
-    # ------------------------------------------------------------ invariants
-
     def check_invariants(self) -> None:
         """Raise ``InvariantError`` naming the first invariant (class docstring) that
-        does not hold. A full scan: for tests and debugging, not hot paths."""
-        self.index.check()
-        tiers = {"device": self.device, "host": self.host}
-        held: dict[str, set[int]] = {tier: set() for tier in TIERS}
-        for (_, _, tier), sp in self._slot_pools.items():
-            sp.check()
-            if held[tier] & sp.used.keys():
-                raise InvariantError(f"a {tier} page is held by two slot pools")
-            held[tier].update(sp.used)
-        for tier, pages in tiers.items():
-            pages.check()
-            if held[tier] != pages.handed_out():
-                raise InvariantError(f"{tier} pages handed out and pages cut into slots differ")
-
-        # every allocated slot is exactly one block's or one lease's
-        taken: dict[tuple[str, int, str], dict[Slot, str]] = {}
-
-        def take(where: tuple[str, int, str], slot: Slot, who: str) -> None:
-            mine = taken.setdefault(where, {})
-            if slot in mine:
-                raise InvariantError(f"slot {slot} is both {mine[slot]}'s and {who}'s")
-            mine[slot] = who
-
-        usage: dict[str, int] = {}
-        for key, b in self.index.blocks.items():
-            take((key[0], b.block_bytes, b.tier), b.slot, f"block {key[1].hex()}")
-            if b.tier == "device":
-                usage[b.owner] = usage.get(b.owner, 0) + 1
-        pinned: dict[Key, int] = {}
-        for s in self.sessions.values():
-            for slot in s.leased:
-                take((s.scope, s.block_bytes, "device"), slot, f"session {s.id}'s lease")
-            usage[s.serving] = usage.get(s.serving, 0) + len(s.leased)
-            for key, n in s.pins.items():
-                if n <= 0 or key not in self.index.blocks:
-                    raise InvariantError(f"session {s.id} pins {key[1].hex()} {n} times")
-                pinned[key] = pinned.get(key, 0) + n
-        for where in taken.keys() | self._slot_pools.keys():
-            pool = self._slot_pools.get(where)
-            allocated = pool.allocated() if pool is not None else set()
-            if allocated != taken.get(where, {}).keys():
-                raise InvariantError(
-                    f"{where[2]} slots of {where[0]}: allocated and held by a block "
-                    "or a lease differ (a leak, or a slot used twice)"
-                )
-
-        for serving in usage.keys() | set(self.usage):
-            if self.usage[serving] != usage.get(serving, 0):
-                raise InvariantError(
-                    f"usage of {serving} is {self.usage[serving]}; "
-                    f"it leases and owns {usage.get(serving, 0)}"
-                )
-        for key, n in pinned.items():
-            if self.index.blocks[key].refs < n:
-                raise InvariantError(f"block {key[1].hex()} has fewer refs than session pins")
-
-        claims = self.claims
-        flat = {k: sid for sid, ks in claims.by_session.items() for k in ks}
-        if flat != claims.owner or not all(claims.by_session.values()):
-            raise InvariantError("the claim table's two maps disagree")
-        if not claims.by_session.keys() <= self.sessions.keys():
-            raise InvariantError("a closed session still claims blocks")
+        does not hold (a full scan: ``invariants.check_pool``)."""
+        check_pool(self)
