@@ -282,19 +282,15 @@ class Kubelet:
         """Start a new pod (init containers first), restart what exited, probe."""
         if not pod.started:
             pod.started = True
-            self._prepare_mounts(pod)
-            for i, c in enumerate(pod.spec.get("initContainers") or []):
-                ic = self._container(pod, c, init=True)
-                self._launch(pod, ic, c, f"init-{i}")
-                assert ic.proc is not None
-                if ic.proc.wait(300) != 0:
-                    raise KubeletError(
-                        f"pod {pod.name}: init container {ic.name} failed: {_tail(ic.log)}"
-                    )
-            for c in pod.spec["containers"]:
-                cont = self._container(pod, c, init=False)
-                self._launch(pod, cont, c, cont.name)
-                pod.containers.append(cont)
+            try:
+                self._start(pod)
+            except BaseException:
+                # as a kubelet does with a pod that failed to start: stop what runs and
+                # start it whole again next sync (else it stays half started forever)
+                self._stop(pod.containers)
+                pod.containers.clear()
+                pod.started = False
+                raise
         for cont, c in zip(pod.containers, pod.spec["containers"], strict=True):
             assert cont.proc is not None
             if cont.proc.poll() is not None:
@@ -302,6 +298,29 @@ class Kubelet:
                 self.errors.append(f"pod {pod.name}/{cont.name} exited: {_tail(cont.log)}")
                 self._launch(pod, cont, c, cont.name)
         pod.ready = all(self._probe(pod, c) for c in pod.containers)
+
+    def _start(self, pod: Pod) -> None:
+        """Init containers one by one to completion, then the pod's containers."""
+        self._prepare_mounts(pod)
+        for i, c in enumerate(pod.spec.get("initContainers") or []):
+            ic = self._container(pod, c, init=True)
+            self._launch(pod, ic, c, f"init-{i}")
+            assert ic.proc is not None
+            try:
+                code = ic.proc.wait(300)
+            except subprocess.TimeoutExpired:
+                self._stop([ic])
+                raise KubeletError(
+                    f"pod {pod.name}: init container {ic.name} ran over 300 s"
+                ) from None
+            if code != 0:
+                raise KubeletError(
+                    f"pod {pod.name}: init container {ic.name} failed: {_tail(ic.log)}"
+                )
+        for c in pod.spec["containers"]:
+            cont = self._container(pod, c, init=False)
+            self._launch(pod, cont, c, cont.name)
+            pod.containers.append(cont)
 
     def _prepare_mounts(self, pod: Pod) -> None:
         vols = {v["name"]: v for v in pod.spec.get("volumes") or []}
@@ -358,17 +377,20 @@ class Kubelet:
             return False
 
     def _kill(self, pod: Pod) -> None:
-        for cont in pod.containers:
+        self._stop(pod.containers)
+        self.network.remove(pod.name)
+
+    def _stop(self, containers: list[Container]) -> None:
+        for cont in containers:
             if cont.proc is not None and cont.proc.poll() is None:
                 os.killpg(cont.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 3  # a test fixture: no need to wait out a drain
-        for cont in pod.containers:
+        for cont in containers:
             if cont.proc is not None:
                 try:
                     cont.proc.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     os.killpg(cont.proc.pid, signal.SIGKILL)
-        self.network.remove(pod.name)
 
     # -- status ---------------------------------------------------------------------------
     async def _report(self, pod: Pod) -> None:

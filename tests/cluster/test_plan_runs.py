@@ -54,8 +54,9 @@ async def ready(cluster: Any, kubelet: Kubelet, name: str, timeout: float = 180)
             pods = (await cluster.get("/api/v1/namespaces/default/pods") or {}).get("items", [])
             seen = {p["metadata"]["name"]: (p.get("status") or {}).get("conditions") for p in pods}
             maps = (await cluster.get("/api/v1/namespaces/default/configmaps") or {}).get("items")
+            errors = list(dict.fromkeys(kubelet.errors))[:5]  # the first, once each
             raise AssertionError(
-                f"{name} not Ready: {json.dumps(conds, indent=1)}\nkubelet: {kubelet.errors[-5:]}"
+                f"{name} not Ready: {json.dumps(conds, indent=1)}\nkubelet: {errors}"
                 f"\npods: {seen}\nconfigmaps: {[m['metadata']['name'] for m in maps or []]}"
             )
         await asyncio.sleep(0.5)
