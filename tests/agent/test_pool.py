@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from kvmarina.agent.node.credentials import CredentialError, CredentialStore, Identity
 from kvmarina.agent.node.pool import Budget, Pool, PoolError, PoolFull, Session
-from kvmarina.event_log import EventLog
-from kvmarina.events import BlockEvent, Resync, Snapshot
 
 BB = 4096  # block bytes; pages of 4 blocks
 
@@ -138,40 +134,6 @@ def test_release_errors_change_nothing() -> None:
     assert slot in s.leased
     pool.close_session(s)
     assert pool.usage["a/chat"] == 0 and pool.device.used == 0
-
-
-async def test_event_log_resyncs_a_slow_subscriber() -> None:
-    log = EventLog("n", lambda: {b"\x01" * 16: "device"}, max_queue=3)
-    sub = log.subscribe()
-    for i in range(5):
-        log.publish("stored", (bytes([i]) * 16,), "device")
-    got = []
-    while not sub.queue.empty():
-        got.append(sub.queue.get_nowait())
-    kinds = [type(r).__name__ for r in got]
-    assert "Resync" in kinds
-    after = got[kinds.index("Resync") + 1 :]
-    assert isinstance(after[0], Snapshot)
-    # after the snapshot, numbering continues with no gap
-    seqs = [r.seq for r in after if isinstance(r, BlockEvent)]
-    assert seqs == list(range(after[0].seq + 1, after[0].seq + 1 + len(seqs)))
-    assert isinstance(got[kinds.index("Resync")], Resync)
-    assert log.resyncs >= 1 and log.lag() == 0  # the subscriber took everything
-    await asyncio.sleep(0)
-
-
-def test_event_log_reports_lag_and_resyncs() -> None:
-    log = EventLog("n", dict, max_queue=4)
-    assert log.lag() == 0
-    fast, slow = log.subscribe(), log.subscribe()
-    for i in range(3):
-        log.publish("stored", (bytes([i]) * 16,), "device")
-    while not fast.queue.empty():
-        fast.queue.get_nowait()
-    assert log.lag() == 4 and log.resyncs == 0  # the slow one: snapshot + 3 events
-    log.publish("stored", (b"\x09" * 16,), "device")
-    assert log.resyncs == 1 and slow.resyncs == 1
-    assert log.lag() == 2  # the slow one now holds a Resync marker and a snapshot
 
 
 def test_credentials_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from kvmarina.event_log import EventLog, stream
-from kvmarina.events import BlockEvent, Snapshot, from_wire
+from kvmarina.events import BlockEvent, Resync, Snapshot, from_wire
 from kvmarina.framing import FrameDecoder
 
 
@@ -33,3 +33,37 @@ async def test_a_stream_sends_the_snapshot_then_events_and_ends_when_closed() ->
         ("stored", 1),
         ("evicted", 2),
     ]
+
+
+async def test_event_log_resyncs_a_slow_subscriber() -> None:
+    log = EventLog("n", lambda: {b"\x01" * 16: "device"}, max_queue=3)
+    sub = log.subscribe()
+    for i in range(5):
+        log.publish("stored", (bytes([i]) * 16,), "device")
+    got = []
+    while not sub.queue.empty():
+        got.append(sub.queue.get_nowait())
+    kinds = [type(r).__name__ for r in got]
+    assert "Resync" in kinds
+    after = got[kinds.index("Resync") + 1 :]
+    assert isinstance(after[0], Snapshot)
+    # after the snapshot, numbering continues with no gap
+    seqs = [r.seq for r in after if isinstance(r, BlockEvent)]
+    assert seqs == list(range(after[0].seq + 1, after[0].seq + 1 + len(seqs)))
+    assert isinstance(got[kinds.index("Resync")], Resync)
+    assert log.resyncs >= 1 and log.lag() == 0  # the subscriber took everything
+    await asyncio.sleep(0)
+
+
+def test_event_log_reports_lag_and_resyncs() -> None:
+    log = EventLog("n", dict, max_queue=4)
+    assert log.lag() == 0
+    fast, slow = log.subscribe(), log.subscribe()
+    for i in range(3):
+        log.publish("stored", (bytes([i]) * 16,), "device")
+    while not fast.queue.empty():
+        fast.queue.get_nowait()
+    assert log.lag() == 4 and log.resyncs == 0  # the slow one: snapshot + 3 events
+    log.publish("stored", (b"\x09" * 16,), "device")
+    assert log.resyncs == 1 and slow.resyncs == 1
+    assert log.lag() == 2  # the slow one now holds a Resync marker and a snapshot
