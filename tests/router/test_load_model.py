@@ -102,3 +102,23 @@ def test_a_replica_counts_its_own_queue_once_per_replica() -> None:
     # a fresh report of the engine's whole queue wins when it says more
     three.pods["p0"].note_engine(EngineLoad(0, 9, 20000), now)
     assert three.queued(three.pods["p0"], now) > 3 * one.queued(one.pods["p0"], now)
+
+
+def test_a_prompt_on_its_way_draws_requests_that_share_its_prefix() -> None:
+    """The engine answers after its prefill, and only then does ``record_sent`` say
+    where the prompt went: a request sharing the prefix that comes meanwhile must
+    see the pod computing it (it waits for those blocks there instead of computing
+    them again elsewhere). Asking a decision about a pod records nothing by itself:
+    the record comes once the request is written (``chain.all``, the forwarder's)."""
+    rc = core()
+    first = list(range(1600))
+    d = rc.decide(first, "s")
+    pod = d.ranked[0]
+    d.uncached_tokens(pod, len(first), 16)
+    follow = first + list(range(5000, 5100))  # the next turn of the conversation
+    assert rc.decide(follow, "s").cached_blocks == {}  # only asked: nothing on its way
+    assert d.chain.all() == rc.hashes(first, "s")  # written to the pod: recorded
+    d2 = rc.decide(follow, "s")
+    assert d2.ranked[0] is pod and d2.cached_blocks == {pod.domain: 100}
+    d.chain.all()  # a second call (no new attempt) records nothing more
+    assert len(rc._recent_log) == 1
