@@ -17,9 +17,11 @@ publishes their ``stored`` events) on a thread of its own, so decode does not wa
 agent (``kvmarina.connector.saver``: vLLM keeps a finished request's blocks until its saves
 are over). A router's pull hint rides in the request's
 ``kv_transfer_params`` (``{"kvmarina_pull": {"agent", "node", "blocks"}}``): the agent
-pulls those blocks from the peer node first. Without an agent, vLLM computes everything
-itself (``kvmarina.connector.agent_session``); a block the worker cannot read from the
-agent that the scheduler saw is reported as a load error, and vLLM recomputes it.
+pulls those blocks from the peer node first, beside the scheduler
+(``kvmarina.connector.puller``: the request waits, the engine does not). Without an
+agent, vLLM computes everything itself (``kvmarina.connector.agent_session``); a block
+the worker cannot read from the agent that the scheduler saw is reported as a load
+error, and vLLM recomputes it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvmarina.connector.agent_session import AgentSession
 from kvmarina.connector.kv_blocks import LayoutMismatch, PagedKV, load_blocks, save_blocks
 from kvmarina.connector.plan import Planner, StepPlan
+from kvmarina.connector.puller import Puller, PullJob
 from kvmarina.connector.saver import BlockSaver
 from kvmarina.connector.settings import ConnectorSettings
 
@@ -84,6 +87,11 @@ class KVMarinaConnector(KVConnectorBase_V1):
             self.settings, block_bytes_of(kv_cache_config), role.name.lower()
         )
         self.planner = Planner(self.settings.contract, self.settings.model_identity, self.session)
+        # pulls on a connection of their own, beside the scheduler (kvmarina.connector.puller)
+        self.puller = Puller(
+            AgentSession(self.settings, self.session.block_bytes, "pull"),
+            self.settings.pull_timeout_s,
+        )
         self.kv: PagedKV | None = None
         self.saver = BlockSaver(None)  # records requests until register_kv_caches
         self._load_errors: set[int] = set()
@@ -99,30 +107,29 @@ class KVMarinaConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         tokens = request.prompt_token_ids or []
         salt = request.cache_salt or self.settings.default_salt
-        if request.request_id not in self.planner.waiting:  # asked again: pulled already
-            self._pull(request, tokens, salt)
-        n = self.planner.matched(request.request_id, tokens, salt, num_computed_tokens)
+        rid = request.request_id
+        if rid not in self.puller:
+            self.puller.start(rid, self._pull_job(request, tokens, salt))
+        if self.puller.busy(rid):
+            return None, False  # the agent is pulling its prefix from a peer: ask again
+        n = self.planner.matched(rid, tokens, salt, num_computed_tokens)
         return n, False
 
-    def _pull(self, request: Request, tokens: list[int], salt: str) -> None:
+    def _pull_job(self, request: Request, tokens: list[int], salt: str) -> PullJob | None:
+        """The pull a router hinted in ``kv_transfer_params``, as far as it can help."""
         params = request.kv_transfer_params or {}
         hint = params.get(PULL_KEY) if isinstance(params, dict) else None
         if not isinstance(hint, dict) or not hint.get("agent"):
-            return
+            return None
         bs = self.settings.contract.block_size
         blocks = min(int(hint.get("blocks", 0)), max(0, (len(tokens) - 1) // bs))
         if blocks <= 0:
-            return
+            return None
         hashes = self.settings.contract.block_hashes(
             tokens[: blocks * bs], self.settings.model_identity, salt
         )
-        reply = self.session.pull(str(hint["agent"]), hashes, hint.get("node"))
-        if int(reply.get("pulled", 0)) < blocks and not reply.get("present"):
-            log.info(
-                "kvmarina connector: pulled %s of %d blocks from %s (%s)",
-                reply.get("pulled", 0), blocks, hint.get("node") or hint["agent"],
-                reply.get("error") or f"{len(reply.get('missing') or [])} missing there",
-            )  # fmt: skip
+        node = hint.get("node")
+        return PullJob(str(hint["agent"]), str(node) if node else None, hashes)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -155,6 +162,7 @@ class KVMarinaConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        self.puller.forget(request.request_id)
         # True keeps the blocks until the worker's saves of them are over (get_finished)
         return self.planner.finished(request.request_id), None
 
@@ -246,4 +254,5 @@ class KVMarinaConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self.saver.close()
+        self.puller.close()
         self.session.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -205,6 +206,28 @@ def test_another_node_pulls_the_prefix_when_the_router_says_so(fleet: Fleet) -> 
     pulled = sum(p.get("blocks", 0) for p in stats(fleet.nodes["b"])["transfer"]["peers"].values())
     assert pulled >= full
     assert_same(warm, complete(b0.url, prompt, "cold"))
+
+
+def test_a_stalled_peer_delays_only_the_request_that_pulls(fleet: Fleet) -> None:
+    """The pull runs beside vLLM's scheduler: while one request waits on a peer that
+    accepts and never answers, the same engine serves others; then, its time up, the
+    request is computed (nothing cached) with the output of a cold run."""
+    b0 = fleet.engines["b0"]
+    prompt = block_text(300, 1200)
+    with socket.socket() as silent, ThreadPoolExecutor(1) as pool:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hint = {"kvmarina_pull": {"agent": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                                  "node": "z", "blocks": 30}}  # fmt: skip
+        stalled = pool.submit(complete, b0.url, prompt, "tenant", kv_transfer_params=hint)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        other = complete(b0.url, block_text(301, 400), "tenant")
+        served_in = time.monotonic() - t0
+        assert other[1] and not stalled.done() and served_in < 5  # answered meanwhile
+        got = stalled.result(timeout=60)
+    assert got[2] == 0
+    assert_same(got, complete(b0.url, prompt, "cold"))
 
 
 def test_an_agent_restart_in_the_middle_of_a_run_loses_no_request(fleet: Fleet) -> None:
