@@ -225,9 +225,13 @@ class Router:
         pod.healthy = ok
 
     async def _poll_load(self, pod: PodState) -> None:
+        asked = time.monotonic()
         load = parse_load(await self._get_text(pod, "/metrics") or "")
-        if load is not None or pod.engine is None or pod.engine.queued_tokens is None:
-            pod.note_engine(load, time.monotonic())  # a header's report is fresher
+        if pod.engine_at > asked:
+            return  # an answer's load header came while the poll ran: it is fresher
+        if load is None and pod.engine is not None and pod.engine.queued_tokens is not None:
+            return  # the engine reports on its answers only; keep the last report
+        pod.note_engine(load, time.monotonic())
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from kvmarina.load_report import LOAD_HEADER
+from kvmarina.load_report import LOAD_HEADER, EngineLoad
 from kvmarina.router.config import parse_config
 from kvmarina.router.pods import PodState
 from kvmarina.router.server import Router
 
-from .conftest import Fleet, router_doc
+from .conftest import Fleet, router_doc, serve_app
 
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -220,3 +222,38 @@ async def test_the_request_timeout_follows_a_reload(
     assert status == 503 and b"timed out" in got
     pod = router.core.pods["p0"]
     assert books(pod) == (0, 0, 0) and pod.failed == 1
+
+
+async def test_a_load_poll_keeps_a_fresher_report_from_an_answer(fleet: Fleet) -> None:
+    """An answer's load header (which counts queued prefill tokens) that arrives while
+    a /metrics poll runs is fresher than the poll: the poll leaves it. Without one,
+    the poll's figures are taken; a poll that reads nothing keeps the last header's."""
+    answer = asyncio.Event()
+    answer.set()
+    text = ["vllm:num_requests_running 3\nvllm:num_requests_waiting 1\n"]
+
+    async def metrics(_req: web.Request) -> web.Response:
+        await answer.wait()
+        return web.Response(text=text[0])
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner, pod_url = await serve_app(app)
+    try:
+        router, _ = await fleet.router(doc([{"name": "p0", "url": pod_url, "node": "n0"}]))
+        pod = router.core.pods["p0"]
+        await router._poll_load(pod)
+        assert pod.engine == EngineLoad(3, 1)
+        answer.clear()
+        poll = asyncio.create_task(router._poll_load(pod))
+        await asyncio.sleep(0.2)
+        header = EngineLoad(1, 0, 7)
+        pod.note_engine(header, time.monotonic())  # an answer's x-kvmarina-load meanwhile
+        answer.set()
+        await poll
+        assert pod.engine == header
+        text[0] = "# an engine that exports no load\n"
+        await router._poll_load(pod)
+        assert pod.engine == header
+    finally:
+        await runner.cleanup()
