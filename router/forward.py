@@ -17,10 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
+from kvmarina.router.decision import Decision
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.requests import ParsedRequest
-from kvmarina.router.routing import Decision, RoutingCore
+from kvmarina.router.routing import RoutingCore
 from kvmarina.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from kvmarina.router.vllm_follower import VLLMFollower
 
