@@ -14,7 +14,7 @@ from kvmarina.events import BlockEvent, Snapshot
 from kvmarina.hashing import HashContract
 from kvmarina.headers import PullHint, PullHintError, parse_pull_hint
 from kvmarina.router.admission import Admission, Rejected
-from kvmarina.router.config import DEFAULT_BLOCK_BYTES, ConfigError, load_config, parse_config
+from kvmarina.router.config import ConfigError, load_config, parse_config
 from kvmarina.router.hashmemo import HashMemo
 from kvmarina.router.index import BlockIndex
 from kvmarina.router.pods import Breaker, PodState
@@ -102,21 +102,6 @@ def test_config_errors_name_the_field(patch: dict[str, object], needle: str) -> 
     with pytest.raises(ConfigError) as exc:
         parse_config(doc)
     assert needle in str(exc.value)
-
-
-def test_a_blocks_size_for_pull_estimates_comes_from_the_model_identity() -> None:
-    """What a pull moves per block is the engines' KV block, which the identity's layout
-    names (2 x layers x KV heads x head dim x item size x block tokens); a value given
-    in the config wins, and an identity without a layout falls back to the default."""
-    ident = "small@main|L2/H2/D32/float32/B32|tp0of1"
-    assert parse_config(router_doc(pods(1), model_identity=ident)).routing.block_bytes == (
-        2 * 2 * 2 * 32 * 4 * 32
-    )
-    given = router_doc(pods(1), model_identity=ident, routing={"block_bytes": 4096})
-    assert parse_config(given).routing.block_bytes == 4096
-    assert parse_config(router_doc(pods(1))).routing.block_bytes == DEFAULT_BLOCK_BYTES
-    with pytest.raises(ConfigError, match=r"routing\.block_bytes"):
-        parse_config(router_doc(pods(1), routing={"block_bytes": -1}))
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
