@@ -9,25 +9,17 @@ from typing import Any
 import pytest
 
 from kvmarina.agent.api.protocol import AgentProtocol
-from kvmarina.agent.node.credentials import Identity
 from kvmarina.agent.node.index import Block, Slot
-from kvmarina.agent.node.pool import Budget, Pool, Session
+from kvmarina.agent.node.pool import Session
 
-BB = 4096
+from .test_pool import BB, make_pool, session
+
 DIGEST = 16
 
 
 def setup() -> tuple[AgentProtocol, Session]:
-    pool = Pool(
-        node="n",
-        backend="cpu",
-        page_size=4 * BB,
-        device_pages=4,
-        host_pages=0,
-        policy="lru",
-    )
-    sess = pool.open_session(Identity("chat", "a", "namespace"), BB, Budget())
-    return AgentProtocol(pool, None, DIGEST), sess  # type: ignore[arg-type]  # no registers
+    pool = make_pool(device_pages=4)
+    return AgentProtocol(pool, None, DIGEST), session(pool, "chat")  # type: ignore[arg-type]  # no registers
 
 
 def call(proto: AgentProtocol, sess: Session, msg: dict[str, Any]) -> dict[str, Any]:
