@@ -15,6 +15,7 @@ hashing contract seeds every chain with it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,22 @@ class ModelIdentity:
             f"{self.name}@{self.revision}|{self.layout.describe()}|tp{self.tp_rank}of{self.tp_size}"
         )
         return f"{base}|{self.kv_format}" if self.kv_format else base
+
+
+_DESCRIBED = re.compile(r"L(\d+)/H(\d+)/D(\d+)/(\w+)/B(\d+)")
+
+
+def identity_layout(identity: str) -> KVLayout | None:
+    """The KV layout a canonical identity names (``ModelIdentity.canonical``: its
+    ``L../H../D../dtype/B..`` part), or ``None`` where it names none readable."""
+    for part in identity.split("|")[1:2]:
+        m = _DESCRIBED.fullmatch(part)
+        if m is not None:
+            try:
+                return KVLayout(int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5]))
+            except LayoutError:
+                return None
+    return None
 
 
 def hf_kv_shape(config: dict[str, object]) -> tuple[int, int, int]:

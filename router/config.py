@@ -23,10 +23,11 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       policy: cache-aware             # cache-aware | least-load | round-robin | session
       session_header: x-session-id
       weights: {queue: 1.0, prefill: 1.0, migration: 1.0, duplication: 2.0,
-                inflight: 1.0, sibling: 0.05}
+                inflight: 1.0, sibling: 0.05, balance: 0.1}
       prefill_tokens_per_second: 8000 # initial per-pod rate, refined from observed TTFTs
       host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
-      block_bytes: 131072             # KV bytes of one block (for migration estimates)
+      block_bytes: 131072             # KV bytes of one block (pull estimates); default: the
+                                      # model_identity's layout, else 131072
       transfer_bytes_per_second: 2.0e9     # peer-to-peer bandwidth (agents' measured figure)
       pull_hints: true                # false: never ask an engine to pull from a peer
       replicas: 1                     # router replicas in front of the same engines
@@ -63,9 +64,10 @@ from typing import Any, TypeVar
 import yaml
 
 from kvmarina.hashing import HashContract, HashingError
-from kvmarina.layout import LayoutError, folder_identity
+from kvmarina.layout import LayoutError, folder_identity, identity_layout
 
 SCOPES = ("none", "namespace", "cluster")
+DEFAULT_BLOCK_BYTES = 131072  # a block's KV where the identity names no layout
 POLICIES = ("cache-aware", "least-load", "round-robin", "session")
 ENGINES = ("reference", "vllm")
 
@@ -108,6 +110,11 @@ class Weights:
     # same agent) costs this fraction of recomputing it: mapping another engine's
     # pages and colder CPU caches
     sibling: float = 0.05
+    # a prompt no pod has an edge on (a new conversation) goes where the cache is
+    # smallest: each block a pod caches costs this fraction of its recompute. What
+    # a pod caches is what later turns will ask of it; placing by queue alone
+    # piled conversations on whichever engine was idle as they began
+    balance: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +124,7 @@ class RoutingConfig:
     weights: Weights = field(default_factory=Weights)
     prefill_tokens_per_second: float = 8000.0
     host_load_tokens_per_second: float = 200000.0
-    block_bytes: int = 131072
+    block_bytes: int = 0  # 0: the model identity's (``parse_config``)
     transfer_bytes_per_second: float = 2.0e9
     pull_hints: bool = True
     # router replicas in front of the same engines (the serving's routing.replicas):
@@ -287,6 +294,13 @@ def parse_config(data: Any) -> RouterConfig:
         raise ConfigError(f"hashing: {exc}") from exc
     if cfg.model_identity == "auto":
         cfg = replace(cfg, model_identity=_folder_identity(cfg))
+    if cfg.routing.block_bytes < 0:
+        raise ConfigError("routing.block_bytes must be > 0 (or left out: the model's)")
+    if cfg.routing.block_bytes == 0:
+        # what a pull moves per block: the engines' KV layout, which the identity names
+        layout = identity_layout(cfg.model_identity)
+        size = layout.bytes_per_block if layout is not None else DEFAULT_BLOCK_BYTES
+        cfg = replace(cfg, routing=replace(cfg.routing, block_bytes=size))
     return cfg
 
 

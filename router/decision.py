@@ -37,6 +37,7 @@ class Decision:
         "on_attempt",
         "prompt",
         "pull",
+        "pulling",
     )
 
     def __init__(
@@ -65,6 +66,7 @@ class Decision:
         # the pod of the attempt under way (``uncached_tokens`` names it), and what
         # hears that it is computing the prompt (``RoutingCore._computing``)
         self.attempt: PodState | None = None
+        self.pulling = 0  # blocks the attempt's pod pulls (``uncached_tokens`` sets it)
         self.on_attempt: Callable[[PodState, list[bytes]], None] | None = None
 
     @property
@@ -88,13 +90,16 @@ class Decision:
 
     def uncached_tokens(self, pod: PodState, n_tokens: int, block_size: int) -> int:
         """What ``pod`` will prefill (the forwarder asks as an attempt on it starts:
-        that attempt's pod, for ``chain``)."""
+        that attempt's pod, for ``chain``); ``pulling`` says how many blocks it pulls
+        first."""
         self.attempt = pod
         cached = self.cached_blocks.get(pod.domain, 0)
         if pod.shared is not None:
             cached = max(cached, self.cached_blocks.get(pod.shared, 0))
-        if self.pull is not None and pod is self.best:
-            cached = max(cached, self.pull.blocks)
+        self.pulling = 0
+        if self.pull is not None and pod is self.best and self.pull.blocks > cached:
+            self.pulling = self.pull.blocks - cached
+            cached = self.pull.blocks
         return max(0, n_tokens - cached * block_size)
 
 

@@ -41,15 +41,29 @@ class Attempt:
     however the attempt ends (the prompt's tokens leave the queue at the first byte at
     the latest; a request past its first byte counts as decoding until it ends)."""
 
-    __slots__ = ("decoding", "occupancy", "out", "pending", "pod", "queue_s", "t0", "uncached")
+    __slots__ = (
+        "decoding",
+        "occupancy",
+        "out",
+        "pending",
+        "pod",
+        "prefill_s",
+        "pulling",
+        "queue_s",
+        "t0",
+        "uncached",
+    )
 
-    def __init__(self, pod: PodState, uncached: int, core: RoutingCore) -> None:
+    def __init__(self, pod: PodState, uncached: int, core: RoutingCore, pulling: int = 0) -> None:
         now = time.monotonic()
         self.pod = pod
         self.uncached = uncached
+        self.pulling = pulling  # blocks the pod pulls from a peer first (a hinted pull)
         # what the TTFT model is fed with is the pod's state as this request joined it
         self.occupancy = pod.occupancy(now)
-        self.queue_s = core.queued(pod, now) * pod.slowdown(now) / pod.prefill_tps
+        slowdown = pod.slowdown(now)
+        self.queue_s = core.queued(pod, now) * slowdown / pod.prefill_tps
+        self.prefill_s = uncached * slowdown / pod.prefill_tps
         pod.breaker.on_attempt()
         pod.inflight += 1
         pod.queue_add(uncached, now)
@@ -106,7 +120,7 @@ class Forwarder:
         """The pod's answer, relayed; ``UpstreamFailed`` if the client got nothing yet."""
         n_tokens = len(parsed.tokens)
         uncached = decision.uncached_tokens(pod, n_tokens, self.core.contract.block_size)
-        a = Attempt(pod, uncached, self.core)
+        a = Attempt(pod, uncached, self.core, decision.pulling)
         try:
             async with asyncio.timeout(self.timeout_s):
                 up = await self._send(a, path, body, headers, decision)
@@ -210,7 +224,10 @@ class Forwarder:
         pod = a.pod
         ttft = time.perf_counter() - a.t0
         self.metrics.ttft.observe(ttft)
-        self.core.observe_ttft(pod, a.uncached, ttft, a.queue_s, a.occupancy)
+        if a.pulling:
+            self.core.observe_pull(pod, a.pulling, ttft - a.queue_s - a.prefill_s)
+        else:
+            self.core.observe_ttft(pod, a.uncached, ttft, a.queue_s, a.occupancy)
         a.prefilled()
         if decoding:
             # counted before the engine's report: it reads prefilling = inflight - decoding

@@ -46,7 +46,8 @@ class BlockIndex:
 
     Invariants: ``len(self) <= max_blocks``; every live node has exactly one slot;
     ``_host`` keys are a subset of ``_held`` keys and their masks a subset of the
-    held masks; a retired slot is reused only after ``sweep`` cleared its bits.
+    held masks; a retired slot is reused only after ``sweep`` cleared its bits;
+    ``_count[slot]`` of a live slot is the number of entries with its bit set.
     """
 
     def __init__(self, max_blocks: int) -> None:
@@ -62,6 +63,7 @@ class BlockIndex:
         self._retired = 0  # bitmask of retired, unswept slots
         self._live = 0  # bitmask of live slots
         self._sweep_iter: Iterator[bytes] | None = None
+        self._count: dict[int, int] = {}  # slot -> entries with its bit (live slots)
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -82,7 +84,13 @@ class BlockIndex:
             self._slot_of[node] = slot
             self._node_of[slot] = node
             self._live |= 1 << slot
+            self._count[slot] = 0
         return slot
+
+    def blocks_of(self, node: str) -> int:
+        """How many blocks ``node`` holds (any tier; O(1))."""
+        slot = self._slot_of.get(node)
+        return 0 if slot is None else self._count[slot]
 
     def drop_node(self, node: str) -> None:
         """Forget everything ``node`` holds (O(1); bits are scrubbed by ``sweep``)."""
@@ -90,6 +98,7 @@ class BlockIndex:
         if slot is None:
             return
         del self._node_of[slot]
+        del self._count[slot]
         self._live &= ~(1 << slot)
         self._retired |= 1 << slot
         self._sweep_iter = None  # restart: a full pass must cover this slot too
@@ -126,15 +135,20 @@ class BlockIndex:
     # -- updates ------------------------------------------------------------
     def store(self, node: str, hashes: Iterable[bytes], tier: str) -> None:
         """``node`` now holds ``hashes`` in ``tier`` (a block has one home per node)."""
-        bit = 1 << self._slot(node)
+        slot = self._slot(node)
+        bit = 1 << slot
         held, host = self._held, self._host
         get, mte = held.get, held.move_to_end
+        added = 0
         for h in hashes:
             v = get(h)
             if v is None:
                 held[h] = bit
+                added += 1
             else:
-                held[h] = v | bit
+                if not v & bit:
+                    held[h] = v | bit
+                    added += 1
                 mte(h)
             if tier == HOST:
                 host[h] = host.get(h, 0) | bit
@@ -146,18 +160,22 @@ class BlockIndex:
                         host[h] = hv
                     else:
                         del host[h]
+        self._count[slot] += added
         self._trim()
 
     def evict(self, node: str, hashes: Iterable[bytes]) -> None:
         slot = self._slot_of.get(node)
         if slot is None:
             return
-        clear = ~(1 << slot)
+        bit = 1 << slot
+        clear = ~bit
         held, host, live = self._held, self._host, self._live
+        removed = 0
         for h in hashes:
             v = held.get(h)
-            if v is None:
+            if v is None or not v & bit:
                 continue
+            removed += 1
             v &= clear
             if v & live:
                 held[h] = v
@@ -171,6 +189,7 @@ class BlockIndex:
                     host[h] = hv
                 else:
                     del host[h]
+        self._count[slot] -= removed
 
     def replace_node(self, node: str, blocks: dict[bytes, str]) -> None:
         """A snapshot: ``node`` holds exactly ``blocks`` (hash -> tier)."""
@@ -181,11 +200,13 @@ class BlockIndex:
     def _trim(self) -> None:
         over = len(self._held) - self.max_blocks
         if over > 0:
-            pop, host = self._held.popitem, self._host
+            pop, host, count, live = self._held.popitem, self._host, self._count, self._live
             for _ in range(over):
-                h, _v = pop(last=False)
+                h, v = pop(last=False)
                 if host:
                     host.pop(h, None)
+                for slot in _slots(v & live):
+                    count[slot] -= 1
             self.evictions += over
 
     # -- queries --------------------------------------------------------------

@@ -83,6 +83,11 @@ class RouterMetrics:
             ["pod"],
             registry=r,
         )
+        self.pull_latency = Gauge(
+            "kvmarina_router_pull_latency_seconds",
+            "Learned fixed cost of a hinted pull, beyond its bytes",
+            registry=r,
+        )
         self.queue = Gauge("kvmarina_router_queue", "Requests waiting for a slot", registry=r)
         self.inflight = Gauge("kvmarina_router_inflight", "Requests being proxied", registry=r)
         self.engine_connected = Gauge(

@@ -6,9 +6,10 @@ Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to firs
          + w_prefill * uncached_tokens / rate          (device-tier hits are free)
          +             host_hit_tokens / host_load_rate (host-tier hits cost a load)
          + min(w_prefill * recompute, w_migration * pull) of the blocks a peer node's
-           pool holds beyond this node's run (pull = bytes / transfer bandwidth; the
-           best such pool, not the best domain: a vLLM engine's own cache holds a
-           prefix too, but only a node agent can be pulled from)
+           pool holds beyond this node's run (pull = a fixed latency + bytes / transfer
+           bandwidth, both learned; the best such pool, not the best domain: a vLLM
+           engine's own cache holds a prefix too, but only a node agent can be pulled
+           from)
          + w_duplication * recompute of those same blocks: leaving the node that holds
            a prefix copies it here, and under capacity pressure every copy evicts other
            useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
@@ -20,6 +21,11 @@ Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to firs
            sibling engine reads the node's blocks too, a little slower than the
            engine that computed them (the queue term still moves a request to an
            idle sibling; a busy engine's users spread, an idle one keeps its own)
+         + w_balance * recompute of the blocks the pod's cache holds beyond the
+           smallest one's, only where no pod has a longer run than another (a new
+           conversation): what a pod caches is what later turns will ask of it, so
+           conversations spread by the load they will bring, not only by the queue
+           of the moment (as the SGLang router's "smallest tree")
 
 and takes the minimum, ties broken by load. When the pull is the cheaper path the
 decision carries a ``PullHint`` for the ``x-kvmarina-pull`` header.
@@ -45,13 +51,18 @@ from operator import itemgetter
 
 from kvmarina.headers import PullHint
 from kvmarina.router.config import RouterConfig
-from kvmarina.router.decision import Decision
+from kvmarina.router.decision import Decision, Scored
 from kvmarina.router.hashmemo import HashMemo, PromptHashes
 from kvmarina.router.index import DEVICE, BlockIndex, PrefixMatch, any_holds
 from kvmarina.router.live_set import LiveSet
 from kvmarina.router.pods import ENGINE_LOAD_STALE_S, PodState
 
 RECENT_S = 2.0
+#: the learned fixed cost of a pull is forgotten at this half-life: a router that
+#: stopped pulling because pulls were slow gets no new samples, and would never
+#: try again on a fleet whose pulls have since become cheap
+PULL_LATENCY_HALF_LIFE_S = 300.0
+PULL_LATENCY_MAX_S = 1.0
 
 
 def pod_domain(pod: str) -> str:
@@ -96,6 +107,11 @@ class RoutingCore:
         self._rates_shared = False  # every pod has the learned rate (none joined since)
         # node -> pull bandwidth its agent measured (bytes/s); the config value until then
         self.bandwidth: dict[str, float] = {}
+        # what a hinted pull costs beyond its bytes (the pulling engine's handshakes
+        # with its agent, the peer's agent sharing the CPU with its engine), learned
+        # from the TTFTs of pulling requests
+        self.pull_latency_s = 0.0
+        self._pull_seen = 0.0
         self._rr = itertools.count()
         self.apply_config(cfg)
 
@@ -160,6 +176,26 @@ class RoutingCore:
             other.prefill_tps, other.interference = pod.prefill_tps, pod.interference
             other.usual_occupancy = pod.usual_occupancy
         self._rates_shared = True
+
+    def observe_pull(self, pod: PodState, blocks: int, spent_s: float) -> None:
+        """A pulling request's first token came ``spent_s`` after its queue and prefill
+        should have let it: what its ``blocks`` pulled took. The part beyond their bytes
+        is the pull's fixed latency (an EWMA, clamped: a pull that timed out says the
+        peer was stalled, not what pulls cost). Such a TTFT is not a prefill sample."""
+        r = self.cfg.routing
+        bw = self.bandwidth.get(pod.shared or pod.domain) or r.transfer_bytes_per_second
+        sample = spent_s - blocks * r.block_bytes / bw
+        sample = min(max(sample, 0.0), PULL_LATENCY_MAX_S)
+        now = time.monotonic()
+        lat = self.pull_latency(now)
+        self.pull_latency_s, self._pull_seen = lat + 0.2 * (sample - lat), now
+
+    def pull_latency(self, now: float) -> float:
+        """The learned fixed cost of a pull, as forgotten by ``now``."""
+        lat = self.pull_latency_s
+        if lat:
+            lat *= 0.5 ** ((now - self._pull_seen) / PULL_LATENCY_HALF_LIFE_S)
+        return lat
 
     def queued(self, pod: PodState, now: float) -> float:
         """Prefill tokens ahead of a request sent to ``pod`` now: ours, and what other
@@ -318,11 +354,14 @@ class RoutingCore:
         wi = w.inflight
         sent = self.sent.match(hashes).run if ws else {}
         now = time.monotonic()
+        pull_fixed = wm * self.pull_latency(now) if pull_ok else 0.0
         replicas = r.replicas
         bandwidth = self.bandwidth
-        scored: list[tuple[float, int, int, int, str]] = []
+        scored: list[Scored] = []
         append = scored.append
         cold: dict[object, tuple[float, float, str]] = {}
+        # the least and the longest run any pod has: equal, no pod has an edge
+        lo, hi = n_tokens, 0
         for i, pod in enumerate(pods):
             tps = pod.prefill_tps
             # the pod's load: RoutingCore.queued() and PodState.slowdown(), inlined (the
@@ -360,11 +399,14 @@ class RoutingCore:
                     terms = cold.get(key)
                     if terms is None:
                         first = sources[0] if sources else None
-                        terms = cold[key] = self._away_terms(tps, bw, best[0][1], first)
+                        terms = cold[key] = self._away_terms(
+                            tps, bw, best[0][1], first, pull_fixed
+                        )
                     dup, saved, peer = terms
                     cost += dup
                     if saved > 0:
                         cost -= saved
+                lo = 0
                 append((cost, pod.inflight, (i - offset) % n, i, peer))
                 continue
             run = runs.get(node, 0)
@@ -375,6 +417,10 @@ class RoutingCore:
                 if pooled > run:
                     cost += (pooled - run) * host_s_per_block
                     run = pooled
+            if run < lo:
+                lo = run
+            if run > hi:
+                hi = run
             if recent:
                 # a sibling's prefill in progress is not this pod's yet: the engine
                 # waits for those blocks instead of computing them twice, about as
@@ -406,19 +452,40 @@ class RoutingCore:
                 if pullable > 0:
                     bw = bandwidth.get(shared or node)
                     per_block = r.block_bytes / bw if bw else pull_s_per_block
-                    saved = wp * pullable * bs / tps - wm * pullable * per_block
+                    saved = wp * pullable * bs / tps - wm * pullable * per_block - pull_fixed
                     if saved > 0:
                         cost -= saved
                         peer = src
             append((cost, pod.inflight, (i - offset) % n, i, peer))
+        if lo >= hi and w.balance:
+            self._balance(scored, pods, w.balance * bs)
         cost, _, _, top, peer = min(scored)
         hint = PullHint(peer, agents[peer], match.run[peer]) if peer else None
         d = Decision(pods, chain, dict(runs), cost, hint, scored, pods[top])
         d.on_attempt = self._computing
         return d
 
+    def _balance(self, scored: list[Scored], pods: list[PodState], per_block: float) -> None:
+        """Add the balance term to every pod's cost (``_cache_aware``, where no pod has
+        an edge): ``per_block`` (weight x block size) over the pod's rate per block
+        its cache holds beyond the smallest cache's."""
+        live = self._live_nodes
+        sizes = [
+            (self.index if p.domain in live else self.approx).blocks_of(p.domain) for p in pods
+        ]
+        least = min(sizes)
+        for j, (cost, inflight, rot, i, peer) in enumerate(scored):
+            extra = sizes[i] - least
+            if extra:
+                scored[j] = (cost + per_block * extra / pods[i].prefill_tps, inflight, rot, i, peer)
+
     def _away_terms(
-        self, tps: float, bw: float | None, peer_run: int, source: tuple[str, int] | None
+        self,
+        tps: float,
+        bw: float | None,
+        peer_run: int,
+        source: tuple[str, int] | None,
+        pull_fixed: float,
     ) -> tuple[float, float, str]:
         """For a pod none of whose domains holds the prompt: the duplication term, the
         time a pull would save (0 when it would not be asked for), and the node pool to
@@ -432,6 +499,7 @@ class RoutingCore:
             pull_s_per_block = r.block_bytes / r.transfer_bytes_per_second
             per_block = r.block_bytes / bw if bw else pull_s_per_block
             saved = w.prefill * pullable * bs / tps - w.migration * pullable * per_block
+            saved -= pull_fixed
             if saved > 0:
                 return dup, saved, cand
         return dup, 0.0, ""

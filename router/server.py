@@ -335,6 +335,7 @@ class Router:
             m.pod_inflight.labels(p.name).set(p.inflight)
             m.pod_healthy.labels(p.name).set(1 if p.available() else 0)
             m.pod_rate.labels(p.name).set(p.prefill_tps)
+        m.pull_latency.set(core.pull_latency(time.monotonic()))
         m.queue.set(self.admission.queued)
         m.inflight.set(self.admission.inflight)
         return web.Response(

@@ -257,3 +257,30 @@ async def test_a_load_poll_keeps_a_fresher_report_from_an_answer(fleet: Fleet) -
         assert pod.engine == header
     finally:
         await runner.cleanup()
+
+
+async def test_a_pulling_attempt_teaches_the_pull_latency_not_the_prefill_rate(
+    fleet: Fleet, scripted: list[ScriptedPods], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router sent a pull hint: the time to the first byte beyond the queue and the
+    prefill it expected is what the pull cost, not a slow prefill."""
+    from kvmarina.headers import PullHint
+    from kvmarina.router.decision import Decision
+
+    late = asyncio.Event()
+    router, url = await routed(fleet, scripted, [([late, WHOLE], False)])
+    core = router.core
+    pod = core.pods["p0"]
+    real = core.decide
+
+    def hinted(tokens: Any, salt: str, headers: Any = None) -> Decision:
+        d = real(tokens, salt, headers)
+        return Decision([pod], d.prompt, {}, 0.0, PullHint("n9", "http://127.0.0.1:1", 4))
+
+    monkeypatch.setattr(core, "decide", hinted)
+    asyncio.get_running_loop().call_later(0.2, late.set)
+    rate = pod.prefill_tps
+    assert await post(url) == (200, b"{}")
+    # one EWMA step (0.2) of a sample of about 0.2 s (less the prefill it expected)
+    assert 0.2 * 0.15 < core.pull_latency(time.monotonic()) < 0.2 * 0.3
+    assert pod.prefill_tps == rate and books(pod) == (0, 0, 0)

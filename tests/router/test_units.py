@@ -13,8 +13,9 @@ import pytest
 from kvmarina.events import BlockEvent, Snapshot
 from kvmarina.hashing import HashContract
 from kvmarina.headers import PullHint, PullHintError, parse_pull_hint
+from kvmarina.router import routing
 from kvmarina.router.admission import Admission, Rejected
-from kvmarina.router.config import ConfigError, load_config, parse_config
+from kvmarina.router.config import DEFAULT_BLOCK_BYTES, ConfigError, load_config, parse_config
 from kvmarina.router.hashmemo import HashMemo
 from kvmarina.router.index import BlockIndex
 from kvmarina.router.pods import Breaker, PodState
@@ -104,6 +105,21 @@ def test_config_errors_name_the_field(patch: dict[str, object], needle: str) -> 
     assert needle in str(exc.value)
 
 
+def test_a_blocks_size_for_pull_estimates_comes_from_the_model_identity() -> None:
+    """What a pull moves per block is the engines' KV block, which the identity's layout
+    names (2 x layers x KV heads x head dim x item size x block tokens); a value given
+    in the config wins, and an identity without a layout falls back to the default."""
+    ident = "small@main|L2/H2/D32/float32/B32|tp0of1"
+    assert parse_config(router_doc(pods(1), model_identity=ident)).routing.block_bytes == (
+        2 * 2 * 2 * 32 * 4 * 32
+    )
+    given = router_doc(pods(1), model_identity=ident, routing={"block_bytes": 4096})
+    assert parse_config(given).routing.block_bytes == 4096
+    assert parse_config(router_doc(pods(1))).routing.block_bytes == DEFAULT_BLOCK_BYTES
+    with pytest.raises(ConfigError, match=r"routing\.block_bytes"):
+        parse_config(router_doc(pods(1), routing={"block_bytes": -1}))
+
+
 def test_config_file_errors(tmp_path: Path) -> None:
     p = tmp_path / "bad.yaml"
     p.write_text("model: [unclosed")
@@ -182,11 +198,16 @@ def test_index_lru_cap() -> None:
     assert idx.tiers(H(0)) and idx.tiers(H(1)) and not idx.tiers(H(2))
 
 
-def test_index_matches_naive_model() -> None:
+@pytest.mark.parametrize("cap", [10**6, 25])
+def test_index_matches_naive_model(cap: int) -> None:
+    """Lookups, tiers and per-node counts against plain dicts (with a small cap, the
+    LRU trims: the counts must follow what is left)."""
     rng = random.Random(3)
-    idx = BlockIndex(10**6)
+    idx = BlockIndex(cap)
     truth: dict[str, dict[bytes, str]] = {n: {} for n in "abcd"}
     for _ in range(400):
+        for node in "abcd":
+            assert idx.blocks_of(node) == len(idx.node_blocks(node))
         node, op = rng.choice("abcd"), rng.random()
         hs = [H(rng.randrange(40)) for _ in range(rng.randrange(1, 6))]
         if op < 0.6:
@@ -201,6 +222,8 @@ def test_index_matches_naive_model() -> None:
             idx.drop_node(node)
             truth[node] = {}
             idx.sweep(budget=3)
+    if cap < 40:
+        return
     chain = [H(i) for i in range(40)]
     m = idx.match(chain, touch=False)
     for node, blocks in truth.items():
@@ -271,6 +294,48 @@ def test_measured_bandwidth_overrides_the_configured_one() -> None:
     assert rc.decide(toks, "s").pull is not None
     rc.bandwidth.update({"n1": 1.0, "n2": 1.0})  # but the agents measured 1 byte/s
     assert rc.decide(toks, "s").pull is None
+
+
+def test_a_pulls_fixed_cost_is_learned_from_pulling_requests_and_forgotten_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pull pays a latency beyond its bytes (handshakes, a peer agent sharing its
+    CPU with an engine): learned from pulling requests' TTFTs, it turns a pull that
+    the bytes alone would justify into a recompute; with no pull since, it fades."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    rc = core(transfer_bytes_per_second=1e12, block_bytes=32768)
+    toks = list(range(320))  # 20 blocks: 40 ms of prefill at 8,000 tokens/s
+    rc.index.store("n0", rc.hashes(toks, "s"), "device")
+    queue(rc.pods["p0"], 10**6)
+    assert rc.decide(toks, "s").pull is not None
+    for _ in range(20):  # every pull took 120 ms beyond its queue and prefill
+        rc.observe_pull(rc.pods["p1"], 20, 0.12)
+    assert rc.pull_latency(clock[0]) == pytest.approx(0.12, rel=0.02)
+    assert rc.decide(toks, "s").pull is None
+    assert rc.pods["p1"].prefill_tps == 8000.0  # a pulling TTFT is not a prefill sample
+    clock[0] += 4 * routing.PULL_LATENCY_HALF_LIFE_S
+    assert rc.pull_latency(clock[0]) == pytest.approx(0.12 / 16, rel=0.02)
+    queue(rc.pods["p0"], 10**6)  # the holder is still (again) busy
+    assert rc.decide(toks, "s").pull is not None
+    rc.observe_pull(rc.pods["p1"], 20, 60.0)  # a stalled peer: clamped, not believed
+    assert rc.pull_latency(clock[0]) <= 0.2 * routing.PULL_LATENCY_MAX_S + 0.01
+
+
+def test_a_new_conversation_goes_where_the_cache_is_smallest() -> None:
+    """With no pod holding more of the prompt than another, the pod whose cache holds
+    less wins (what a pod caches, later turns ask of it); a pod holding the prompt
+    still wins however full its cache."""
+    rc = core(n=2)
+    old = list(range(5000, 5000 + 16 * 200))
+    rc.index.store("n0", rc.hashes(old, "s"), "device")  # n0 serves 200 blocks' worth
+    for k in range(4):
+        assert rc.decide(list(range(k * 100, k * 100 + 320)), "s").best.name == "p1"
+    assert rc.decide(old + [7], "s").best.name == "p0"
+    plain = core(n=2, weights={"balance": 0.0})
+    plain.index.store("n0", plain.hashes(old, "s"), "device")
+    firsts = {plain.decide(list(range(k * 100, k * 100 + 320)), "s").best.name for k in range(4)}
+    assert firsts == {"p0", "p1"}  # without the term, idle pods take turns
 
 
 def test_host_tier_hit_costs_a_load() -> None:
@@ -579,6 +644,7 @@ def reference_decision(
     best = sorted(runs.items(), key=lambda kv: kv[1], reverse=True)[:3]
     sent = rc.sent.match(hashes).run if w.sibling else {}
     out = []
+    pod_runs = []
     for pod in rc.pods.values():
         tps, node, shared = pod.prefill_tps, pod.domain, pod.shared
         run, cost, peer = runs.get(node, 0), 0.0, ""
@@ -606,9 +672,22 @@ def reference_decision(
                     bw = rc.bandwidth.get(shared or node)
                     per_block = r.block_bytes / (bw or r.transfer_bytes_per_second)
                     saved = w.prefill * pullable * bs / tps - w.migration * pullable * per_block
+                    saved -= w.migration * rc.pull_latency(now)
                     if saved > 0:
                         cost, peer = cost - saved, cand
         out.append((cost, pod.name, peer))
+        pod_runs.append(run)
+    if w.balance and min(pod_runs) == max(pod_runs):  # no pod has an edge: the balance term
+        sizes = [
+            len((rc.index if p.domain in rc.live_nodes else rc.approx).node_blocks(p.domain))
+            for p in rc.pods.values()
+        ]
+        out = [
+            (cost + w.balance * bs * (size - min(sizes)) / rc.pods[name].prefill_tps, name, peer)
+            if size > min(sizes)
+            else (cost, name, peer)
+            for (cost, name, peer), size in zip(out, sizes, strict=True)
+        ]
     return out
 
 
@@ -652,6 +731,8 @@ def test_the_decision_equals_its_plain_definition(
             )
     rc.observe_ttft(rc.pods["p0"], 3000, 0.5, 0.0, 9)  # a learned interference
     rc.bandwidth[domains[0]] = 5e9
+    if seed % 2:
+        rc.observe_pull(rc.pods["p1"], 20, rng.choice([0.002, 0.03]))  # a learned pull latency
     for _ in range(6):
         toks = base[: 16 * rng.randrange(61)] + [
             rng.randrange(50000) for _ in range(rng.choice([0, 40, 300]))
