@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvmarina.local.ports import free_ports
@@ -190,6 +190,10 @@ def plan_fleet(
     return plan
 
 
+#: engines' CPU niceness in local mode, above the router's and the agents' (0)
+ENGINE_NICE = 5
+
+
 def share_cores(engines: list[ProcessSpec], cores: int | None = None) -> None:
     """Engines sharing one machine behave like engines on separate accelerators:
     each gets ``cores // engines`` compute threads (at least one), so two engines
@@ -203,7 +207,13 @@ def share_cores(engines: list[ProcessSpec], cores: int | None = None) -> None:
     machine: cache-aware p50 62.5 ms against the SGLang router's 67.0 (4 rounds
     each), the first turns 231 against 334 ms. OpenMP's default spinning, on its
     own, let one engine's idle threads take the cores another's prefill needed
-    (per-round p50 jumped by up to 2x). A setting the user made wins."""
+    (per-round p50 jumped by up to 2x). A setting the user made wins.
+
+    Engines also run at a lower CPU priority (``ENGINE_NICE``) than the router and
+    the agents: on a cluster each has CPUs of its own, here they share the engines'.
+    A router waiting for a core behind an engine's compute threads delays every
+    request it forwards (the vLLM fleet: the router spent 3-4 ms of CPU a request,
+    tokenizing and forwarding, stretched by its wait for a core)."""
     if cores is None:  # the CPUs this process may use; macOS has no affinity call
         affinity = getattr(os, "sched_getaffinity", None)
         cores = len(affinity(0)) if affinity else os.cpu_count() or 1
@@ -213,6 +223,7 @@ def share_cores(engines: list[ProcessSpec], cores: int | None = None) -> None:
             continue
         for spec in engines:
             spec.env.setdefault(var, value)
+    engines[:] = [replace(spec, nice=ENGINE_NICE) for spec in engines]
 
 
 def _plan_serving(

@@ -40,6 +40,7 @@ class ProcessSpec:
     env: dict[str, str] = field(default_factory=dict)
     node: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    nice: int = 0  # added to the process's CPU niceness (Unix)
 
 
 @dataclass(slots=True)
@@ -53,6 +54,18 @@ class Running:
         if self.popen is not None:
             return self.popen.poll() is None
         return pid_alive(self.pid)
+
+
+def _niced(nice: int) -> Callable[[], None] | None:
+    """What the child runs before its program: its niceness raised by ``nice``
+    (before it starts a thread, so every thread it starts has it too)."""
+    if not nice or not hasattr(os, "nice"):
+        return None
+
+    def lower() -> None:
+        os.nice(nice)
+
+    return lower
 
 
 def pid_alive(pid: int) -> bool:
@@ -92,6 +105,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_niced(spec.nice),
             )
         except OSError as exc:
             raise FleetError(f"{spec.name}: cannot start {spec.argv[0]}: {exc}") from exc

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmarina.local.fleet import load_resources, plan_fleet, share_cores
+from kvmarina.local.fleet import ENGINE_NICE, load_resources, plan_fleet, share_cores
 from kvmarina.local.supervisor import ProcessSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,6 +74,9 @@ def test_engines_sharing_the_machine_split_its_cores_unless_the_user_says(
     assert engines and all(e.env["OMP_WAIT_POLICY"] == "PASSIVE" for e in engines)
     cores = len(os.sched_getaffinity(0))
     assert all(e.env["OMP_NUM_THREADS"] == str(max(1, cores // len(engines))) for e in engines)
+    # engines yield the cores to the router and the agents, which run at the usual priority
+    assert all(e.nice == ENGINE_NICE > 0 for e in engines)
+    assert all(p.nice == 0 for p in plan.agents + plan.routers)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     plan = plan_fleet(pools, servings, tmp_path / "b", 2)

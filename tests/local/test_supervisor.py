@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,26 @@ def test_a_part_that_dies_is_named_with_its_log(tmp_path: Path) -> None:
         sup.wait_ready(20)
     assert "boom: no socket dir" in str(info.value)
     sup.stop_all()
+
+
+def test_a_niced_part_and_every_thread_it_starts_run_at_its_niceness(tmp_path: Path) -> None:
+    """Local mode runs engines niced below the router and the agents (``share_cores``):
+    the niceness is set before the program runs, so threads it starts later (vLLM's
+    and torch's compute threads) have it too."""
+    sup = Supervisor(tmp_path)
+    script = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start()"
+    running = sup.start(ProcessSpec("engine-0", "engine", (sys.executable, "-c", script), nice=5))
+    try:
+        tasks = Path(f"/proc/{running.pid}/task")
+        deadline = time.monotonic() + 20
+        while len(list(tasks.iterdir())) < 2:
+            assert time.monotonic() < deadline, "the child never started its thread"
+            time.sleep(0.05)
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        for task in tasks.iterdir():  # field 19 of a task's stat: its niceness
+            assert int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) == base + 5
+    finally:
+        sup.stop_all(grace=5)
 
 
 def test_ports_are_distinct_and_taken_ports_explained() -> None:
