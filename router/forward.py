@@ -22,7 +22,7 @@ from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.requests import ParsedRequest
 from kvmarina.router.routing import RoutingCore
-from kvmarina.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from kvmarina.router.upstream import LAST_CHUNK, UpstreamError, UpstreamPool, UpstreamResponse
 from kvmarina.router.vllm_follower import VLLMFollower
 
 log = logging.getLogger("kvmarina.router")
@@ -83,6 +83,16 @@ class Attempt:
         pod.queue_done(self.pending)
         if self.decoding:
             pod.decoding -= 1
+
+
+def _unframed(out: web.StreamResponse) -> Any:
+    """``out``'s payload writer with its chunk framing turned off (the bytes written
+    are framed already), or ``None`` where aiohttp's writer is not the one known."""
+    writer = getattr(out, "_payload_writer", None)
+    if writer is None or not getattr(writer, "chunked", False):
+        return None
+    writer.chunked = False
+    return writer
 
 
 class Forwarder:
@@ -177,17 +187,31 @@ class Forwarder:
         up: UpstreamResponse,
         reported: EngineLoad | None,
     ) -> bool:
-        """Copy the pod's chunks to the client; ``False`` if the pod failed mid-stream."""
+        """Copy the pod's chunks to the client; ``False`` if the pod failed mid-stream.
+
+        A chunked answer is copied as it came, framing and all (``iter_framed``): a
+        streamed completion is a chunk a token, and taking each apart and framing
+        it again was most of a relaying router's CPU."""
+        framed = up.chunked
+        raw: Any = None  # the client's writer, its framing off: it gets the pod's
         try:
-            async for chunk in up.iter_chunks():
+            async for chunk in up.iter_framed() if framed else up.iter_chunks():
                 if a.out is None:
                     a.out = await self._first_chunk(request, a, up, reported)
-                await a.out.write(chunk)
+                    if framed:
+                        raw = _unframed(a.out)
+                if raw is not None:
+                    await raw.write(chunk)
+                else:
+                    await a.out.write(chunk)
+            if raw is not None:
+                await raw.write(LAST_CHUNK)
         except UpstreamError as exc:
             self._failed(a.pod)
             if a.out is None:
                 raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
             log.warning("pod %s failed mid-stream: %s", a.pod.name, exc)
+            a.out.force_close()  # the client sees a cut body, not a complete one
             return False
         return True
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 READ_CHUNK = 65536
+LAST_CHUNK = b"0\r\n\r\n"  # the empty chunk that ends a chunked body
 
 
 class UpstreamError(OSError):
@@ -88,6 +89,70 @@ class UpstreamResponse:
             raise UpstreamError(f"malformed response body: {exc!r}") from exc
         finally:
             self.release()
+
+    @property
+    def chunked(self) -> bool:
+        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+
+    async def iter_framed(self) -> AsyncIterator[bytes]:
+        """A chunked body's bytes as they came, chunk framing included, up to (not
+        including) its last, empty chunk: what a proxy relays to a client of its own
+        chunked response without taking each chunk apart and framing it again (a
+        streamed completion is a chunk a token). The framing is still followed, to
+        find the body's end; a relay ends it with ``LAST_CHUNK``."""
+        assert self._conn is not None, "body already consumed"
+        reader = self._conn.reader
+        left = 0  # bytes of the current chunk (data and CRLF) not yet passed
+        line = b""  # a chunk-size line begun in an earlier read
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise UpstreamError("connection closed inside a chunked body")
+                if line:
+                    data, line = line + data, b""
+                pos, n = 0, len(data)
+                while pos < n:
+                    if left:
+                        step = left if left < n - pos else n - pos
+                        pos, left = pos + step, left - step
+                        continue
+                    eol = data.find(b"\n", pos)
+                    if eol < 0:  # the size line goes on in the next read
+                        data, line = data[:pos], data[pos:]
+                        break
+                    size = int(data[pos:eol].split(b";", 1)[0].strip() or b"0", 16)
+                    if size == 0:
+                        if pos:
+                            yield data[:pos]
+                        await self._trailers(data[eol + 1 :])
+                        self._done = True
+                        return
+                    left, pos = size + 2, eol + 1
+                if data:
+                    yield data
+        except ValueError as exc:
+            raise UpstreamError(f"malformed response body: {exc!r}") from exc
+        finally:
+            self.release()
+
+    async def _trailers(self, seen: bytes) -> None:
+        """Read past the trailer section (its lines, then an empty one)."""
+        assert self._conn is not None
+        buf = seen
+        while True:
+            eol = buf.find(b"\n")
+            if eol < 0:
+                more = await self._conn.reader.read(READ_CHUNK)
+                if not more:
+                    raise UpstreamError("connection closed inside a chunked body's trailers")
+                buf += more
+                continue
+            if not buf[:eol].strip():
+                if buf[eol + 1 :]:  # bytes past the response: the connection is not reusable
+                    self._keep_alive = False
+                return
+            buf = buf[eol + 1 :]
 
     async def read(self) -> bytes:
         length = self.headers.get("content-length", "")

@@ -284,3 +284,41 @@ async def test_a_pulling_attempt_teaches_the_pull_latency_not_the_prefill_rate(
     # one EWMA step (0.2) of a sample of about 0.2 s (less the prefill it expected)
     assert 0.2 * 0.15 < core.pull_latency(time.monotonic()) < 0.2 * 0.3
     assert pod.prefill_tps == rate and books(pod) == (0, 0, 0)
+
+
+async def test_a_chunked_answer_is_relayed_as_it_came_whatever_the_reads_cut(
+    fleet: Fleet, scripted: list[ScriptedPods]
+) -> None:
+    """A stream is copied framing and all (``iter_framed``), not taken apart and framed
+    again: reads that cut a size line, a chunk extension, a chunk whose data looks like
+    the last chunk, and trailers still give the client the pod's exact payload, and the
+    pod's connection is reused."""
+    pieces: list[bytes] = [
+        b"5\r\nhe", b"llo\r\n", b"1", b"0;ext=1\r\n0123456789abcdef\r\n",
+        b"3\r\n0\r\n\r\n", b"0\r\nX-Trailer: 1\r\n", b"\r\n",
+    ]  # fmt: skip
+    gates = [asyncio.Event() for _ in pieces]
+    parts: list[bytes | asyncio.Event] = [CHUNKED]
+    for gate, piece in zip(gates, pieces, strict=True):
+        parts += [gate, piece]
+    router, url = await routed(fleet, scripted, [(parts, False), ([CHUNKED, HELLO, END], False)])
+    loop = asyncio.get_running_loop()
+    for i, gate in enumerate(gates):
+        loop.call_later(0.05 * (i + 1), gate.set)
+    assert await post(url, stream=True) == (200, b"hello0123456789abcdef0\r\n")
+    assert await post(url, stream=True) == (200, b"hello")
+    pod = router.core.pods["p0"]
+    assert pod.failed == 0 and books(pod) == (0, 0, 0)
+    assert len(scripted[0].handlers) == 1  # both answers came over one connection
+
+
+async def test_a_pod_cut_off_inside_a_chunk_leaves_the_client_a_cut_body(
+    fleet: Fleet, scripted: list[ScriptedPods]
+) -> None:
+    router, url = await routed(fleet, scripted, [([CHUNKED, b"5\r\nhe"], True)])
+    body = {"model": "sim", "prompt": "x" * 64, "max_tokens": 2, "stream": True}
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/completions", json=body) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()  # not a complete body that happens to be short
+    assert router.core.pods["p0"].failed == 1
