@@ -199,11 +199,16 @@ class RoutingCore:
 
     def queued(self, pod: PodState, now: float) -> float:
         """Prefill tokens ahead of a request sent to ``pod`` now: ours, and what other
-        routers sent as the engine reported it, or, with replicas and no fresher
-        report, ours as often as there are replicas (they share nothing but the traffic,
-        which a Service spreads evenly)."""
+        routers sent as the engine last reported it; with replicas and no report from
+        the engine, ours as often as there are replicas (they share nothing but the
+        traffic, which a Service spreads evenly). A report wins over that guess: the
+        guess, taken as a floor, had each replica count every pod's queue twice, and
+        send conversations away from the engines holding them (router_replay, decode,
+        two replicas: hit rate 0.926x of one replica's with it, 0.979x without)."""
         own = pod.queue_ahead(now)
-        return max(own * self.cfg.routing.replicas, own + pod.others_queue(now))
+        if pod.engine is not None and now - pod.engine_at <= ENGINE_LOAD_STALE_S:
+            return own + pod.others_queue(now)
+        return own * self.cfg.routing.replicas
 
     def forget_node(self, node: str) -> None:
         """The node's agent cleared its cache: what was sent to its pods is gone too
@@ -374,15 +379,14 @@ class RoutingCore:
                 own = left if left > 0.0 else 0.0
             e = pod.engine
             if e is None or not now - pod.engine_at <= ENGINE_LOAD_STALE_S:
-                mine, alone = own * replicas, own + 0.0
-                queued, occupancy = alone if alone > mine else mine, pod.decoding
+                queued, occupancy = own * replicas, pod.decoding
             else:
                 if e.queued_tokens is not None:
                     others = e.queued_tokens - pod.own_queue_at_poll
                     others = max(0.0, others - tps * (now - pod.engine_at))
                 else:
                     others = max(0, e.waiting - pod.prefilling_at_poll) * pod.tokens_per_request
-                queued, occupancy = max(own * replicas, own + others), max(pod.decoding, e.running)
+                queued, occupancy = own + others, max(pod.decoding, e.running)
             a = pod.interference
             slowdown = (1.0 + a * occupancy) / (1.0 + a * pod.usual_occupancy) if a else 1.0
             node, shared = pod.domain, pod.shared

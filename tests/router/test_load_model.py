@@ -91,17 +91,20 @@ def test_another_routers_queue_reported_in_tokens_drains_at_the_prefill_rate() -
     assert pod.others_queue(now + 2) == 0
 
 
-def test_a_replica_counts_its_own_queue_once_per_replica() -> None:
-    """Replicas behind a Service each see about 1/N of the requests: without a fresher
-    report from the engine, a replica's own queue stands for N times as much."""
+def test_a_replica_counts_its_own_queue_once_per_replica_until_the_engine_reports() -> None:
+    """Replicas behind a Service each see about 1/N of the requests: without a report
+    from the engine, a replica's own queue stands for N times as much. A fresh report
+    of the engine's whole queue wins, whether it says more or less."""
     one, three = core(), core(replicas=3)
     now = time.monotonic()
     for rc in (one, three):
         rc.pods["p0"].queue_add(3000, now)
     assert three.queued(three.pods["p0"], now) == 3 * one.queued(one.pods["p0"], now) > 0
-    # a fresh report of the engine's whole queue wins when it says more
     three.pods["p0"].note_engine(EngineLoad(0, 9, 20000), now)
     assert three.queued(three.pods["p0"], now) > 3 * one.queued(one.pods["p0"], now)
+    # the engine holds only this replica's 3,000 tokens: the other replicas sent none
+    three.pods["p0"].note_engine(EngineLoad(0, 1, 3000), now)
+    assert three.queued(three.pods["p0"], now) == one.queued(one.pods["p0"], now)
 
 
 def test_a_prompt_on_its_way_draws_requests_that_share_its_prefix() -> None:
