@@ -403,9 +403,7 @@ class RoutingCore:
                     terms = cold.get(key)
                     if terms is None:
                         first = sources[0] if sources else None
-                        terms = cold[key] = self._away_terms(
-                            tps, bw, best[0][1], first, pull_fixed
-                        )
+                        terms = cold[key] = self._away_terms(tps, bw, best[0][1], first, pull_fixed)
                     dup, saved, peer = terms
                     cost += dup
                     if saved > 0:

@@ -331,7 +331,7 @@ def test_a_new_conversation_goes_where_the_cache_is_smallest() -> None:
     rc.index.store("n0", rc.hashes(old, "s"), "device")  # n0 serves 200 blocks' worth
     for k in range(4):
         assert rc.decide(list(range(k * 100, k * 100 + 320)), "s").best.name == "p1"
-    assert rc.decide(old + [7], "s").best.name == "p0"
+    assert rc.decide([*old, 7], "s").best.name == "p0"
     plain = core(n=2, weights={"balance": 0.0})
     plain.index.store("n0", plain.hashes(old, "s"), "device")
     firsts = {plain.decide(list(range(k * 100, k * 100 + 320)), "s").best.name for k in range(4)}
