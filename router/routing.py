@@ -13,7 +13,9 @@ Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to firs
          + w_duplication * recompute of those same blocks: leaving the node that holds
            a prefix copies it here, and under capacity pressure every copy evicts other
            useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
-           0.21 at the same TTFT)
+           0.21 at the same TTFT; on the vLLM fleet, 4.0 gave hit rates of
+           0.796-0.809 (5 of 6 replays at 0.8055 or more) against 0.795-0.798 at 2.0,
+           and p50 94-117 ms against 108-124)
          + w_inflight * recompute of blocks a sibling engine is computing right now:
            the engine waits for them (the agent's claims say which) and uses them
            instead of computing them twice
