@@ -23,7 +23,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
       policy: cache-aware             # cache-aware | least-load | round-robin | session
       session_header: x-session-id
       weights: {queue: 1.0, prefill: 1.0, migration: 1.0, duplication: 4.0,
-                inflight: 1.0, sibling: 0.05, balance: 0.1}
+                inflight: 1.0, sibling: 0.05, balance: 0.0}
       prefill_tokens_per_second: 8000 # initial per-pod rate, refined from observed TTFTs
       host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
       block_bytes: 131072             # KV bytes of one block (pull estimates); default: the
@@ -111,10 +111,11 @@ class Weights:
     # pages and colder CPU caches
     sibling: float = 0.05
     # a prompt no pod has an edge on (a new conversation) goes where the cache is
-    # smallest: each block a pod caches costs this fraction of its recompute. What
-    # a pod caches is what later turns will ask of it; placing by queue alone
-    # piled conversations on whichever engine was idle as they began
-    balance: float = 0.1
+    # smallest: each block a pod caches costs this fraction of its recompute (what a
+    # pod caches is what later turns will ask of it). Off by default: no benchmark
+    # showed it paying, and it costs a cold decision a pass over every pod's count
+    # (100 pods, benchmarks/router.py: 179-222 us against 89-101 at 0)
+    balance: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -326,13 +326,13 @@ def test_a_new_conversation_goes_where_the_cache_is_smallest() -> None:
     """With no pod holding more of the prompt than another, the pod whose cache holds
     less wins (what a pod caches, later turns ask of it); a pod holding the prompt
     still wins however full its cache."""
-    rc = core(n=2)
+    rc = core(n=2, weights={"balance": 0.1})
     old = list(range(5000, 5000 + 16 * 200))
     rc.index.store("n0", rc.hashes(old, "s"), "device")  # n0 serves 200 blocks' worth
     for k in range(4):
         assert rc.decide(list(range(k * 100, k * 100 + 320)), "s").best.name == "p1"
     assert rc.decide([*old, 7], "s").best.name == "p0"
-    plain = core(n=2, weights={"balance": 0.0})
+    plain = core(n=2)  # the default: off
     plain.index.store("n0", plain.hashes(old, "s"), "device")
     firsts = {plain.decide(list(range(k * 100, k * 100 + 320)), "s").best.name for k in range(4)}
     assert firsts == {"p0", "p1"}  # without the term, idle pods take turns
@@ -707,7 +707,11 @@ def test_the_decision_equals_its_plain_definition(
         {**p, "node": f"n{i % max(1, n // 2)}", **({"kv_events": f"tcp://h:{i}"} if vllm else {})}
         for i, p in enumerate(pods(n))
     ]
-    routing = {"transfer_bytes_per_second": rng.choice([1e9, 1e12]), "replicas": rng.choice([1, 3])}
+    routing = {
+        "transfer_bytes_per_second": rng.choice([1e9, 1e12]),
+        "replicas": rng.choice([1, 3]),
+        "weights": {"balance": rng.choice([0.0, 0.1])},
+    }
     doc = router_doc(conf, routing=routing, **({"engine": "vllm"} if vllm else {}))
     rc = RoutingCore(parse_config(doc))
     clock = [1000.0]
