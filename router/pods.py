@@ -131,14 +131,15 @@ class PodState:
         self.prefilling_at_poll = self.inflight - self.decoding
         self.own_queue_at_poll = self.queue_ahead(now)
 
-    def _engine_fresh(self, now: float) -> EngineLoad | None:
+    def engine_fresh(self, now: float) -> EngineLoad | None:
+        """The engine's last report, unless it is older than ``ENGINE_LOAD_STALE_S``."""
         e = self.engine
         return e if e is not None and now - self.engine_at <= ENGINE_LOAD_STALE_S else None
 
     def others_queue(self, now: float) -> float:
         """Prefill tokens waiting at the engine that this router did not send (router
         replicas share nothing else), as the engine last reported."""
-        e = self._engine_fresh(now)
+        e = self.engine_fresh(now)
         if e is None:
             return 0.0
         if e.queued_tokens is not None:  # the engine's own count, drained since
@@ -148,7 +149,7 @@ class PodState:
 
     def occupancy(self, now: float) -> int:
         """Sequences decoding on the engine: its own figure when fresh, else ours."""
-        e = self._engine_fresh(now)
+        e = self.engine_fresh(now)
         return max(self.decoding, e.running) if e is not None else self.decoding
 
     def slowdown(self, now: float) -> float:

@@ -208,7 +208,7 @@ class RoutingCore:
         send conversations away from the engines holding them (router_replay, decode,
         two replicas: hit rate 0.926x of one replica's with it, 0.979x without)."""
         own = pod.queue_ahead(now)
-        if pod.engine is not None and now - pod.engine_at <= ENGINE_LOAD_STALE_S:
+        if pod.engine_fresh(now) is not None:
             return own + pod.others_queue(now)
         return own * self.cfg.routing.replicas
 
