@@ -14,15 +14,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
-
 from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
 from kvmarina.router.decision import Decision
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
+from kvmarina.router.reply import Reply
 from kvmarina.router.requests import ParsedRequest
 from kvmarina.router.routing import RoutingCore
-from kvmarina.router.upstream import LAST_CHUNK, UpstreamError, UpstreamPool, UpstreamResponse
+from kvmarina.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from kvmarina.router.vllm_follower import VLLMFollower
 
 log = logging.getLogger("kvmarina.router")
@@ -44,7 +43,6 @@ class Attempt:
     __slots__ = (
         "decoding",
         "occupancy",
-        "out",
         "pending",
         "pod",
         "prefill_s",
@@ -70,7 +68,6 @@ class Attempt:
         pod.note_sent(uncached)
         self.pending = uncached  # tokens of ours still in the pod's queue
         self.decoding = False
-        self.out: web.StreamResponse | None = None  # set once the client got a byte
         self.t0 = time.perf_counter()
 
     def prefilled(self) -> None:
@@ -83,16 +80,6 @@ class Attempt:
         pod.queue_done(self.pending)
         if self.decoding:
             pod.decoding -= 1
-
-
-def _unframed(out: web.StreamResponse) -> Any:
-    """``out``'s payload writer with its chunk framing turned off (the bytes written
-    are framed already), or ``None`` where aiohttp's writer is not the one known."""
-    writer = getattr(out, "_payload_writer", None)
-    if writer is None or not getattr(writer, "chunked", False):
-        return None
-    writer.chunked = False
-    return writer
 
 
 class Forwarder:
@@ -119,21 +106,24 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        reply: Reply,
         pod: PodState,
         path: str,
         body: bytes,
         headers: dict[str, str],
         parsed: ParsedRequest,
         decision: Decision,
-    ) -> web.StreamResponse:
-        """The pod's answer, relayed; ``UpstreamFailed`` if the client got nothing yet."""
+    ) -> int:
+        """The pod's answer relayed on ``reply``, its status returned; ``UpstreamFailed``
+        if the client got nothing yet."""
         n_tokens = len(parsed.tokens)
         uncached = decision.uncached_tokens(pod, n_tokens, self.core.contract.block_size)
         a = Attempt(pod, uncached, self.core, decision.pulling)
+        status = 0
         try:
             async with asyncio.timeout(self.timeout_s):
                 up = await self._send(a, path, body, headers, decision)
+                status = up.status
                 try:
                     if up.status in RETRY_STATUSES:
                         self._failed(pod)
@@ -142,18 +132,20 @@ class Forwarder:
                     # the engine's load as it answers: this request's prefill is done
                     reported = self._load_report(up.headers.get(LOAD_HEADER))
                     if not parsed.stream:
-                        return await self._relay_whole(a, up, reported)
-                    if not await self._relay_stream(request, a, up, reported):
-                        assert a.out is not None
-                        return a.out  # the client sees a truncated stream
+                        await self._relay_whole(reply, a, up, reported)
+                        return up.status
+                    if not await self._relay_stream(reply, a, up, reported):
+                        return up.status  # the client sees a truncated stream
                 finally:
                     up.release()
-            return await self._end_stream(request, a, up.status)
+                await self._end_stream(reply, a, up)
+                return up.status
         except TimeoutError:
             self._failed(pod)
-            if a.out is None:
+            if not reply.started:
                 raise UpstreamFailed("timed out") from None
-            return a.out
+            reply.abort()  # past the head: the client sees a cut body
+            return status
         finally:
             a.settle()
 
@@ -169,8 +161,8 @@ class Forwarder:
             raise UpstreamFailed(str(exc)) from exc
 
     async def _relay_whole(
-        self, a: Attempt, up: UpstreamResponse, reported: EngineLoad | None
-    ) -> web.Response:
+        self, reply: Reply, a: Attempt, up: UpstreamResponse, reported: EngineLoad | None
+    ) -> None:
         try:
             body = await up.read()
         except UpstreamError as exc:
@@ -178,69 +170,44 @@ class Forwarder:
             raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
         self._first_byte(a, reported, decoding=False)
         a.pod.breaker.on_success()
-        return web.Response(body=body, status=up.status, content_type=up.content_type)
+        await reply.whole(up.status, up.content_type, body)
 
     async def _relay_stream(
-        self,
-        request: web.Request,
-        a: Attempt,
-        up: UpstreamResponse,
-        reported: EngineLoad | None,
+        self, reply: Reply, a: Attempt, up: UpstreamResponse, reported: EngineLoad | None
     ) -> bool:
         """Copy the pod's chunks to the client; ``False`` if the pod failed mid-stream.
 
-        A chunked answer is copied as it came, framing and all (``iter_framed``): a
-        streamed completion is a chunk a token, and taking each apart and framing
-        it again was most of a relaying router's CPU."""
-        framed = up.chunked
-        raw: Any = None  # the client's writer, its framing off: it gets the pod's
+        A chunked answer is copied as it came, framing and all (``iter_framed``), where
+        the reply takes it so: a streamed completion is a chunk a token, and taking
+        each apart and framing it again was most of a relaying router's CPU."""
+        framed = up.chunked and reply.takes_framed
+        write = reply.write
         try:
             async for chunk in up.iter_framed() if framed else up.iter_chunks():
-                if a.out is None:
-                    a.out = await self._first_chunk(request, a, up, reported)
-                    if framed:
-                        raw = _unframed(a.out)
-                if raw is not None:
-                    await raw.write(chunk)
-                else:
-                    await a.out.write(chunk)
-            if raw is not None:
-                await raw.write(LAST_CHUNK)
+                if not reply.started:
+                    self._first_byte(a, reported, decoding=True)
+                    await self._start(reply, up, framed)
+                await write(chunk)
         except UpstreamError as exc:
             self._failed(a.pod)
-            if a.out is None:
+            if not reply.started:
                 raise UpstreamFailed(f"failed before the first byte: {exc}") from exc
             log.warning("pod %s failed mid-stream: %s", a.pod.name, exc)
-            a.out.force_close()  # the client sees a cut body, not a complete one
+            reply.abort()  # the client sees a cut body, not a complete one
             return False
         return True
 
-    async def _first_chunk(
-        self,
-        request: web.Request,
-        a: Attempt,
-        up: UpstreamResponse,
-        reported: EngineLoad | None,
-    ) -> web.StreamResponse:
-        """The client's response, started: from here on no other pod can be tried."""
-        self._first_byte(a, reported, decoding=True)
-        out = web.StreamResponse(status=up.status)
-        out.content_type = up.content_type
-        if "cache-control" in up.headers:
-            out.headers["Cache-Control"] = up.headers["cache-control"]
-        await out.prepare(request)
-        return out
+    async def _start(self, reply: Reply, up: UpstreamResponse, framed: bool) -> None:
+        """The client's answer begun: from here on no other pod can be tried."""
+        cache = up.headers.get("cache-control")
+        headers = {"Cache-Control": cache} if cache is not None else None
+        await reply.start(up.status, up.content_type, headers, framed=framed)
 
-    async def _end_stream(
-        self, request: web.Request, a: Attempt, status: int
-    ) -> web.StreamResponse:
-        out = a.out
-        if out is None:  # the pod's stream ended without a chunk
-            out = web.StreamResponse(status=status)
-            await out.prepare(request)
+    async def _end_stream(self, reply: Reply, a: Attempt, up: UpstreamResponse) -> None:
+        if not reply.started:  # the pod's stream ended without a chunk
+            await self._start(reply, up, False)
         a.pod.breaker.on_success()
-        await out.write_eof()
-        return out
+        await reply.end()
 
     def _first_byte(self, a: Attempt, reported: EngineLoad | None, *, decoding: bool) -> None:
         """TTFT observed, the prompt out of the pod's queue, the engine's report noted;

@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from aiohttp import web
-
 from kvmarina.logs import add_log_format_option, setup_logging
 from kvmarina.router.config import ConfigError, load_config
+from kvmarina.router.front import Front
 from kvmarina.router.server import Router
 
 
@@ -37,16 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(router: Router, host: str, port: int) -> None:
-    runner = web.AppRunner(router.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=2048)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"kvmarina router listening on http://{host}:{bound}", flush=True)
+    front = await Front.start(router, host, port)
+    print(f"kvmarina router listening on http://{host}:{front.port}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        await front.close()
 
 
 def wait_for_config(path: Path, every_s: float = 1.0) -> None:

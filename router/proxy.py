@@ -11,14 +11,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
-
 from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHint
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import RouterConfig
 from kvmarina.router.forward import Forwarder, UpstreamFailed
 from kvmarina.router.headers import STRIPPED_HEADERS, raw_value
 from kvmarina.router.metrics import RouterMetrics
+from kvmarina.router.reply import Reply, error_body, send_json
 from kvmarina.router.requests import BadRequest, ParsedRequest, parse_body, parse_request
 from kvmarina.router.routing import NoPodAvailable, RoutingCore
 from kvmarina.router.tenancy import derive_salt
@@ -29,39 +28,6 @@ log = logging.getLogger("kvmarina.router")
 #: the best pod and two more: enough to ride out one node's failure, few enough that a
 #: request nobody can serve is answered quickly
 MAX_ATTEMPTS = 3
-
-
-def error_response(
-    status: int, message: str, *, retry_after: int | None = None, kind: str | None = None
-) -> web.Response:
-    body = {
-        "error": {
-            "message": message,
-            "type": kind or ("invalid_request_error" if status < 500 else "service_unavailable"),
-            "param": None,
-            "code": None,
-        }
-    }
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.json_response(body, status=status, headers=headers)
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request's body; ``BadRequest`` (413) past ``limit`` bytes, announced or not."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(
-            f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes",
-            status=413,
-        )
-    if request.content_length is not None:
-        return await request.read()
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"request body exceeds the limit of {limit} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def forwarded_headers(received: Mapping[str, str], salt: str) -> dict[str, str]:
@@ -97,47 +63,57 @@ class Proxy:
             self.tokenizer = tok
         self.forwarder.timeout_s = cfg.limits.request_timeout_s
 
-    async def handle(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
-        """``request`` (a ``kind`` of ``completions`` or ``chat``) proxied to ``path``."""
+    async def handle(
+        self, headers: Mapping[str, str], raw: bytes, reply: Reply, kind: str, path: str
+    ) -> None:
+        """A request (a ``kind`` of ``completions`` or ``chat``, its ``headers`` a
+        case-insensitive map, its body ``raw``) proxied to ``path``, answered on ``reply``."""
         try:
-            raw = await read_body(request, self.cfg.limits.max_body_bytes)
             parsed = parse_request(parse_body(raw), kind, self.cfg.model, self.tokenizer)
         except BadRequest as exc:
-            self._answered(kind, exc.status).inc()
-            return web.json_response(exc.body(), status=exc.status)
-        salt = derive_salt(self.cfg.sharing, self.cfg.namespace, self.cfg.serving, request.headers)
+            await self.reject(reply, kind, exc)
+            return
+        salt = derive_salt(self.cfg.sharing, self.cfg.namespace, self.cfg.serving, headers)
         try:
             await self.admission.acquire()
         except Rejected as exc:
             self.metrics.rejected.inc()
-            self._answered(kind, 429).inc()
-            return error_response(
+            await self._error(
+                reply,
+                kind,
                 429,
                 f"the router is at capacity ({exc}); retry later",
-                retry_after=self.cfg.limits.retry_after_s,
-                kind="rate_limit_error",
+                "rate_limit_error",
             )
+            return
         try:
-            return await self._route(request, kind, path, raw, parsed, salt)
+            await self._route(headers, reply, kind, path, raw, parsed, salt)
         finally:
             self.admission.release()
 
+    async def reject(self, reply: Reply, kind: str, exc: BadRequest) -> None:
+        """A client error, answered as OpenAI does."""
+        self._answered(kind, exc.status).inc()
+        await send_json(reply, exc.status, exc.body())
+
     async def _route(
         self,
-        request: web.Request,
+        received: Mapping[str, str],
+        reply: Reply,
         kind: str,
         path: str,
         raw: bytes,
         parsed: ParsedRequest,
         salt: str,
-    ) -> web.StreamResponse:
+    ) -> None:
         t0 = time.perf_counter()
         try:
-            decision = self.core.decide(parsed.tokens, salt, request.headers)
+            decision = self.core.decide(parsed.tokens, salt, received)
         except NoPodAvailable as exc:
-            return self._unavailable(kind, str(exc))
+            await self._error(reply, kind, 503, str(exc))
+            return
         self.metrics.decision.observe(time.perf_counter() - t0)
-        headers = forwarded_headers(request.headers, salt)
+        headers = forwarded_headers(received, salt)
         vllm_body = vllm_request(parsed.body, salt) if self.cfg.engine == "vllm" else None
         if vllm_body is not None:
             raw = json.dumps(vllm_body).encode()
@@ -147,17 +123,17 @@ class Proxy:
                 continue  # the decision's runners-up may have failed since it was made
             body = self._with_pull(decision.pull if attempt == 0 else None, raw, vllm_body, headers)
             try:
-                resp = await self.forwarder.forward(
-                    request, pod, path, body, headers, parsed, decision
+                status = await self.forwarder.forward(
+                    reply, pod, path, body, headers, parsed, decision
                 )
             except UpstreamFailed as exc:
                 last_error = f"pod {pod.name}: {exc}"
                 log.warning("attempt %d failed on %s: %s", attempt + 1, pod.name, exc)
                 self.metrics.retries.inc()
                 continue
-            self._answered(kind, resp.status).inc()
-            return resp
-        return self._unavailable(kind, f"no pod answered: {last_error}")
+            self._answered(kind, status).inc()
+            return
+        await self._error(reply, kind, 503, f"no pod answered: {last_error}")
 
     def _with_pull(
         self,
@@ -178,9 +154,14 @@ class Proxy:
         # vLLM hands kv_transfer_params to the connector
         return json.dumps(with_pull(vllm_body, hint)).encode()
 
-    def _unavailable(self, kind: str, message: str) -> web.Response:
-        self._answered(kind, 503).inc()
-        return error_response(503, message, retry_after=self.cfg.limits.retry_after_s)
+    async def _error(
+        self, reply: Reply, kind: str, status: int, message: str, error: str | None = None
+    ) -> None:
+        """An error the router itself answers; a client may retry after ``Retry-After``."""
+        self._answered(kind, status).inc()
+        retry = {"Retry-After": str(self.cfg.limits.retry_after_s)}
+        body = error_body(message, error or "service_unavailable")
+        await reply.whole(status, "application/json", body, retry)
 
     def _answered(self, kind: str, status: int) -> Any:
         """The requests counter of ``kind`` and ``status`` (label lookups cost more than

@@ -22,6 +22,8 @@ from kvmarina.router.forward import Forwarder
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.proxy import Proxy
+from kvmarina.router.reply import AiohttpReply, read_body
+from kvmarina.router.requests import BadRequest
 from kvmarina.router.routing import RoutingCore, pod_domain
 from kvmarina.router.subscriber import NodeFollower
 from kvmarina.router.upstream import UpstreamPool
@@ -343,8 +345,21 @@ class Router:
         )
 
     # -- the proxy ----------------------------------------------------------------------
+    # (``router.front`` serves plain POSTs to these without aiohttp; these handlers
+    # serve the rest, and apps served by aiohttp alone)
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.proxy.handle(request, "completions", "/v1/completions")
+        return await self._proxied(request, "completions", "/v1/completions")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self.proxy.handle(request, "chat", "/v1/chat/completions")
+        return await self._proxied(request, "chat", "/v1/chat/completions")
+
+    async def _proxied(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
+        reply = AiohttpReply(request)
+        try:
+            raw = await read_body(request, self.cfg.limits.max_body_bytes)
+        except BadRequest as exc:
+            await self.proxy.reject(reply, kind, exc)
+        else:
+            await self.proxy.handle(request.headers, raw, reply, kind, path)
+        assert reply.response is not None, "the request path answers every request"
+        return reply.response

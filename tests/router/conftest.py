@@ -12,6 +12,7 @@ from aiohttp import web
 
 from kvmarina.engine.simulate import SimConfig, SimEngine
 from kvmarina.router.config import RouterConfig, parse_config
+from kvmarina.router.front import Front
 from kvmarina.router.server import Router
 
 IDENT = "sim@v1|simulated|tp0of1"
@@ -46,7 +47,7 @@ class Fleet:
     """Started apps; ``close`` tears everything down (called by the fixture)."""
 
     def __init__(self) -> None:
-        self.runners: list[web.AppRunner] = []
+        self.runners: list[web.AppRunner | Front] = []
         self.engines: list[SimEngine] = []
         self.urls: list[str] = []
 
@@ -66,13 +67,13 @@ class Fleet:
         if isinstance(cfg, dict):
             cfg = parse_config(cfg)
         r = Router(cfg, path, reload_interval_s=0.1)
-        runner, url = await serve_app(r.app())
-        self.runners.append(runner)
-        return r, url
+        front = await Front.start(r, "127.0.0.1", 0)  # served as ``kvmarina router`` serves it
+        self.runners.append(front)
+        return r, f"http://127.0.0.1:{front.port}"
 
     async def close(self) -> None:
         for r in reversed(self.runners):
-            await r.cleanup()
+            await (r.close() if isinstance(r, Front) else r.cleanup())
 
 
 @pytest.fixture
@@ -101,3 +102,14 @@ async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[list[Any]]:
+    """``ScriptedPods`` started by a test (``scripted.routed``), closed after it."""
+    started: list[Any] = []
+    try:
+        yield started
+    finally:
+        for pods in started:
+            await pods.close()

@@ -13,11 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from kvmarina.operator.components import Endpoint, router_config
 from kvmarina.prompts import prompt_tokens
 from kvmarina.router.config import parse_config
+from kvmarina.router.front import Front
 from kvmarina.router.server import Router
 from kvmarina.tenancy import scope_salt
 
@@ -47,15 +47,12 @@ async def routed(
     doc = router_config(MODEL, "default", serving.spec, pool.spec, endpoints, model_dir=model_dir)
     doc["limits"] = {"health_interval_s": 0.2, "breaker_cooldown_s": 0.5}
     router = Router(parse_config(doc))
-    runner = web.AppRunner(router.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    front = await Front.start(router, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{front.port}"
     async with aiohttp.ClientSession() as http:
         await wait_for(lambda: router.core.mode == "events")
         yield router, url, http
-    await runner.cleanup()
+    await front.close()
 
 
 def chat(user: str) -> list[dict[str, str]]:
