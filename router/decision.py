@@ -33,6 +33,7 @@ class Decision:
         "best",
         "cached_blocks",
         "chain",
+        "computing_at",
         "est_ttft_s",
         "on_attempt",
         "prompt",
@@ -67,7 +68,9 @@ class Decision:
         # hears that it is computing the prompt (``RoutingCore._computing``)
         self.attempt: PodState | None = None
         self.pulling = 0  # blocks the attempt's pod pulls (``uncached_tokens`` sets it)
-        self.on_attempt: Callable[[PodState, list[bytes]], None] | None = None
+        self.on_attempt: Callable[[PodState, list[bytes]], float | None] | None = None
+        # when ``on_attempt`` last noted the attempt's pod as computing the prompt
+        self.computing_at: float | None = None
 
     @property
     def ranked(self) -> list[PodState]:
@@ -118,6 +121,6 @@ class _Sending:
         d = self._d
         hashes = d.prompt.all()
         if d.attempt is not None and d.on_attempt is not None:
-            d.on_attempt(d.attempt, hashes)
+            d.computing_at = d.on_attempt(d.attempt, hashes)
         d.attempt = None
         return hashes

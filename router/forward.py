@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
+from kvmarina.router.deadlines import Deadlines
 from kvmarina.router.decision import Decision
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
@@ -101,6 +102,7 @@ class Forwarder:
         self.vllm = vllm
         self.upstream = upstream
         self.timeout_s = timeout_s
+        self.deadlines = Deadlines()  # each attempt's ``timeout_s``
         self._routed_children: dict[str, Any] = {}
         self._load_reports: dict[str, EngineLoad | None] = {}
 
@@ -120,33 +122,39 @@ class Forwarder:
         uncached = decision.uncached_tokens(pod, n_tokens, self.core.contract.block_size)
         a = Attempt(pod, uncached, self.core, decision.pulling)
         status = 0
+        self.deadlines.add(a, self.timeout_s)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                up = await self._send(a, path, body, headers, decision)
-                status = up.status
-                try:
-                    if up.status in RETRY_STATUSES:
-                        self._failed(pod)
-                        raise UpstreamFailed(f"HTTP {up.status}")
-                    self._sent(pod, decision, n_tokens, uncached)
-                    # the engine's load as it answers: this request's prefill is done
-                    reported = self._load_report(up.headers.get(LOAD_HEADER))
-                    if not parsed.stream:
-                        await self._relay_whole(reply, a, up, reported)
-                        return up.status
-                    if not await self._relay_stream(reply, a, up, reported):
-                        return up.status  # the client sees a truncated stream
-                finally:
-                    up.release()
-                await self._end_stream(reply, a, up)
-                return up.status
-        except TimeoutError:
+            up = await self._send(a, path, body, headers, decision)
+            status = up.status
+            try:
+                if up.status in RETRY_STATUSES:
+                    self._failed(pod)
+                    raise UpstreamFailed(f"HTTP {up.status}")
+                self._sent(pod, decision, n_tokens, uncached)
+                # the engine's load as it answers: this request's prefill is done
+                reported = self._load_report(up.headers.get(LOAD_HEADER))
+                if not parsed.stream:
+                    await self._relay_whole(reply, a, up, reported)
+                    return up.status
+                if not await self._relay_stream(reply, a, up, reported):
+                    return up.status  # the client sees a truncated stream
+            finally:
+                up.release()
+            await self._end_stream(reply, a, up)
+            return up.status
+        except asyncio.CancelledError:
+            if not self.deadlines.expired(a):
+                raise
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()  # the attempt's own limit, not a cancellation from outside
             self._failed(pod)
             if not reply.started:
                 raise UpstreamFailed("timed out") from None
             reply.abort()  # past the head: the client sees a cut body
             return status
         finally:
+            self.deadlines.discard(a)
             a.settle()
 
     async def _send(
@@ -240,9 +248,8 @@ class Forwarder:
             pod.domain, 0
         ):
             follower.expect()  # new full blocks: their BlockStored events are due
-        self.core.record_sent(
-            pod.domain, decision.hashes, max(decision.cached_blocks.values(), default=0), pod.name
-        )
+        matched = max(decision.cached_blocks.values(), default=0)
+        self.core.record_sent(pod.domain, decision.hashes, matched, pod.name, decision.computing_at)
         self.metrics.prompt_tokens.inc(n_tokens)
         self.metrics.cached_tokens.inc(n_tokens - uncached)
 

@@ -1,11 +1,14 @@
-"""The router's Prometheus metrics (its own registry, so tests can run many routers)."""
+"""The router's Prometheus metrics (its own registry, so tests can run many routers);
+the request path's counters and histograms are ``router.counters``' lock-free ones."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
+
+from kvmarina.router.counters import Counter, Histogram
 
 #: reasons a vLLM pod's KV events are not followed (labels of ``engine_event_errors``)
 EVENT_ERRORS = ("unreachable", "garbage", "block_size", "silent")

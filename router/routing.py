@@ -508,24 +508,33 @@ class RoutingCore:
                 return dup, saved, cand
         return dup, 0.0, ""
 
-    def _computing(self, pod: PodState, hashes: list[bytes]) -> None:
+    def _computing(self, pod: PodState, hashes: list[bytes]) -> float | None:
         """The request is on its way to ``pod``, which computes its prompt now:
-        ``recent`` says so at once. ``record_sent`` comes when the engine answers,
-        after its prefill (ours, the simulated one), so a request sharing the prefix
-        that came meanwhile saw no pod holding it and recomputed it elsewhere; sent
-        to the pod computing it, it waits for those blocks and reads them (decode
-        replay: the SGLang router, which records at once, got 0.01 of its 0.227 hit
-        rate from such requests, kvmarina none)."""
-        if hashes:
-            self.recent.store(pod.name, hashes, DEVICE)
-            self._recent_log.append((time.monotonic(), pod.name, hashes))
+        ``recent`` says so at once (the time it did is returned). ``record_sent`` comes
+        when the engine answers, after its prefill (ours, the simulated one), so a
+        request sharing the prefix that came meanwhile saw no pod holding it and
+        recomputed it elsewhere; sent to the pod computing it, it waits for those
+        blocks and reads them (decode replay: the SGLang router, which records at once,
+        got 0.01 of its 0.227 hit rate from such requests, kvmarina none)."""
+        if not hashes:
+            return None
+        now = time.monotonic()
+        self.recent.store(pod.name, hashes, DEVICE)
+        self._recent_log.append((now, pod.name, hashes))
+        return now
 
     def record_sent(
-        self, node: str, hashes: Sequence[bytes], matched: int = 0, pod: str | None = None
+        self,
+        node: str,
+        hashes: Sequence[bytes],
+        matched: int = 0,
+        pod: str | None = None,
+        computing_at: float | None = None,
     ) -> None:
         """Remember that ``pod`` (on ``node``) will now hold this prefix: for a few
         seconds in any mode (until its events arrive), and in the approximate index
-        without events."""
+        without events. ``computing_at``: when ``_computing`` noted the same pod and
+        prompt in ``recent``; while that note stands it is not made again."""
         if not hashes:
             return
         # refresh the matched prefix in the index's LRU here, off the decision path
@@ -535,9 +544,13 @@ class RoutingCore:
             self.approx.store(node, hashes, DEVICE)
         if pod is None:  # any pod of the node will do
             pod = next((p.name for p in self.pods.values() if p.domain == node), node)
-        self.recent.store(pod, hashes, DEVICE)
         self.sent.store(pod, hashes, DEVICE)
-        self._recent_log.append((time.monotonic(), pod, hashes))
+        now = time.monotonic()
+        if computing_at is None or now - computing_at > RECENT_S:
+            # ``recent`` holds a prefix RECENT_S from its first note: an expiry clears
+            # the pod's bit whatever came later (so a second note would change nothing)
+            self.recent.store(pod, hashes, DEVICE)
+            self._recent_log.append((now, pod, hashes))
 
 
 def _rendezvous(pods: list[PodState], key: str) -> list[PodState]:

@@ -5,6 +5,7 @@ attempt adds to ``inflight``, ``queued_tokens`` and ``decoding`` it takes back o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -65,7 +66,7 @@ async def test_a_busy_pod_is_retried_on_the_next(
     pods = list(router.core.pods.values())
     assert sorted(p.failed for p in pods) == [0, 1] and sum(p.served for p in pods) == 1
     assert all(books(p) == (0, 0, 0) for p in pods)
-    assert router.metrics.retries._value.get() == 1
+    assert router.metrics.retries.value == 1
 
 
 async def test_a_pod_failing_before_its_first_byte_is_retried(
@@ -85,7 +86,7 @@ async def test_a_pod_failing_mid_stream_truncates_the_clients_stream(
     router, url = await routed(fleet, scripted, [([CHUNKED, HELLO], True)], n=2)
     status, got = await post(url, stream=True)
     assert status == 200 and got.startswith(b"hello")  # no second pod: the client had bytes
-    assert router.metrics.retries._value.get() == 0
+    assert router.metrics.retries.value == 0
     pods = list(router.core.pods.values())
     assert sorted(p.failed for p in pods) == [0, 1] and all(books(p) == (0, 0, 0) for p in pods)
 
@@ -100,6 +101,40 @@ async def test_the_request_timeout_follows_a_reload(
     assert status == 503 and b"timed out" in got
     pod = router.core.pods["p0"]
     assert books(pod) == (0, 0, 0) and pod.failed == 1
+
+
+async def test_a_stream_past_its_time_is_cut_and_an_outside_cancel_stays_one(
+    fleet: Fleet, scripted: list[ScriptedPods]
+) -> None:
+    """An attempt's limit fires after the client got the head: the client sees a cut
+    body. A cancellation from outside (a router shutting down) is not taken for the
+    attempt's limit: it propagates, and the books still settle."""
+    never = asyncio.Event()
+    router, url = await routed(
+        fleet,
+        scripted,
+        [([CHUNKED, HELLO, never], False), ([CHUNKED, HELLO, never], False)],
+        request_timeout_s=0.3,
+    )
+    t0 = time.monotonic()
+    status, got = await post(url, stream=True)
+    assert status == 200 and got == b"hello" and 0.3 <= time.monotonic() - t0 < 2.0
+    pod = router.core.pods["p0"]
+    assert books(pod) == (0, 0, 0) and pod.failed == 1
+
+    router.forwarder.timeout_s = 600.0
+    task = asyncio.create_task(post(url, stream=True))
+    for _ in range(100):
+        if pod.inflight:
+            break
+        await asyncio.sleep(0.02)
+    served = [t for t in asyncio.all_tasks() if "FrontConnection._serve" in repr(t.get_coro())]
+    assert len(served) == 1
+    served[0].cancel()
+    with contextlib.suppress(Exception):
+        await task
+    await asyncio.sleep(0.05)
+    assert served[0].cancelled() and books(pod) == (0, 0, 0) and pod.failed == 1
 
 
 async def test_a_load_poll_keeps_a_fresher_report_from_an_answer(fleet: Fleet) -> None:

@@ -786,3 +786,32 @@ def test_a_pod_that_joins_takes_what_the_others_learned_from_the_next_sample() -
     assert rc.pods["p2"].usual_occupancy == 0.0  # joined: only the rate so far
     rc.observe_ttft(rc.pods["p0"], 10, 0.5, 0.0)  # too small a sample to learn from ...
     assert rc.pods["p2"].usual_occupancy == learned[1]  # ... but it is shared
+
+
+def test_request_path_counters_export_what_prometheus_client_would() -> None:
+    """``router.counters``: the same text on a scrape as prometheus_client's own metrics
+    given the same values (bucket edges included), less the ``_created`` samples."""
+    import prometheus_client as pc
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvmarina.router import counters
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (1e-5, 1e-4, 0.5, 1, 10)
+    h1 = counters.Histogram("x_seconds", "doc", buckets, registry=ours)
+    h2 = pc.Histogram("x_seconds", "doc", buckets=buckets, registry=theirs)
+    c1 = counters.Counter("y", "doc", ["pod", "code"], registry=ours)
+    c2 = pc.Counter("y", "doc", ["pod", "code"], registry=theirs)
+    for v in (0.0, 1e-5, 2e-5, 0.5, 0.7, 1.0, 3.0, 11.0):
+        h1.observe(v)
+        h2.observe(v)
+    for labels, n in ((("p1", "200"), 2), (("p0", "503"), 1), (("p1", "200"), 0.5)):
+        c1.labels(*labels).inc(n)
+        c2.labels(*labels).inc(n)
+
+    def lines(r: CollectorRegistry) -> set[str]:
+        return {x for x in generate_latest(r).decode().splitlines() if "_created" not in x}
+
+    assert lines(ours) == lines(theirs)
+    with pytest.raises(ValueError, match="takes labels"):
+        c1.labels("p0")
