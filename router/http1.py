@@ -24,7 +24,8 @@ FAST_PATHS = {
     b"/v1/completions": ("completions", "/v1/completions"),
     b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
 }
-_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
+#: header lines, each ``token ":" value CRLF`` (a value of visible bytes, spaces, tabs)
+_HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 #: headers whose presence means the request is not a plain one (aiohttp takes it)
 _NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -42,38 +43,41 @@ class RequestHead:
 def parse_head(raw: bytes) -> RequestHead | None:
     """The head (up to, not including, its blank line) of a plain POST to an OpenAI
     endpoint; ``None`` for any other request."""
-    lines = raw.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    line, sep, rest = raw.partition(b"\r\n")
+    parts = line.split(b" ")
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
         return None
     target = FAST_PATHS.get(parts[1])
     if target is None:
         return None
-    pairs: list[tuple[str, str]] = []
+    if sep and _HEADERS.fullmatch(rest + b"\r\n") is None:
+        return None  # every line well-formed, checked at once
+    pairs = []
+    for line in rest.split(b"\r\n") if sep else ():
+        name, _, value = line.partition(b":")
+        pairs.append((name, value.strip(b" \t")))
     length = -1
     keep_alive = True
-    match = _HEADER.fullmatch
-    for line in lines[1:]:
-        m = match(line)
-        if m is None:
-            return None
-        name, value = m.group(1).lower(), m.group(2)
-        if name == b"content-length":
+    for name, value in pairs:
+        lname = name.lower()
+        if lname == b"content-length":
             if length >= 0 or not value.isdigit():
                 return None
             length = int(value)
-        elif name in _NOT_PLAIN:
+        elif lname in _NOT_PLAIN:
             return None
-        elif name == b"connection":
+        elif lname == b"connection":
             tokens = {t.strip().lower() for t in value.split(b",")}
             if b"upgrade" in tokens:
                 return None
             keep_alive = b"close" not in tokens
-        # aiohttp's reading of header bytes, so both paths see the same strings
-        pairs.append((m.group(1).decode("latin-1"), value.decode("utf-8", "surrogateescape")))
     if length < 0:
         return None
-    return RequestHead(target[0], target[1], CIMultiDict(pairs), length, keep_alive)
+    # aiohttp's reading of header bytes, so both paths see the same strings
+    headers = CIMultiDict(
+        [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in pairs]
+    )
+    return RequestHead(target[0], target[1], headers, length, keep_alive)
 
 
 class _Clock:

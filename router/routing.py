@@ -272,17 +272,15 @@ class RoutingCore:
         blocks after it cannot change the decision. Probes grow with what had to be
         hashed (memoized chunks cost a lookup), so a long shared prefix with a fresh
         tail hashes a few blocks of the tail, and a cold prompt a few blocks."""
-        live = self._live_nodes
-        sources = [
-            idx
-            for idx, used in (
-                (self.index, bool(live)),
-                (self.approx, mode != "events"),
-                (self.recent, bool(self._recent_log)),
-                (self.sent, sibling),
-            )
-            if used and len(idx)
-        ]
+        sources = []
+        if self._live_nodes and self.index:
+            sources.append(self.index)
+        if mode != "events" and self.approx:
+            sources.append(self.approx)
+        if self._recent_log and self.recent:
+            sources.append(self.recent)
+        if sibling and self.sent:
+            sources.append(self.sent)
         if not sources:
             return []
         hs = chain.upto(4)
@@ -359,7 +357,8 @@ class RoutingCore:
         offset = next(self._rr)  # rotates among equal scores instead of favouring pod 0
         wq, wp, wm, wd, ws = w.queue, w.prefill, w.migration, w.duplication, w.sibling
         wi = w.inflight
-        sent = self.sent.match(hashes).run if ws else {}
+        # (the sibling term needs a pod whose node holds some of the prompt)
+        sent = self.sent.match(hashes).run if ws and runs else {}
         now = time.monotonic()
         pull_fixed = wm * self.pull_latency(now) if pull_ok else 0.0
         replicas = r.replicas
