@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import collections
 import random
 import time
 from pathlib import Path
@@ -631,11 +632,14 @@ def test_lookups_find_every_nodes_run_among_many_nodes() -> None:
 
 
 def reference_decision(
-    rc: RoutingCore, toks: list[int], now: float
+    rc: RoutingCore, toks: list[int], now: float, draws: random.Random
 ) -> list[tuple[float, str, str]]:
     """The cache-aware cost of every pod as docs/design.md "Routing" and the routing module
     docstring define it, term by term, with the pods' own methods and every block hashed
-    first (the plain form of ``RoutingCore._cache_aware``): (cost, pod, pull peer)."""
+    first (the plain form of ``RoutingCore._cache_aware``): (cost, pod, pull peer).
+    ``draws``: the router's random numbers for ``REPLICA_SPREAD``, in pod order."""
+    from kvmarina.router.routing import REPLICA_SPREAD
+
     r, w, bs = rc.cfg.routing, rc.cfg.routing.weights, rc.contract.block_size
     host_s_per_block = bs / r.host_load_tokens_per_second  # as the code rounds it
     hashes = rc.hashes(toks, "s")
@@ -675,6 +679,8 @@ def reference_decision(
                     saved -= w.migration * rc.pull_latency(now)
                     if saved > 0:
                         cost, peer = cost - saved, cand
+        if r.replicas > 1 and node not in runs and (shared is None or shared not in runs):
+            cost *= 1.0 + REPLICA_SPREAD * draws.random()  # a replica's cold placement
         out.append((cost, pod.name, peer))
         pod_runs.append(run)
     if w.balance and min(pod_runs) == max(pod_runs):  # no pod has an edge: the balance term
@@ -741,7 +747,9 @@ def test_the_decision_equals_its_plain_definition(
         toks = base[: 16 * rng.randrange(61)] + [
             rng.randrange(50000) for _ in range(rng.choice([0, 40, 300]))
         ]
-        want = reference_decision(rc, toks, clock[0])
+        draws = random.Random()
+        draws.setstate(rc._spread.getstate())
+        want = reference_decision(rc, toks, clock[0], draws)
         d = rc.decide(toks, "s")
         costs = {name: cost for cost, name, _ in want}
         top = min(want, key=lambda t: (t[0], rc.pods[t[1]].inflight))
@@ -815,3 +823,23 @@ def test_request_path_counters_export_what_prometheus_client_would() -> None:
     assert lines(ours) == lines(theirs)
     with pytest.raises(ValueError, match="takes labels"):
         c1.labels("p0")
+
+
+def test_replicas_spread_cold_prompts_where_one_router_picks_the_fastest() -> None:
+    """Pods equal but for a learned rate: one router sends every cold prompt of an idle
+    fleet to the fastest pod (nothing else tells them apart); a replica (``replicas`` >
+    1) spreads them, so replicas that share nothing do not all queue on that pod. A
+    prompt some pod holds still goes there."""
+    picks: dict[int, collections.Counter[str]] = {}
+    for replicas in (1, 2):
+        rc = core(n=4, replicas=replicas)
+        rc._spread.seed(7)
+        rc.pods["p2"].prefill_tps *= 1.1
+        picks[replicas] = collections.Counter(
+            rc.decide([i * 1000 + k for k in range(64)], "s").best.name for i in range(200)
+        )
+        toks = list(range(1600))
+        rc.index.store("n1", rc.hashes(toks, "s"), "device")
+        assert rc.decide(toks, "s").best.name == "p1"
+    assert picks[1] == {"p2": 200}
+    assert len(picks[2]) == 4 and max(picks[2].values()) < 120
