@@ -194,7 +194,9 @@ class FrontConnection(asyncio.Protocol):
     def _done(self, reply: FrontReply) -> None:
         self.task = None
         self.active_at = self.loop.time()
-        if not reply.keep_alive or self.eof:
+        # an answer left unfinished (the request path was cancelled, or never answered)
+        # can only be ended by closing: the client would wait for the rest
+        if not reply.keep_alive or self.eof or not reply.complete:
             self.close()
             return
         if self.read_paused:
@@ -243,12 +245,13 @@ class FrontReply:
     """A ``Reply`` written straight to a front connection's transport."""
 
     takes_framed = True
-    __slots__ = ("conn", "framed", "keep_alive", "started")
+    __slots__ = ("complete", "conn", "framed", "keep_alive", "started")
 
     def __init__(self, conn: FrontConnection, keep_alive: bool) -> None:
         self.conn = conn
         self.keep_alive = keep_alive
         self.started = False
+        self.complete = False  # the whole answer is written
         self.framed = False
 
     async def whole(
@@ -260,6 +263,7 @@ class FrontReply:
                 status, content_type, headers, length=len(body), close=not self.keep_alive
             )
             self.conn.transport.write(head + body)
+        self.complete = True
 
     async def start(
         self,
@@ -280,6 +284,7 @@ class FrontReply:
 
     async def end(self) -> None:
         await self._send(LAST_CHUNK)
+        self.complete = True
 
     def abort(self) -> None:
         self.keep_alive = False

@@ -200,7 +200,7 @@ async def test_a_slow_reader_gets_a_long_stream_whole(
     router, url = await routed(fleet, scripted, [([CHUNKED, *pieces, END], False)])
     host, port = url.rsplit("/", 1)[-1].split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     c = Client(*await asyncio.open_connection(sock=sock))
     body = json.dumps({"model": "sim", "prompt": "x" * 64, "stream": True}).encode()
     c.writer.write(plain(body))
