@@ -45,7 +45,6 @@ class Front:
         self.router = router
         self.runner = runner
         self.conns: set[FrontConnection] = set()
-        self.handed_off = 0  # connections given to aiohttp
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -70,7 +69,6 @@ class Front:
         """A fresh aiohttp protocol for a connection handed over."""
         server = self.runner.server
         assert server is not None, "the runner is set up"
-        self.handed_off += 1
         return server()
 
     async def close(self) -> None:

@@ -19,11 +19,10 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
+from kvmarina.router.requests import ENDPOINTS
+
 #: request target -> (request kind, the engine's path)
-FAST_PATHS = {
-    b"/v1/completions": ("completions", "/v1/completions"),
-    b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
-}
+FAST_PATHS = {path.encode(): (kind, path) for path, kind in ENDPOINTS.items()}
 #: header lines, each ``token ":" value CRLF`` (a value of visible bytes, spaces, tabs)
 _HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 #: headers whose presence means the request is not a plain one (aiohttp takes it)

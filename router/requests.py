@@ -14,6 +14,10 @@ from typing import Any
 from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer
 
+#: the OpenAI endpoints the router proxies: path -> request kind (the engine's path is
+#: the same)
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
 
 class BadRequest(ValueError):
     """A client error: ``status`` and ``param`` go into the OpenAI error body."""

@@ -6,6 +6,7 @@ engines' load, agents' and engines' event streams, bandwidth, index sweeping).""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.pods import PodState
 from kvmarina.router.proxy import Proxy
 from kvmarina.router.reply import AiohttpReply, read_body
-from kvmarina.router.requests import BadRequest
+from kvmarina.router.requests import ENDPOINTS, BadRequest
 from kvmarina.router.routing import RoutingCore, pod_domain
 from kvmarina.router.subscriber import NodeFollower
 from kvmarina.router.upstream import UpstreamPool
@@ -71,8 +72,8 @@ class Router:
     # -- lifecycle ------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.limits.max_body_bytes + 1)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._chat)
+        for path, kind in ENDPOINTS.items():
+            app.router.add_post(path, functools.partial(self._proxied, kind=kind, path=path))
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -345,14 +346,8 @@ class Router:
         )
 
     # -- the proxy ----------------------------------------------------------------------
-    # (``router.front`` serves plain POSTs to these without aiohttp; these handlers
-    # serve the rest, and apps served by aiohttp alone)
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxied(request, "completions", "/v1/completions")
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxied(request, "chat", "/v1/chat/completions")
-
+    # (``router.front`` serves plain POSTs to the endpoints without aiohttp; this
+    # handler serves the rest, and apps served by aiohttp alone)
     async def _proxied(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
         reply = AiohttpReply(request)
         try:
