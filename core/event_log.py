@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmarina.events import BlockEvent, Record, Resync, Snapshot
+from kvmarina.events import BlockEvent, LoadRecord, Record, Resync, Snapshot
 from kvmarina.framing import encode_frame
 
 #: A snapshot names every block of the node: far larger than any other record.
@@ -83,6 +83,13 @@ class EventLog:
                 self._resync(sub, "subscriber fell behind")
             else:
                 sub.queue.put_nowait(event)
+
+    def publish_load(self, load: LoadRecord) -> None:
+        """Push an engine's load to every subscriber with room for it: a full queue is
+        behind already, and the next report replaces this one."""
+        for sub in self.subscribers:
+            if sub.queue.qsize() < self.max_queue:
+                sub.queue.put_nowait(load)
 
     def _resync(self, sub: Subscriber, reason: str) -> None:
         while not sub.queue.empty():

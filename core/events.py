@@ -86,7 +86,31 @@ class Resync:
         return {"type": "resync", "boot_id": self.boot_id, "reason": self.reason}
 
 
-Record = BlockEvent | Snapshot | Resync
+@dataclass(frozen=True, slots=True)
+class LoadRecord:
+    """An engine's load as it changes, pushed on its node's stream (not numbered: it
+    changes no index, and a later report replaces it, so one may be dropped). Router
+    replicas share nothing; each sees every request the others send an engine as soon
+    as the engine takes it, not at its next answer (``kvmarina.load_report``)."""
+
+    pod: str  # the engine's pod name ("" when the node runs only one engine)
+    running: int
+    waiting: int
+    queued_tokens: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "type": "load",
+            "pod": self.pod,
+            "running": self.running,
+            "waiting": self.waiting,
+        }
+        if self.queued_tokens is not None:
+            rec["queued"] = self.queued_tokens
+        return rec
+
+
+Record = BlockEvent | Snapshot | Resync | LoadRecord
 
 
 def from_wire(rec: Any) -> Record:
@@ -100,6 +124,14 @@ def from_wire(rec: Any) -> Record:
             return Snapshot(str(rec["boot_id"]), int(rec["seq"]), str(rec.get("node", "")), blocks)
         if kind == "resync":
             return Resync(str(rec["boot_id"]), str(rec.get("reason", "")))
+        if kind == "load":
+            queued = rec.get("queued")
+            return LoadRecord(
+                str(rec.get("pod", "")),
+                int(rec["running"]),
+                int(rec["waiting"]),
+                None if queued is None else int(queued),
+            )
         return BlockEvent(
             type=str(kind),
             boot_id=str(rec["boot_id"]),

@@ -42,6 +42,10 @@ class KVStore(Protocol):
 
     def usage(self) -> dict[str, int]: ...
 
+    def report_load(self, running: int, waiting: int) -> None:
+        """Publish the engine's load where routers see it (a store without an agent
+        has nowhere to: it does nothing)."""
+
 
 class ContiguousStore:
     """No pages, no sharing: every prompt is computed in full."""
@@ -74,3 +78,6 @@ class ContiguousStore:
 
     def usage(self) -> dict[str, int]:
         return {"tokens_reserved": sum(self._reserved.values()), "tokens_capacity": self.max_tokens}
+
+    def report_load(self, running: int, waiting: int) -> None:
+        return None  # no agent, no routers to tell

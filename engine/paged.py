@@ -21,7 +21,15 @@ from typing import Any, Protocol
 
 import torch
 
-from kvmarina.agent.client import NO_HITS, AgentError, AgentFull, AgentUnavailable, Hit, Hits
+from kvmarina.agent.client import (
+    NO_HITS,
+    AgentClient,
+    AgentError,
+    AgentFull,
+    AgentUnavailable,
+    Hit,
+    Hits,
+)
 from kvmarina.engine.batch import StepBatch
 from kvmarina.engine.kvstore import KVFull
 from kvmarina.engine.model import Attention
@@ -353,6 +361,12 @@ class PagedStore:
             "blocks_held": sum(len(s.block_ids) for s in self.seqs.values()),
             "pulled_blocks": self.pulled_blocks,
         }
+
+    def report_load(self, running: int, waiting: int) -> None:
+        """To the agent, which pushes it to the node's routers; only an engine that
+        registered with its pod name has one to report under (``LocalPool`` has none)."""
+        if isinstance(self.client, AgentClient) and self.client.pod:
+            self._guard(self.client.report_load, running, waiting)
 
 
 class _StepAttention:

@@ -129,6 +129,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._reported: tuple[int, int] | None = None  # (running, waiting) last reported
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -192,6 +193,7 @@ class Scheduler:
             poll()  # the agent may ask for reserved-but-unused blocks back
         self._drop_cancelled()
         self._admit()
+        self._report_load()  # before a step that may take a while: who was just admitted
         if not self._running:
             time.sleep(IDLE_S)  # waiting requests cannot be admitted yet (KV full)
             return
@@ -380,5 +382,18 @@ class Scheduler:
     def _publish_stats(self) -> None:
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting)
+        self._report_load()
         if self.on_step is not None:
             self.on_step(self.stats)
+
+    def _report_load(self) -> None:
+        """Tell the store's agent (and through it the routers) when the figures change;
+        a failed report is only a router's loss of precision, never the engine's."""
+        load = (len(self._running), len(self._waiting))
+        if load == self._reported:
+            return
+        self._reported = load
+        try:
+            self.store.report_load(*load)
+        except Exception as exc:
+            log.debug("load report failed: %s", exc)

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node agent's unix socket",
     )
     p.add_argument(
+        "--pod-name",
+        default=_env("POD_NAME", ""),
+        help="this engine's pod name: its load reports to the agent carry it, so that "
+        "every router replica sees at once what the others sent here",
+    )
+    p.add_argument(
         "--credential-file",
         default=_env("CREDENTIAL_FILE"),
         help="file holding this serving's registration token (mounted by the operator)",
@@ -131,7 +137,7 @@ def build_store(args: argparse.Namespace, model_cfg: ModelConfig) -> KVStore:
             max(1, parse_size(args.budget_max) // blocks),
             args.priority,
         )
-        client = AgentClient(args.agent_socket, token, blocks, budget).connect()
+        client = AgentClient(args.agent_socket, token, blocks, budget, pod=args.pod_name).connect()
     log.info("KV store ready: model identity %s, %s", identity, contract.describe())
     return PagedStore(client, layout, contract, identity)
 

@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from kvmarina.event_log import EventLog, stream
+from kvmarina.events import LoadRecord
 from kvmarina.hashing import HashContract
 from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHintError, parse_pull_hint
 from kvmarina.load_report import LOAD_HEADER, EngineLoad, format_load
@@ -243,6 +244,7 @@ class SimEngine:
         self.waiting += 1
         ahead = len(tokens) - self.kv.peek(hashes) * self.cfg.block_size
         self.queued_tokens += ahead
+        self._push_load()
         started = False
         try:
             async with self._prefill:
@@ -254,6 +256,7 @@ class SimEngine:
             self.prefilling = False
             if not started:
                 self.waiting -= 1
+            self._push_load()
         self.stats.requests += 1
         self.stats.prompt_tokens += len(tokens)
         self.stats.cached_tokens += cached
@@ -282,6 +285,13 @@ class SimEngine:
         running = self.decoding + int(self.prefilling)
         load = EngineLoad(running, self.waiting, self.queued_tokens)
         return {LOAD_HEADER: format_load(load)}
+
+    def _push_load(self) -> None:
+        """The same figures on the node's event stream, as they change (the simulated
+        pod is its node's agent and only engine, so it names no pod)."""
+        if self.hub.subscribers:
+            running = self.decoding + int(self.prefilling)
+            self.hub.publish_load(LoadRecord("", running, self.waiting, self.queued_tokens))
 
     async def _prefill_one(
         self, request: web.Request, tokens: list[int], hashes: list[bytes]
@@ -326,6 +336,7 @@ class SimEngine:
                         await asyncio.sleep(max(0.0, ahead))
         finally:
             self.decoding -= 1
+            self._push_load()
         return "".join(out)
 
     def _completion_doc(self, kind: str, text: str, usage: dict[str, Any]) -> dict[str, Any]:

@@ -304,6 +304,7 @@ def _plan_serving(
                 agent_socket=sockets[node],
                 credential_file=str(token_file),
                 model_dir=folder,
+                pod_name=name,
             )
             endpoints.append(Endpoint(name, url, node, agent_urls[node]))
         engines.append(

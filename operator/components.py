@@ -115,6 +115,10 @@ def credentials_doc(servings: list[tuple[str, str, str, str]]) -> dict[str, Any]
     }
 
 
+#: the engine's pod name, which its load reports to the agent carry
+POD_NAME_ENV = "KVMARINA_ENGINE_POD_NAME"
+
+
 def engine_env(
     name: str,
     namespace: str,
@@ -126,9 +130,12 @@ def engine_env(
     agent_socket: str,
     credential_file: str,
     model_dir: str | None = None,
+    pod_name: str | None = None,
 ) -> dict[str, str]:
     """The engine's environment. The router is its only client in a cluster, so it
-    trusts the router's salt header; requests without one get the scope's salt."""
+    trusts the router's salt header; requests without one get the scope's salt.
+    ``pod_name``: the name the router knows the engine by (in a cluster the pod spec
+    sets it from the downward API instead)."""
     m, b = serving.model, serving.budget
     scope = effective_scope(serving, pool)
     env = {
@@ -151,6 +158,8 @@ def engine_env(
         "KVMARINA_AGENT_SOCKET": agent_socket,
         "KVMARINA_ENGINE_CREDENTIAL_FILE": credential_file,
     }
+    if pod_name is not None:
+        env[POD_NAME_ENV] = pod_name
     if m.preset is not None:
         env["KVMARINA_ENGINE_PRESET"] = m.preset
     else:

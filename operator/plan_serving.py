@@ -15,6 +15,7 @@ from typing import Any
 from kvmarina.operator import naming as n
 from kvmarina.operator.components import (
     ENGINE_PORT,
+    POD_NAME_ENV,
     ROUTER_PORT,
     Endpoint,
     engine_env,
@@ -245,7 +246,10 @@ def _reference_container(
         "image": s.engine.image or settings.engine_image,
         "imagePullPolicy": settings.pull_policy,
         "args": ["engine", "--simulate"] if s.engine.simulate else ["engine", *s.engine.args],
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "env": [
+            *({"name": k, "value": v} for k, v in sorted(env.items())),
+            {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {

@@ -86,6 +86,12 @@ class RouterMetrics:
             ["pod"],
             registry=r,
         )
+        self.pod_pushed = Gauge(
+            "kvmarina_router_pod_load_pushes",
+            "Load reports the engine pushed through its node agent's event stream",
+            ["pod"],
+            registry=r,
+        )
         self.pull_latency = Gauge(
             "kvmarina_router_pull_latency_seconds",
             "Learned fixed cost of a hinted pull, beyond its bytes",

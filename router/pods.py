@@ -84,6 +84,7 @@ class PodState:
     decoding: int = 0  # own requests past their first byte and not finished
     engine: EngineLoad | None = None  # the engine's own figures, as last polled
     engine_at: float = 0.0
+    pushed: int = 0  # engine reports pushed on the node's event stream (``LoadRecord``)
     prefilling_at_poll: int = 0  # own requests before their first byte, at that poll
     own_queue_at_poll: float = 0.0  # own prefill tokens not done, at that poll
     tokens_per_request: float = 0.0  # uncached prompt tokens sent here (EWMA)

@@ -52,7 +52,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 
+from kvmarina.events import LoadRecord
 from kvmarina.headers import PullHint
+from kvmarina.load_report import EngineLoad
 from kvmarina.router.config import RouterConfig
 from kvmarina.router.decision import Decision, Scored
 from kvmarina.router.hashmemo import HashMemo, PromptHashes
@@ -220,6 +222,18 @@ class RoutingCore:
         if pod.engine_fresh(now) is not None:
             return own + pod.others_queue(now)
         return own * self.cfg.routing.replicas
+
+    def note_pushed_load(self, node: str, rec: LoadRecord) -> None:
+        """An engine's load pushed on its node's stream: the pod it names, or the
+        node's only pod when it names none (an engine that does not know its pod)."""
+        pod = self.pods.get(rec.pod) if rec.pod else None
+        if pod is None:
+            on_node = [p for p in self.pods.values() if p.node == node]
+            if len(on_node) != 1:
+                return
+            pod = on_node[0]
+        pod.pushed += 1
+        pod.note_engine(EngineLoad(rec.running, rec.waiting, rec.queued_tokens), time.monotonic())
 
     def forget_node(self, node: str) -> None:
         """The node's agent cleared its cache: what was sent to its pods is gone too

@@ -139,6 +139,7 @@ class Router:
                     self._on_live,
                     self._events_session,
                     on_cleared=self.core.forget_node,
+                    on_load=self.core.note_pushed_load,
                 )
                 self.followers[node] = f
                 f.start()
@@ -338,6 +339,7 @@ class Router:
             m.pod_inflight.labels(p.name).set(p.inflight)
             m.pod_healthy.labels(p.name).set(1 if p.available() else 0)
             m.pod_rate.labels(p.name).set(p.prefill_tps)
+            m.pod_pushed.labels(p.name).set(p.pushed)
         m.pull_latency.set(core.pull_latency(time.monotonic()))
         m.queue.set(self.admission.queued)
         m.inflight.set(self.admission.inflight)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from kvmarina.events import BlockEvent, EventError, Resync, Snapshot, from_wire
+from kvmarina.events import BlockEvent, EventError, LoadRecord, Resync, Snapshot, from_wire
 from kvmarina.framing import FrameDecoder, FrameError
 from kvmarina.router.index import BlockIndex
 
@@ -41,9 +41,11 @@ class NodeFollower:
         session: aiohttp.ClientSession,
         max_frame: int = 64 * 1024 * 1024,
         on_cleared: Callable[[str], None] | None = None,
+        on_load: Callable[[str, LoadRecord], None] | None = None,
     ) -> None:
         self.node = node
         self.on_cleared = on_cleared
+        self.on_load = on_load
         self.agent_url = agent_url.rstrip("/")
         self.index = index
         self.on_live = on_live
@@ -105,8 +107,12 @@ class NodeFollower:
                     self.apply(from_wire(frame))
         raise StreamBroken("stream ended")
 
-    def apply(self, rec: Snapshot | BlockEvent | Resync) -> None:
+    def apply(self, rec: Snapshot | BlockEvent | Resync | LoadRecord) -> None:
         """Apply one record; ``StreamBroken`` when a fresh snapshot is needed."""
+        if isinstance(rec, LoadRecord):  # not numbered: no index change, no gap
+            if self.on_load is not None:
+                self.on_load(self.node, rec)
+            return
         if isinstance(rec, Snapshot):
             self.index.replace_node(self.node, rec.blocks)
             self.boot_id, self.seq = rec.boot_id, rec.seq

@@ -7,7 +7,7 @@ descriptor (SCM_RIGHTS), which the engine maps once. Every later request names
 slots (``[page, index]``) and hashes only.
 
     register  {token, block_bytes, budget: {min_blocks, max_blocks, priority},
-               evict_own?: "lru" | "lfu"}
+               evict_own?: "lru" | "lfu", pod?: name}
               -> {session, node, boot_id, scope, region_size, page_size, block_bytes,
                   digest_bytes}   (a refusal carries page_size too)
     lease     {n, prefer?: [hash]}     -> {slots: [[page, index], ...]}
@@ -32,6 +32,9 @@ slots (``[page, index]``) and hashes only.
     count     {tags: [bytes]}          -> {blocks: [n per tag], evicted: [n per tag]}
     stats     {}                       -> the pool summary
     ping      {}                       -> {}
+    load      {running, waiting, queued?} -> {}  (the engine's load, pushed to the
+              node's event subscribers as a ``load`` record naming its pod: router
+              replicas learn what the others sent it at once; needs ``pod`` at register)
 
 Pushed by the agent (frames with ``push`` instead of ``ok``; may arrive before
 any reply): ``{push: "reclaim", n, serving}``: please release about ``n`` cold blocks.
@@ -52,6 +55,7 @@ from kvmarina.agent.node import blockops
 from kvmarina.agent.node.credentials import CredentialStore
 from kvmarina.agent.node.index import Slot
 from kvmarina.agent.node.pool import Budget, OverMax, Pool, PoolError, PoolFull, Session
+from kvmarina.events import LoadRecord
 from kvmarina.framing import FrameError, encode_frame, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ MAX_FRAME = 8 * 1024 * 1024
 MAX_ITEMS = 1 << 16
 MAX_TAG = 64
 EVICT_OWN = ("", "lru", "lfu")
+MAX_POD_NAME = 253  # a Kubernetes object name
 DEVICE_CODE = bytes([TIER_CODES["device"]])
 
 
@@ -173,6 +178,10 @@ class AgentProtocol:
         if evict_own not in EVICT_OWN:
             refuse(f"bad register request: evict_own {evict_own!r} is not lru or lfu")
             return None
+        pod = msg.get("pod", "")
+        if not isinstance(pod, str) or len(pod) > MAX_POD_NAME:
+            refuse(f"bad register request: pod must be a name of at most {MAX_POD_NAME} characters")
+            return None
         try:
             budget = Budget(
                 int(b.get("min_blocks", 0)),
@@ -184,6 +193,7 @@ class AgentProtocol:
             refuse(f"bad register request: {exc}")
             return None
         sess.evict_own = evict_own
+        sess.pod = pod
         region = self.pool.region(sess.scope)
         reply = encode_frame(
             {
@@ -270,6 +280,20 @@ class AgentProtocol:
                 f"within {self.reclaim_timeout_s:g}s)"
             ) from None
 
+    def _load(self, sess: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        """An engine's load, pushed to the node's event subscribers (the routers)."""
+        if not sess.pod:
+            raise ProtocolError("load needs a session registered with its pod name ('pod')")
+        figures = [msg.get(k) for k in ("running", "waiting")]
+        queued = msg.get("queued")
+        if queued is not None:
+            figures.append(queued)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in figures):
+            raise ProtocolError("load needs running and waiting (and queued) as integers >= 0")
+        running, waiting = int(msg["running"]), int(msg["waiting"])
+        self.pool.events.publish_load(LoadRecord(sess.pod, running, waiting, queued))
+        return {"ok": True}
+
     async def _dispatch(self, sess: Session, msg: Any) -> dict[str, Any]:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             return {"ok": False, "error": "a request must be a map with an 'op'"}
@@ -282,6 +306,8 @@ class AgentProtocol:
                 prefer = self._hashes(msg.get("prefer") or [])
                 slots = await self._lease(sess, n, prefer)
                 return {"ok": True, "slots": [[s.page, s.index] for s in slots]}
+            if op == "load":
+                return self._load(sess, msg)
             if op == "commit" and (msg.get("replace") or msg.get("tag")):
                 return self._commit_tagged(sess, msg)
             if op in ("drop", "probe", "count"):

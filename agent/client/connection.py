@@ -99,11 +99,13 @@ class AgentClient(RegionBlocks):
         budget: Budget | None = None,
         timeout: float = 30.0,
         evict_own: str = "",
+        pod: str = "",
     ) -> None:
         """``evict_own`` ("lru" | "lfu"): leases past the budget's max drop this
-        serving's own unpinned blocks in that order instead of failing (caches)."""
+        serving's own unpinned blocks in that order instead of failing (caches).
+        ``pod``: the engine's pod name, which its load reports carry (``report_load``)."""
         self.socket_path, self.token, self.block_bytes = socket_path, token, block_bytes
-        self.evict_own = evict_own
+        self.evict_own, self.pod = evict_own, pod
         self.budget, self.timeout = budget or Budget(), timeout
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -137,6 +139,7 @@ class AgentClient(RegionBlocks):
                         "block_bytes": self.block_bytes,
                         "budget": self.budget.wire(),
                         **({"evict_own": self.evict_own} if self.evict_own else {}),
+                        **({"pod": self.pod} if self.pod else {}),
                     }
                 )
             )
@@ -395,6 +398,10 @@ class AgentClient(RegionBlocks):
 
     def stats(self) -> dict[str, Any]:
         return self._call({"op": "stats"})
+
+    def report_load(self, running: int, waiting: int) -> None:
+        """The engine's load, for the node's routers (needs ``pod``)."""
+        self._call({"op": "load", "running": running, "waiting": waiting})
 
     def ping(self) -> str:
         return str(self._call({"op": "ping"})["boot_id"])

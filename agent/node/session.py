@@ -51,6 +51,7 @@ class Session:
     # unpinned device blocks in that order (tensor caches); "" refuses (engines)
     evict_own: str = ""
     serving: str = ""  # ``ident.key``: its budget's and usage's name
+    pod: str = ""  # the engine's pod name, when it said (its load reports name it)
 
     def __post_init__(self) -> None:
         self.scope = self.ident.scope_key

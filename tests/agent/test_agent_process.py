@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kvmarina.agent.client import AgentClient, AgentError, AgentFull, AgentUnavailable, Budget
 from kvmarina.agent.client.connection import RECV_BYTES
-from kvmarina.events import from_wire
+from kvmarina.events import LoadRecord, Snapshot, from_wire
 from kvmarina.framing import HEADER, FrameDecoder, encode_frame
 
 from .conftest import AgentProc, agent_process
@@ -395,3 +395,21 @@ def test_the_pools_agent_log_level_reaches_the_agent(tmp_path: Path, level: str)
         pass
     out = agent.proc.stdout.read() if agent.proc.stdout else ""
     assert (" INFO kvmarina.agent" in out) == (level == "info"), out
+
+
+async def test_an_engine_load_report_reaches_the_event_stream(agent: AgentProc) -> None:
+    c = await asyncio.to_thread(AgentClient(agent.socket, "tok-chat", 4096, pod="engine-7").connect)
+    async with aiohttp.ClientSession() as s, s.get(agent.url + "/v1/events") as resp:
+        dec, records = FrameDecoder(), []
+        while not records:
+            dec.feed(await asyncio.wait_for(resp.content.readany(), 10))
+            records.extend(from_wire(f) for f in dec.frames())
+        assert isinstance(records[0], Snapshot)
+        await asyncio.to_thread(c.report_load, 4, 1)
+        while len(records) < 2:
+            dec.feed(await asyncio.wait_for(resp.content.readany(), 10))
+            records.extend(from_wire(f) for f in dec.frames())
+        assert records[1] == LoadRecord("engine-7", running=4, waiting=1)
+    c.close()
+    with pytest.raises(AgentError, match="pod must be a name of at most 253 characters"):
+        AgentClient(agent.socket, "tok-chat", 4096, pod="x" * 254).connect()

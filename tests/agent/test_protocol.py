@@ -11,6 +11,7 @@ import pytest
 from kvmarina.agent.api.protocol import AgentProtocol
 from kvmarina.agent.node.index import Block, Slot
 from kvmarina.agent.node.pool import Session
+from kvmarina.events import LoadRecord
 
 from .test_pool import BB, make_pool, session
 
@@ -106,3 +107,41 @@ def test_a_lookup_reply_names_each_hits_tier(monkeypatch: pytest.MonkeyPatch) ->
     assert reply["tiers"] == b"dhd"
     assert list(array.array("I", reply["pages"])) == [0, 1, 2]
     assert list(array.array("I", reply["indices"])) == [0, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [{"running": -1, "waiting": 0}, {"running": True, "waiting": 0}, {"running": 1},
+     {"running": 1, "waiting": "2"}, {"running": 1, "waiting": 2, "queued": 1.5}],
+)  # fmt: skip
+def test_a_bad_load_report_is_refused_and_publishes_nothing(figures: dict[str, Any]) -> None:
+    proto, sess = setup()
+    sess.pod = "engine-0"
+    sub = proto.pool.events.subscribe()
+    sub.queue.get_nowait()  # the snapshot
+    reply = call(proto, sess, {"op": "load", **figures})
+    assert reply == {
+        "ok": False,
+        "error": "load needs running and waiting (and queued) as integers >= 0",
+    }
+    assert sub.queue.empty()
+
+
+def test_a_load_report_reaches_every_subscriber_under_the_pod_name() -> None:
+    proto, sess = setup()
+    subs = [proto.pool.events.subscribe() for _ in range(2)]
+    for sub in subs:
+        sub.queue.get_nowait()  # the snapshot
+    # an engine that did not say its pod cannot be told apart from its node's others
+    assert call(proto, sess, {"op": "load", "running": 1, "waiting": 0}) == {
+        "ok": False,
+        "error": "load needs a session registered with its pod name ('pod')",
+    }
+    sess.pod = "engine-0"
+    assert call(proto, sess, {"op": "load", "running": 3, "waiting": 2, "queued": 900}) == {
+        "ok": True
+    }
+    seq = proto.pool.events.seq
+    for sub in subs:
+        assert sub.queue.get_nowait() == LoadRecord("engine-0", 3, 2, 900)
+    assert proto.pool.events.seq == seq  # not numbered: no gap for a router to see

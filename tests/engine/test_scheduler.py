@@ -236,3 +236,34 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill_and_the_long_one_still
     alone = run_all([*prompts, long_seq.prompt], max_batch=1, step_tokens=4096)
     assert [c.tokens for c in shorts] == [a.tokens[:2] for a in alone[:4]]
     assert long_col.tokens == alone[4].tokens[:2]
+
+
+class ReportingStore(ContiguousStore):
+    """A contiguous store that keeps the load reports the scheduler makes."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(num_layers)
+        self.reports: list[tuple[int, int]] = []
+
+    def report_load(self, running: int, waiting: int) -> None:
+        self.reports.append((running, waiting))
+
+
+def test_the_scheduler_reports_its_load_when_it_changes() -> None:
+    """(running, waiting) go to the store (the agent, then the routers) as requests
+    are admitted and finish, once per change: a step that changes nothing says nothing."""
+    model = build_model(preset("tiny"), seed=11)
+    store = ReportingStore(model.config.num_layers)
+    sched = Scheduler(model, store, eos_id=None, max_batch=1, step_tokens=64)
+    cols = [Collector() for _ in range(3)]
+    for c in cols:  # queued before the loop starts: one runs, two wait
+        sched.submit(Sequence(list(range(1, 40)), SamplingParams(max_tokens=6), c))
+    sched.start()
+    try:
+        for c in cols:
+            assert c.done.wait(60)
+    finally:
+        sched.stop()
+    assert store.reports[0] == (1, 2) and store.reports[-1] == (0, 0)
+    assert (1, 1) in store.reports and (1, 0) in store.reports
+    assert all(a != b for a, b in zip(store.reports, store.reports[1:], strict=False))

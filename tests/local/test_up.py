@@ -88,6 +88,13 @@ def test_up_serves_status_shows_down_stops_everything(tmp_path: Path) -> None:
         complete(url, prompt + "first")
         second = complete(url, prompt + "second")
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 320  # type: ignore[index]
+        # each engine pushed its load through its node agent's event stream, under the
+        # pod name the router knows it by (router replicas see each other's sends)
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        pushes = re.findall(r'kvmarina_router_pod_load_pushes\{pod="([^"]+)"\} (\S+)', metrics)
+        assert sorted(pod for pod, _ in pushes) == ["engine-tiny-0", "engine-tiny-1"]
+        assert sum(float(n) for _, n in pushes) >= 2  # a request's admission and its end
         # the pool asks for migration: every agent runs its transfer service
         for p in load_state(tmp_path / ".kvmarina")[1]:
             if p.spec.role == "agent":

@@ -8,7 +8,7 @@ import sys
 
 import aiohttp
 
-from kvmarina.events import BlockEvent, Snapshot, from_wire
+from kvmarina.events import BlockEvent, LoadRecord, Snapshot, from_wire
 from kvmarina.framing import FrameDecoder
 from kvmarina.hashing import HashContract
 from kvmarina.tokenizer import ByteTokenizer
@@ -16,11 +16,19 @@ from kvmarina.tokenizer import ByteTokenizer
 from .conftest import IDENT, Fleet
 
 
-async def read_records(resp: aiohttp.ClientResponse, n: int) -> list[object]:
+async def read_records(
+    resp: aiohttp.ClientResponse, n: int, loads: list[LoadRecord] | None = None
+) -> list[object]:
+    """The next ``n`` block records; the load records met on the way go to ``loads``."""
     dec, out = FrameDecoder(), []
     async for chunk in resp.content.iter_any():
         dec.feed(chunk)
-        out += [from_wire(f) for f in dec.frames()]
+        for rec in map(from_wire, dec.frames()):
+            if isinstance(rec, LoadRecord):
+                if loads is not None:
+                    loads.append(rec)
+            else:
+                out.append(rec)
         if len(out) >= n:
             return out
     return out
@@ -40,7 +48,11 @@ async def test_completions_cached_tokens_and_events(
             doc = await r.json()
         assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert doc["choices"][0]["text"] and doc["usage"]["completion_tokens"] == 4
-        (stored,) = await read_records(ev, 1)
+        loads: list[LoadRecord] = []
+        (stored,) = await read_records(ev, 1, loads)
+        # the request's load was pushed as it queued, ahead of its blocks (no pod
+        # name: the simulated pod is its node's only engine)
+        assert loads[0] == LoadRecord("", running=0, waiting=1, queued_tokens=100)
         expect = HashContract().block_hashes(ByteTokenizer().encode(prompt), IDENT, "t1")
         assert isinstance(stored, BlockEvent) and stored.type == "stored"
         assert list(stored.hashes) == expect and stored.seq == snap.seq + 1

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmarina.events import BlockEvent, Snapshot
+from kvmarina.events import BlockEvent, LoadRecord, Snapshot
 from kvmarina.hashing import HashContract
 from kvmarina.headers import PullHint, PullHintError, parse_pull_hint
+from kvmarina.load_report import EngineLoad
 from kvmarina.router import routing
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import DEFAULT_BLOCK_BYTES, ConfigError, load_config, parse_config
@@ -492,6 +493,31 @@ def test_a_cleared_node_forgets_which_of_its_pods_computed_what() -> None:
     follower.apply(BlockEvent("cleared", "boot-1", 2))
     assert rc.sent.match(hs).run == {} and rc.index.match(hs).run == {}
     assert rc.recent.match(hs).run == {}
+
+
+def test_a_pushed_load_report_goes_to_the_pod_it_names() -> None:
+    """Engines push their load on their node's stream (not numbered: the follower's
+    ``seq`` stays); a report names its pod, or, unnamed, is its node's only pod's."""
+    rc = two_pods_on_one_node()
+    follower = NodeFollower(
+        "n0", "http://127.0.0.1:21000", rc.index, lambda n, live: None, None,  # type: ignore[arg-type]
+        on_load=rc.note_pushed_load,
+    )  # fmt: skip
+    follower.apply(Snapshot("boot-1", 1, "n0", {}))
+    follower.apply(LoadRecord("b", running=5, waiting=2))
+    a, b = rc.pods["a"], rc.pods["b"]
+    now = time.monotonic()
+    assert b.engine_fresh(now) == EngineLoad(5, 2) and b.pushed == 1 and follower.seq == 1
+    assert a.engine_fresh(now) is None
+    b.tokens_per_request = 300.0  # the engine's 2 waiting requests are someone else's
+    assert rc.queued(b, now) == 600.0
+    follower.apply(LoadRecord("", running=1, waiting=0))  # which of the two? neither
+    follower.apply(LoadRecord("gone", running=1, waiting=0))  # not one of ours
+    assert a.pushed == 0 and b.pushed == 1
+    solo = core(n=1)
+    solo.note_pushed_load("n0", LoadRecord("", running=3, waiting=1, queued_tokens=64))
+    (p0,) = solo.pods.values()
+    assert p0.engine_fresh(time.monotonic()) == EngineLoad(3, 1, 64)
 
 
 def test_a_pull_hint_names_only_blocks_the_peer_agent_announced() -> None:
