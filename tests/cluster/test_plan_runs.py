@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,12 @@ async def test_a_serving_on_real_weights_runs_as_planned(
     assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= again["usage"]["prompt_tokens"] - 16, again["usage"]
+    # the engines push their load through their node agents, named as the router
+    # knows them (the pod name the downward API gave them)
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+        metrics = await r.text()
+    pushes = re.findall(r'kvmarina_router_pod_load_pushes\{pod="([^"]+)"\} (\S+)', metrics)
+    assert len(pushes) == 2 and sum(float(n) for _, n in pushes) >= 2, pushes
 
 
 async def test_a_simulated_serving_runs_as_planned(cluster: Any, kubelet: Kubelet) -> None:
