@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from kvmarina.logs import add_log_format_option, setup_logging
 from kvmarina.router.config import ConfigError, load_config
@@ -55,6 +58,21 @@ def wait_for_config(path: Path, every_s: float = 1.0) -> None:
         time.sleep(every_s)
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """``main`` on uvloop where it is installed (the router's own dependency on Linux),
+    else on asyncio's loop. The router's CPU a request is mostly event-loop and
+    transport work, which uvloop does in C (proxy benchmark: see the README)."""
+    if os.environ.get("KVMARINA_ROUTER_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -66,7 +84,7 @@ def main(argv: list[str]) -> int:
         return 2
     router = Router(cfg, args.config, args.reload_interval)
     try:
-        asyncio.run(serve(router, args.host, args.port))
+        run_loop(serve(router, args.host, args.port))
     except KeyboardInterrupt:
         pass
     return 0

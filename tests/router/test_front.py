@@ -19,6 +19,17 @@ from .scripted import CHUNKED, END, HELLO, WHOLE, ScriptedPods, books, routed
 BODY = json.dumps({"model": "sim", "prompt": "x" * 64, "max_tokens": 2}).encode()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every front test on both loops: ``kvmarina router`` runs on uvloop where it is
+    installed (its transports differ from asyncio's: the hand-off to aiohttp swaps
+    the protocol of a uvloop transport)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 def plain(body: bytes = BODY, *, extra: bytes = b"", path: bytes = b"/v1/completions") -> bytes:
     return (
         b"POST %s HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n%s"
