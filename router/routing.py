@@ -158,6 +158,10 @@ class RoutingCore:
             if name not in new:
                 self.sent.drop_node(name)
         self.pods = new
+        on_node: dict[str, list[PodState]] = {}
+        for p in new.values():
+            on_node.setdefault(p.node, []).append(p)
+        self._only_pod = {node: ps[0] for node, ps in on_node.items() if len(ps) == 1}
         self._rates_shared = False
         self._agents: dict[str, str] = {}
         for pc in cfg.pods:
@@ -226,12 +230,9 @@ class RoutingCore:
     def note_pushed_load(self, node: str, rec: LoadRecord) -> None:
         """An engine's load pushed on its node's stream: the pod it names, or the
         node's only pod when it names none (an engine that does not know its pod)."""
-        pod = self.pods.get(rec.pod) if rec.pod else None
+        pod = self.pods.get(rec.pod) if rec.pod else self._only_pod.get(node)
         if pod is None:
-            on_node = [p for p in self.pods.values() if p.node == node]
-            if len(on_node) != 1:
-                return
-            pod = on_node[0]
+            return
         pod.pushed += 1
         pod.note_engine(EngineLoad(rec.running, rec.waiting, rec.queued_tokens), time.monotonic())
 
