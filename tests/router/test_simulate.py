@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -48,11 +49,7 @@ async def test_completions_cached_tokens_and_events(
             doc = await r.json()
         assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert doc["choices"][0]["text"] and doc["usage"]["completion_tokens"] == 4
-        loads: list[LoadRecord] = []
-        (stored,) = await read_records(ev, 1, loads)
-        # the request's load was pushed as it queued, ahead of its blocks (no pod
-        # name: the simulated pod is its node's only engine)
-        assert loads[0] == LoadRecord("", running=0, waiting=1, queued_tokens=100)
+        (stored,) = await read_records(ev, 1)
         expect = HashContract().block_hashes(ByteTokenizer().encode(prompt), IDENT, "t1")
         assert isinstance(stored, BlockEvent) and stored.type == "stored"
         assert list(stored.hashes) == expect and stored.seq == snap.seq + 1
@@ -71,6 +68,26 @@ async def test_completions_cached_tokens_and_events(
     async with http.get(f"{url}/v1/events") as ev:
         (snap2,) = await read_records(ev, 1)
         assert set(snap2.blocks) == set(eng.kv.blocks) and snap2.seq == eng.hub.seq
+
+
+async def test_the_engine_pushes_its_load_on_the_event_stream(
+    fleet: Fleet, http: aiohttp.ClientSession
+) -> None:
+    """Once a loop turn while it changes: router replicas learn at once what the others
+    sent (no pod name: the simulated pod is its node's only engine)."""
+    _, url = await fleet.engine(prefill_tps=500.0)  # 100 tokens: 0.2 s of prefill
+    body = {"model": "sim", "prompt": "y" * 100, "max_tokens": 2}
+    async with http.get(f"{url}/v1/events") as ev:
+        await read_records(ev, 1)  # the snapshot
+        sent = asyncio.create_task(http.post(f"{url}/v1/completions", json=body))
+        loads: list[LoadRecord] = []
+        while not loads:
+            await read_records(ev, 0, loads)
+        assert loads[0] == LoadRecord("", running=1, waiting=0, queued_tokens=100)
+        (await sent).release()
+        while loads[-1].running:
+            await read_records(ev, 0, loads)
+        assert loads[-1] == LoadRecord("", running=0, waiting=0, queued_tokens=0)
 
 
 async def test_chat_streaming_and_errors(fleet: Fleet, http: aiohttp.ClientSession) -> None:
