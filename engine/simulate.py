@@ -141,6 +141,7 @@ class SimEngine:
         self.prefilling = False
         self.queued_tokens = 0  # prompt tokens still to prefill (cache hits excluded)
         self._push_due: asyncio.Handle | None = None  # the load push of this loop turn
+        self._running: tuple[float, float, int] | None = None  # prefill: start, length, tokens
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -283,9 +284,17 @@ class SimEngine:
 
     def _load(self) -> dict[str, str]:
         """The engine's load, sent with every answer (``kvmarina.load_report``)."""
-        running = self.decoding + int(self.prefilling)
-        load = EngineLoad(running, self.waiting, self.queued_tokens)
-        return {LOAD_HEADER: format_load(load)}
+        return {LOAD_HEADER: format_load(self.load())}
+
+    def load(self) -> EngineLoad:
+        """Sequences running and waiting, and the prompt tokens still to prefill: the
+        part of the prefill now running that is done is not (a router that counted it
+        saw more work queued here than there was)."""
+        queued = self.queued_tokens
+        if self._running is not None:
+            start, length, tokens = self._running
+            queued -= int(tokens * min(1.0, (time.monotonic() - start) / length))
+        return EngineLoad(self.decoding + int(self.prefilling), self.waiting, max(0, queued))
 
     def _push_load(self) -> None:
         """The same figures on the node's event stream, as they change (the simulated
@@ -300,8 +309,8 @@ class SimEngine:
 
     def _flush_load(self) -> None:
         self._push_due = None
-        running = self.decoding + int(self.prefilling)
-        self.hub.publish_load(LoadRecord("", running, self.waiting, self.queued_tokens))
+        load = self.load()
+        self.hub.publish_load(LoadRecord("", load.running, load.waiting, load.queued_tokens))
 
     async def _prefill_one(
         self, request: web.Request, tokens: list[int], hashes: list[bytes]
@@ -319,7 +328,11 @@ class SimEngine:
         if pulled and self.cfg.pull_bytes_per_s > 0:
             delay += pulled * self.cfg.block_bytes / self.cfg.pull_bytes_per_s
         if delay > 0:
-            await asyncio.sleep(delay)
+            self._running = (time.monotonic(), delay, compute)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._running = None
         stored, evicted = self.kv.insert(hashes)
         self.hub.publish("stored", stored, "device")
         self.hub.publish("evicted", evicted)
