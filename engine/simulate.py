@@ -141,7 +141,7 @@ class SimEngine:
         self.prefilling = False
         self.queued_tokens = 0  # prompt tokens still to prefill (cache hits excluded)
         self._push_due: asyncio.Handle | None = None  # the load push of this loop turn
-        self._running: tuple[float, float, int] | None = None  # prefill: start, length, tokens
+        self._prefill_now: tuple[float, float, int] | None = None  # prefill: start, length, tokens
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -280,9 +280,10 @@ class SimEngine:
                 bool(isinstance(opts, dict) and opts.get("include_usage")),
             )
         text = await self._decode(max_tokens, None)
-        return web.json_response(self._completion_doc(kind, text, usage), headers=self._load())
+        doc = self._completion_doc(kind, text, usage)
+        return web.json_response(doc, headers=self._load_header())
 
-    def _load(self) -> dict[str, str]:
+    def _load_header(self) -> dict[str, str]:
         """The engine's load, sent with every answer (``kvmarina.load_report``)."""
         return {LOAD_HEADER: format_load(self.load())}
 
@@ -291,8 +292,8 @@ class SimEngine:
         part of the prefill now running that is done is not (a router that counted it
         saw more work queued here than there was)."""
         queued = self.queued_tokens
-        if self._running is not None:
-            start, length, tokens = self._running
+        if self._prefill_now is not None:
+            start, length, tokens = self._prefill_now
             queued -= int(tokens * min(1.0, (time.monotonic() - start) / length))
         return EngineLoad(self.decoding + int(self.prefilling), self.waiting, max(0, queued))
 
@@ -328,11 +329,11 @@ class SimEngine:
         if pulled and self.cfg.pull_bytes_per_s > 0:
             delay += pulled * self.cfg.block_bytes / self.cfg.pull_bytes_per_s
         if delay > 0:
-            self._running = (time.monotonic(), delay, compute)
+            self._prefill_now = (time.monotonic(), delay, compute)
             try:
                 await asyncio.sleep(delay)
             finally:
-                self._running = None
+                self._prefill_now = None
         stored, evicted = self.kv.insert(hashes)
         self.hub.publish("stored", stored, "device")
         self.hub.publish("evicted", evicted)
@@ -389,7 +390,7 @@ class SimEngine:
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
-                **self._load(),
+                **self._load_header(),
             }
         )
         await resp.prepare(request)

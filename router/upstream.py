@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 READ_CHUNK = 65536
 #: a pod's answer buffered beyond this pauses reading from it (the client reads slowly)
 BUFFER_LIMIT = 1 << 20
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"  # the empty chunk that ends a chunked body
 #: a response head longer than this is refused
-MAX_HEAD = 1 << 20  # the empty chunk that ends a chunked body
+MAX_HEAD = 1 << 20
 
 
 class UpstreamError(OSError):
