@@ -30,6 +30,22 @@ async def test_a_whole_answer_is_relayed_and_the_engine_report_noted(
     assert pod.breaker.state == "closed"
 
 
+async def test_a_whole_answer_larger_than_the_read_buffer_arrives_whole(
+    fleet: Fleet, scripted: list[ScriptedPods]
+) -> None:
+    """Past ``BUFFER_LIMIT`` buffered, the upstream connection stops reading from the pod
+    until the body is taken: a 3 MiB answer still arrives byte for byte, and the
+    connection goes back to the pool for the next request."""
+    big = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(big)}"
+    answer = [(head + "\r\n\r\n").encode(), big[: 1 << 20], big[1 << 20 :]]
+    router, url = await routed(fleet, scripted, [(answer, False), ([WHOLE], False)])
+    assert await post(url) == (200, big)
+    assert await post(url) == (200, b"{}")
+    assert len(scripted[0].handlers) == 1  # both answers came over one connection
+    assert books(router.core.pods["p0"]) == (0, 0, 0)
+
+
 async def test_a_stream_counts_as_decoding_until_its_last_byte(
     fleet: Fleet, scripted: list[ScriptedPods]
 ) -> None:
