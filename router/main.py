@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(router: Router, host: str, port: int) -> None:
     front = await Front.start(router, host, port)
-    print(f"kvmarina router listening on http://{host}:{front.port}", flush=True)
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # uvloop | asyncio
+    print(f"kvmarina router on {loop} listening on http://{host}:{front.port}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -58,11 +59,15 @@ def wait_for_config(path: Path, every_s: float = 1.0) -> None:
         time.sleep(every_s)
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """``main`` on uvloop where it is installed (the router's own dependency on Linux),
-    else on asyncio's loop. The router's CPU a request is mostly event-loop and
-    transport work, which uvloop does in C (proxy benchmark: see the README)."""
-    if os.environ.get("KVMARINA_ROUTER_LOOP", "uvloop") == "uvloop":
+LOOPS = ("uvloop", "asyncio")
+
+
+def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """``main`` on uvloop (the router's dependency where it builds) or asyncio's loop.
+    The router's CPU a request is mostly event-loop and transport work, which uvloop
+    does in C (proxy benchmark: 0.72x the SGLang router's rate against 0.63x). Without
+    uvloop installed the router runs on asyncio's loop."""
+    if loop == "uvloop":
         try:
             import uvloop
         except ImportError:
@@ -75,6 +80,14 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    loop = os.environ.get("KVMARINA_ROUTER_LOOP", "uvloop")
+    if loop not in LOOPS:
+        print(
+            f"kvmarina router: KVMARINA_ROUTER_LOOP={loop!r} is not an event loop it knows; "
+            f"use {' or '.join(LOOPS)}",
+            file=sys.stderr,
+        )
+        return 2
     setup_logging(args.log_level, args.log_format)
     wait_for_config(Path(args.config))
     try:
@@ -84,7 +97,7 @@ def main(argv: list[str]) -> int:
         return 2
     router = Router(cfg, args.config, args.reload_interval)
     try:
-        run_loop(serve(router, args.host, args.port))
+        run_loop(serve(router, args.host, args.port), loop)
     except KeyboardInterrupt:
         pass
     return 0
