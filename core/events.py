@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kvmarina.load_report import EngineLoad
+
 TIERS = ("device", "host")
 Tier = Literal["device", "host"]
 EVENT_TYPES = ("stored", "moved", "evicted", "cleared")
@@ -97,6 +99,15 @@ class LoadRecord:
     running: int
     waiting: int
     queued_tokens: int | None = None
+
+    @classmethod
+    def of(cls, pod: str, load: EngineLoad) -> LoadRecord:
+        return cls(pod, load.running, load.waiting, load.queued_tokens)
+
+    @property
+    def load(self) -> EngineLoad:
+        """The figures as the engine's answers report them (``kvmarina.load_report``)."""
+        return EngineLoad(self.running, self.waiting, self.queued_tokens)
 
     def to_wire(self) -> dict[str, Any]:
         rec: dict[str, Any] = {

@@ -13,8 +13,9 @@ replica see all of it:
 ``waiting`` those queued for their prefill.
 
 Polled figures are a second old; an engine of ours also sends its load on every
-response (``kvmarina.load_report``): a replica then learns of the others' requests
-as often as it gets answers.
+response (``kvmarina.load_report``), and pushes it as it changes through its node
+agent's event stream (``kvmarina.events.LoadRecord``), which every replica follows:
+a replica learns of the others' requests within milliseconds.
 """
 
 from __future__ import annotations

@@ -54,7 +54,6 @@ from operator import itemgetter
 
 from kvmarina.events import LoadRecord
 from kvmarina.headers import PullHint
-from kvmarina.load_report import EngineLoad
 from kvmarina.router.config import RouterConfig
 from kvmarina.router.decision import Decision, Scored
 from kvmarina.router.hashmemo import HashMemo, PromptHashes
@@ -72,8 +71,9 @@ PULL_LATENCY_MAX_S = 1.0
 #: 1 + this x U(0, 1): replicas that share nothing see the same idle engines at the
 #: same time, and without it they send their cold prompts to the same one (the one
 #: with the best learned rate), where they queue behind each other. Two replicas,
-#: decode replay, three runs each: TTFT p50 64-78 ms against 86-97 without, p90
-#: 263-277 against 293-296 (one replica: 18-21 / 194-211). One router is unchanged.
+#: decode replay, p90 over one replica's: 1.06-1.12x with it, 1.13x and 1.16x without
+#: (engines pushing their load; before that, 1.30-1.43x against 1.39-1.48x); 0.5 and
+#: 0.25 were no better. One router is unchanged.
 REPLICA_SPREAD = 1.0
 
 
@@ -234,7 +234,7 @@ class RoutingCore:
         if pod is None:
             return
         pod.pushed += 1
-        pod.note_engine(EngineLoad(rec.running, rec.waiting, rec.queued_tokens), time.monotonic())
+        pod.note_engine(rec.load, time.monotonic())
 
     def forget_node(self, node: str) -> None:
         """The node's agent cleared its cache: what was sent to its pods is gone too

@@ -284,14 +284,11 @@ class AgentProtocol:
         """An engine's load, pushed to the node's event subscribers (the routers)."""
         if not sess.pod:
             raise ProtocolError("load needs a session registered with its pod name ('pod')")
-        figures = [msg.get(k) for k in ("running", "waiting")]
-        queued = msg.get("queued")
-        if queued is not None:
-            figures.append(queued)
+        running, waiting, queued = msg.get("running"), msg.get("waiting"), msg.get("queued")
+        figures = (running, waiting) if queued is None else (running, waiting, queued)
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in figures):
             raise ProtocolError("load needs running and waiting (and queued) as integers >= 0")
-        running, waiting = int(msg["running"]), int(msg["waiting"])
-        self.pool.events.publish_load(LoadRecord(sess.pod, running, waiting, queued))
+        self.pool.events.publish_load(LoadRecord(sess.pod, *figures))
         return {"ok": True}
 
     async def _dispatch(self, sess: Session, msg: Any) -> dict[str, Any]:
