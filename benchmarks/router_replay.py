@@ -28,7 +28,10 @@ Targets, per regime: cache-aware hit rate >= SGLang's, TTFT p90 <= 0.8x SGLang's
 no worse; two replicas within 5 % of one replica's hit rate and p90. Exit code 1 when a
 target is missed.
 
-    python benchmarks/router_replay.py [--requests 1500] [--replay-seconds 20] ...
+``--repeat N`` runs everything N times, the order rotated each round, and reports
+medians (each round's hit rate and p90 too).
+
+    python benchmarks/router_replay.py [--requests 1500] [--replay-seconds 20] [--repeat 1] ...
 """
 
 from __future__ import annotations
@@ -223,6 +226,21 @@ async def run_policy(
     }
 
 
+def of_rounds(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures, or the median of each over several rounds (with each
+    round's hit rate and p90 beside them)."""
+    if len(outs) == 1:
+        return outs[0]
+    out: dict[str, Any] = {}
+    for k in ("hit_rate", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms"):
+        xs = [o[k] for o in outs if o[k] is not None]
+        out[k] = round(median(xs), 4 if k == "hit_rate" else 1) if xs else None
+    out["errors"] = sum(o["errors"] for o in outs)
+    out["hit_rate_rounds"] = [o["hit_rate"] for o in outs]
+    out["ttft_p90_ms_rounds"] = [o["ttft_p90_ms"] for o in outs]
+    return out
+
+
 def targets(result: dict[str, Any], regimes: list[str]) -> dict[str, bool]:
     out = {}
     for regime in regimes:
@@ -258,9 +276,14 @@ def main() -> int:
     ap.add_argument("--weights", default="", help='router weights, JSON: {"duplication": 4}')
     ap.add_argument("--router-cpu", type=int, default=1, help="-1: not pinned")
     ap.add_argument("--engine-cpu", type=int, default=0)
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every run, in rotated order (medians)"
+    )
     args = ap.parse_args()
     args.router_cpu = None if args.router_cpu < 0 else args.router_cpu  # -1: not pinned
     args.engine_cpu = None if args.engine_cpu < 0 else args.engine_cpu
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat {args.repeat}: give 1 or more rounds")
     regimes = [r for r in args.regimes.split(",") if r]
     if unknown := set(regimes) - set(REGIMES):
         raise SystemExit(f"unknown regime(s) {sorted(unknown)}; use {', '.join(REGIMES)}")
@@ -272,11 +295,16 @@ def main() -> int:
             runs = [(r, p) for r in regimes for p in args.policies.split(",") if p]
             if args.replicas_regime:
                 runs += [(args.replicas_regime, p) for p in ("replica1", "replicas2")]
-            for regime, policy in runs:
-                print(f"replaying: {regime} / {policy}", file=sys.stderr, flush=True)
-                out = asyncio.run(run_policy(args, procs, Path(tmpdir), trace, regime, policy))
-                key = policy if policy.startswith("replica") else f"{regime}_{policy}"
-                result[key.replace("-", "_")] = out
+            rounds: dict[str, list[dict[str, Any]]] = {}
+            for r in range(args.repeat):
+                # rotated each round: no run always first (or last) on a drifting machine
+                for regime, policy in runs[r % len(runs) :] + runs[: r % len(runs)]:
+                    print(f"replaying: {regime} / {policy} (round {r + 1})", file=sys.stderr)
+                    out = asyncio.run(run_policy(args, procs, Path(tmpdir), trace, regime, policy))
+                    key = policy if policy.startswith("replica") else f"{regime}_{policy}"
+                    if out is not None:
+                        rounds.setdefault(key.replace("-", "_"), []).append(out)
+            result.update({k: of_rounds(v) for k, v in rounds.items()})
     finally:
         procs.stop_all()
     met = targets(result, regimes)

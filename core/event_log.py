@@ -4,7 +4,8 @@
 Events are numbered per boot. Each subscriber has a bounded queue and gets a snapshot
 first; one that falls behind is not given a gap: its queue is replaced by a ``Resync``
 marker followed by a fresh snapshot, and numbering continues from there. ``stream``
-writes one subscriber's records as frames until it goes away or the log is closed.
+writes one subscriber's records as frames, what is queued in one write, until it goes away
+or the log is closed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from kvmarina.framing import encode_frame
 
 #: A snapshot names every block of the node: far larger than any other record.
 MAX_SNAPSHOT_FRAME = 1 << 30
+#: records written to a subscriber in one go at most
+MAX_BATCH = 256
 
 
 @dataclass(eq=False)
@@ -102,12 +105,37 @@ class EventLog:
 
 async def stream(log: EventLog, write: Callable[[bytes], Awaitable[Any]]) -> None:
     """Subscribe and ``write`` each record as a frame, the snapshot first, until the
-    peer goes away or ``log.close()``."""
+    peer goes away or ``log.close()``. The records queued by the time the stream
+    wakes go out in one write, and of the load reports among them only each pod's
+    last: one send and one wake-up of the reader for what a prefill's end publishes
+    (stored, evicted, load), where a write a record cost the engine and every
+    subscriber a round of the loop each."""
     sub = log.subscribe()
     try:
         while (record := await sub.queue.get()) is not None:
-            await write(encode_frame(record.to_wire(), max_size=MAX_SNAPSHOT_FRAME))
+            batch = [record]
+            while len(batch) < MAX_BATCH and not sub.queue.empty():
+                if (nxt := sub.queue.get_nowait()) is None:
+                    sub.queue.put_nowait(None)  # the end, after this batch
+                    break
+                batch.append(nxt)
+            await write(b"".join(_frames(batch)))
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
         log.unsubscribe(sub)
+
+
+def _frames(batch: list[Record]) -> list[bytes]:
+    """Each record's frame, in order, but a load report only where no later one in
+    ``batch`` names the same pod (it would replace it on arrival)."""
+    later: set[str] = set()
+    out: list[bytes] = []
+    for rec in reversed(batch):
+        if isinstance(rec, LoadRecord):
+            if rec.pod in later:
+                continue
+            later.add(rec.pod)
+        out.append(encode_frame(rec.to_wire(), max_size=MAX_SNAPSHOT_FRAME))
+    out.reverse()
+    return out

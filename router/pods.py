@@ -86,7 +86,8 @@ class PodState:
     engine_at: float = 0.0
     pushed: int = 0  # engine reports pushed on the node's event stream (``LoadRecord``)
     prefilling_at_poll: int = 0  # own requests before their first byte, at that poll
-    own_queue_at_poll: float = 0.0  # own prefill tokens not done, at that poll
+    sent_tokens: int = 0  # own uncached prompt tokens ever sent here
+    sent_at_poll: int = 0  # ``sent_tokens`` at the engine's last report
     tokens_per_request: float = 0.0  # uncached prompt tokens sent here (EWMA)
     interference: float = 0.0  # prefill slowdown per sequence decoding beside it
     usual_occupancy: float = 0.0  # decoding sequences when TTFTs were seen (EWMA)
@@ -107,6 +108,7 @@ class PodState:
         if self.queued_tokens <= 0:
             self.busy_since = now
         self.queued_tokens += tokens
+        self.sent_tokens += tokens
 
     def queue_done(self, tokens: int) -> None:
         """A request's prefill is over (its first byte came, or it failed): its tokens
@@ -130,22 +132,33 @@ class PodState:
     def note_engine(self, load: EngineLoad | None, now: float) -> None:
         self.engine, self.engine_at = load, now
         self.prefilling_at_poll = self.inflight - self.decoding
-        self.own_queue_at_poll = self.queue_ahead(now)
+        self.sent_at_poll = self.sent_tokens
 
     def engine_fresh(self, now: float) -> EngineLoad | None:
         """The engine's last report, unless it is older than ``ENGINE_LOAD_STALE_S``."""
         e = self.engine
         return e if e is not None and now - self.engine_at <= ENGINE_LOAD_STALE_S else None
 
-    def others_queue(self, now: float) -> float:
-        """Prefill tokens waiting at the engine that this router did not send (router
-        replicas share nothing else), as the engine last reported."""
+    def engine_queue(self, now: float) -> float | None:
+        """Prefill tokens ahead of a request sent now, every router's, from the
+        engine's last report in tokens: what it had queued then, plus what this router
+        sent since, less what one prefill server did since; ``None`` without such a
+        report. Subtracting this router's own share from the report and draining both
+        parts apart had the server do twice its work whenever two replicas had
+        prompts queued on one pod."""
+        e = self.engine_fresh(now)
+        if e is None or e.queued_tokens is None:
+            return None
+        since = self.sent_tokens - self.sent_at_poll
+        return max(0.0, e.queued_tokens + since - self.prefill_tps * (now - self.engine_at))
+
+    def others_waiting(self, now: float) -> float:
+        """Prefill tokens other routers queued here, from an engine that reports only
+        its counts (vLLM's ``/metrics``): its waiting requests beyond ours, at the
+        tokens a request usually costs here."""
         e = self.engine_fresh(now)
         if e is None:
             return 0.0
-        if e.queued_tokens is not None:  # the engine's own count, drained since
-            others = e.queued_tokens - self.own_queue_at_poll
-            return max(0.0, others - self.prefill_tps * (now - self.engine_at))
         return max(0, e.waiting - self.prefilling_at_poll) * self.tokens_per_request
 
     def occupancy(self, now: float) -> int:

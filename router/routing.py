@@ -71,10 +71,9 @@ PULL_LATENCY_MAX_S = 1.0
 #: 1 + this x U(0, 1): replicas that share nothing see the same idle engines at the
 #: same time, and without it they send their cold prompts to the same one (the one
 #: with the best learned rate), where they queue behind each other. Two replicas,
-#: decode replay, p90 over one replica's: 1.06-1.12x with it, 1.13x and 1.16x without
-#: (engines pushing their load; before that, 1.30-1.43x against 1.39-1.48x); 0.5 and
-#: 0.25 were no better. One router is unchanged.
-REPLICA_SPREAD = 1.0
+#: decode replay, p90 over one replica's, medians of 3 rounds (``--repeat 3``): 1.049x
+#: and 1.051x at 0.25, 1.065x and 1.066x at 1.0, 1.082x at 0. One router is unchanged.
+REPLICA_SPREAD = 0.25
 
 
 def pod_domain(pod: str) -> str:
@@ -223,9 +222,12 @@ class RoutingCore:
         send conversations away from the engines holding them (router_replay, decode,
         two replicas: hit rate 0.926x of one replica's with it, 0.979x without)."""
         own = pod.queue_ahead(now)
-        if pod.engine_fresh(now) is not None:
-            return own + pod.others_queue(now)
-        return own * self.cfg.routing.replicas
+        if pod.engine_fresh(now) is None:
+            return own * self.cfg.routing.replicas
+        total = pod.engine_queue(now)
+        if total is not None:
+            return max(own, total)
+        return own + pod.others_waiting(now)
 
     def note_pushed_load(self, node: str, rec: LoadRecord) -> None:
         """An engine's load pushed on its node's stream: the pod it names, or the
@@ -408,11 +410,13 @@ class RoutingCore:
                 queued, occupancy = own * replicas, pod.decoding
             else:
                 if e.queued_tokens is not None:
-                    others = e.queued_tokens - pod.own_queue_at_poll
-                    others = max(0.0, others - tps * (now - pod.engine_at))
+                    total = e.queued_tokens + pod.sent_tokens - pod.sent_at_poll - 0.0
+                    total -= tps * (now - pod.engine_at)
+                    queued = total if total > own else own
                 else:
                     others = max(0, e.waiting - pod.prefilling_at_poll) * pod.tokens_per_request
-                queued, occupancy = own + others, max(pod.decoding, e.running)
+                    queued = own + others
+                occupancy = max(pod.decoding, e.running)
             a = pod.interference
             slowdown = (1.0 + a * occupancy) / (1.0 + a * pod.usual_occupancy) if a else 1.0
             node, shared = pod.domain, pod.shared

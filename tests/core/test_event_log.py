@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from kvmarina.event_log import EventLog, stream
-from kvmarina.events import BlockEvent, Resync, Snapshot, from_wire
+from kvmarina.events import BlockEvent, LoadRecord, Resync, Snapshot, from_wire
 from kvmarina.framing import FrameDecoder
 
 
@@ -33,6 +33,42 @@ async def test_a_stream_sends_the_snapshot_then_events_and_ends_when_closed() ->
         ("stored", 1),
         ("evicted", 2),
     ]
+
+
+async def test_what_one_turn_publishes_goes_out_in_one_write_with_each_pods_last_load() -> None:
+    """A prefill's end publishes its stored and evicted blocks and a load report: the
+    stream writes them together, and a report that a later one for the same pod
+    replaces is not sent at all (another pod's is)."""
+    log = EventLog("n", dict)
+    writes: list[bytes] = []
+
+    async def write(frame: bytes) -> None:
+        writes.append(frame)
+
+    task = asyncio.create_task(stream(log, write))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(writes) == 1  # the snapshot
+    log.publish_load(LoadRecord("a", running=1, waiting=2))
+    log.publish("stored", [b"\x02" * 16], "device")
+    log.publish_load(LoadRecord("b", running=4, waiting=0))
+    log.publish("evicted", (b"\x02" * 16,))
+    log.publish_load(LoadRecord("a", running=1, waiting=1))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    log.close()
+    await asyncio.wait_for(task, 5)
+    assert len(writes) == 2
+    decoder = FrameDecoder()
+    decoder.feed(writes[1])
+    records = [from_wire(obj) for obj in decoder.frames()]
+    assert [(type(r).__name__, getattr(r, "pod", None)) for r in records] == [
+        ("BlockEvent", None),
+        ("LoadRecord", "b"),
+        ("BlockEvent", None),
+        ("LoadRecord", "a"),
+    ]
+    assert isinstance(records[3], LoadRecord) and records[3].waiting == 1
 
 
 async def test_event_log_resyncs_a_slow_subscriber() -> None:

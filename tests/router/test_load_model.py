@@ -48,10 +48,10 @@ def test_other_routers_load_reported_by_the_engine_counts() -> None:
     holder.note_sent(400_000)  # what a request costs here
     assert rc.decide(toks, "s").ranked[0].name == "p2"
     holder.note_engine(EngineLoad(running=1, waiting=8), time.monotonic())
-    assert holder.others_queue(time.monotonic()) == 8 * 400_000
+    assert holder.others_waiting(time.monotonic()) == 8 * 400_000
     assert rc.decide(toks, "s").ranked[0].name != "p2"  # another router's queue
     holder.engine_at -= 60  # a stale figure is not used
-    assert holder.others_queue(time.monotonic()) == 0
+    assert holder.others_waiting(time.monotonic()) == 0
 
 
 def test_interference_is_learned_from_ttfts_and_shared() -> None:
@@ -86,9 +86,27 @@ def test_another_routers_queue_reported_in_tokens_drains_at_the_prefill_rate() -
     pod = rc.pods["p0"]
     now = time.monotonic()
     pod.note_engine(EngineLoad(1, 2, int(pod.prefill_tps)), now)  # 1 s of others' work
-    assert abs(pod.others_queue(now) - pod.prefill_tps) < 1
-    assert abs(pod.others_queue(now + 0.5) - pod.prefill_tps / 2) < 1
-    assert pod.others_queue(now + 2) == 0
+    for t, left in ((0.0, pod.prefill_tps), (0.5, pod.prefill_tps / 2), (2.0, 0.0)):
+        assert abs(rc.queued(pod, now + t) - left) < 1
+
+
+def test_two_routers_queues_on_one_pod_drain_at_one_servers_rate() -> None:
+    """This router and another each have 1 s of prefill queued on a pod: half a
+    second later 1.5 s are left, not 1 s (each share drained on its own as if the
+    engine had two prefill servers). What this router sends after the report comes
+    on top of it."""
+    rc = core(replicas=2)
+    pod = rc.pods["p0"]
+    tps = pod.prefill_tps
+    now = time.monotonic()
+    pod.queue_add(int(tps), now)
+    pod.note_engine(EngineLoad(1, 1, int(2 * tps)), now)
+    assert abs(rc.queued(pod, now + 0.5) - 1.5 * tps) < 1
+    pod.queue_add(int(tps), now + 0.5)
+    assert abs(rc.queued(pod, now + 0.5) - 2.5 * tps) < 1
+    # an engine that reports less than this router knows it sent: ours is the floor
+    pod.note_engine(EngineLoad(1, 0, 0), now + 0.5)
+    assert rc.queued(pod, now + 0.5) == pod.queue_ahead(now + 0.5) > 0
 
 
 def test_a_replica_counts_its_own_queue_once_per_replica_until_the_engine_reports() -> None:
