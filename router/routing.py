@@ -410,7 +410,7 @@ class RoutingCore:
                 queued, occupancy = own * replicas, pod.decoding
             else:
                 if e.queued_tokens is not None:
-                    total = e.queued_tokens + pod.sent_tokens - pod.sent_at_poll - 0.0
+                    total: float = e.queued_tokens + pod.sent_tokens - pod.sent_at_poll
                     total -= tps * (now - pod.engine_at)
                     queued = total if total > own else own
                 else:
