@@ -9,6 +9,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from kvmarina.router.upstream import UpstreamPool
 from kvmarina.router.vllm_events import PodBlocks
 from kvmarina.router.vllm_follower import VLLMFollower
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
+
+#: how often a paused check (its interval set to 0) looks at the config again
+IDLE_CHECK_S = 1.0
 
 log = logging.getLogger("kvmarina.router")
 
@@ -196,17 +200,21 @@ class Router:
                     self.core.bandwidth[node] = max(rates)
             await asyncio.sleep(interval_s)
 
-    async def _each_pod(self, check: Any, interval_s: float) -> None:
-        while interval_s > 0:
-            await asyncio.gather(*(check(p) for p in list(self.core.pods.values())))
-            await asyncio.sleep(interval_s)
+    async def _each_pod(self, check: Any, interval: Callable[[], float]) -> None:
+        """``check`` every pod every ``interval()`` seconds, read from the config each
+        round (a reload changes it; 0 pauses the checks until it is set again)."""
+        while True:
+            every = interval()
+            if every > 0:
+                await asyncio.gather(*(check(p) for p in list(self.core.pods.values())))
+            await asyncio.sleep(every if every > 0 else IDLE_CHECK_S)
 
     async def _health_loop(self) -> None:
-        await self._each_pod(self._check, self.cfg.limits.health_interval_s)
+        await self._each_pod(self._check, lambda: self.cfg.limits.health_interval_s)
 
     async def _load_loop(self) -> None:
         """The engines' own load figures (``engine_load``), for what other routers sent."""
-        await self._each_pod(self._poll_load, self.cfg.limits.load_interval_s)
+        await self._each_pod(self._poll_load, lambda: self.cfg.limits.load_interval_s)
 
     async def _get_text(self, pod: PodState, path: str) -> str | None:
         """The body of a 200 answer to ``GET <pod>/<path>``; ``None`` for anything else."""

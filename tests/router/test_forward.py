@@ -187,6 +187,37 @@ async def test_a_load_poll_keeps_a_fresher_report_from_an_answer(fleet: Fleet) -
         await runner.cleanup()
 
 
+async def test_the_load_poll_interval_follows_a_reload(fleet: Fleet) -> None:
+    """``limits.load_interval_s`` applies on a reload both ways: 0 pauses the /metrics
+    polls (a paused loop looks at the config again), a positive value resumes them."""
+    polls: list[float] = []
+
+    async def metrics(_req: web.Request) -> web.Response:
+        polls.append(time.monotonic())
+        return web.Response(text="vllm:num_requests_running 2\nvllm:num_requests_waiting 0\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner, pod_url = await serve_app(app)
+    try:
+        pods = [{"name": "p0", "url": pod_url, "node": "n0"}]
+        router, _ = await fleet.router(doc(pods))  # load_interval_s 0
+        await asyncio.sleep(0.3)
+        assert polls == []
+        router.apply(parse_config(doc(pods, load_interval_s=0.05)))
+        deadline = time.monotonic() + 5
+        while len(polls) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert len(polls) >= 3 and router.core.pods["p0"].engine == EngineLoad(2, 0)
+        router.apply(parse_config(doc(pods, load_interval_s=0)))
+        await asyncio.sleep(0.2)
+        seen = len(polls)
+        await asyncio.sleep(0.3)
+        assert len(polls) == seen
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_pulling_attempt_teaches_the_pull_latency_not_the_prefill_rate(
     fleet: Fleet, scripted: list[ScriptedPods], monkeypatch: pytest.MonkeyPatch
 ) -> None:
