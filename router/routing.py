@@ -72,7 +72,8 @@ PULL_LATENCY_MAX_S = 1.0
 #: same time, and without it they send their cold prompts to the same one (the one
 #: with the best learned rate), where they queue behind each other. Two replicas,
 #: decode replay, p90 over one replica's, medians of 3 rounds (``--repeat 3``): 1.049x
-#: and 1.051x at 0.25, 1.065x and 1.066x at 1.0, 1.082x at 0. One router is unchanged.
+#: and 1.051x at 0.25 (1.046x over 5 rounds), 1.065x and 1.066x at 1.0, 1.082x at 0.
+#: One router is unchanged.
 REPLICA_SPREAD = 0.25
 
 
