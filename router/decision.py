@@ -35,6 +35,7 @@ class Decision:
         "chain",
         "computing_at",
         "est_ttft_s",
+        "looked_up",
         "on_attempt",
         "prompt",
         "pull",
@@ -58,6 +59,9 @@ class Decision:
         # the attempt's pod (``UpstreamPool.post``'s ``while_waiting``)
         self.chain = _Sending(self)
         self.cached_blocks = cached_blocks
+        # only a scored decision looked the prompt up: the others know nothing of what
+        # is cached, so their ``uncached_tokens`` is the whole prompt
+        self.looked_up = scored is not None
         self.est_ttft_s = est_ttft_s
         self.pull = pull
         self._scored = scored

@@ -15,7 +15,7 @@ from aiohttp import web
 from kvmarina.load_report import EngineLoad
 from kvmarina.router.config import parse_config
 
-from .conftest import Fleet, serve_app, wait_for
+from .conftest import Fleet, router_doc, serve_app, wait_for
 from .scripted import BUSY, CHUNKED, END, HELLO, WHOLE, ScriptedPods, books, doc, post, routed
 
 
@@ -241,6 +241,26 @@ async def test_a_pulling_attempt_teaches_the_pull_latency_not_the_prefill_rate(
     # one EWMA step (0.2) of a sample of about 0.2 s (less the prefill it expected)
     assert 0.2 * 0.15 < core.pull_latency(time.monotonic()) < 0.2 * 0.3
     assert pod.prefill_tps == rate and books(pod) == (0, 0, 0)
+
+
+async def test_only_a_decision_that_looked_the_prompt_up_teaches_the_prefill_rate(
+    fleet: Fleet, scripted: list[ScriptedPods]
+) -> None:
+    """Round-robin looks nothing up, so it takes every prompt for uncached: a quick
+    answer (a hit it did not know of) would teach a far too fast rate, which a
+    cache-aware policy switched on later would place by. Cache-aware's TTFTs teach."""
+    router, url = await routed(fleet, scripted, [([WHOLE], False), ([WHOLE], False)])
+    pod = router.core.pods["p0"]
+    rate = pod.prefill_tps
+    assert await post(url) == (200, b"{}")
+    assert pod.prefill_tps == rate
+    pods = [{"name": p.name, "url": p.url, "node": p.node} for p in router.cfg.pods]
+    limits = {"health_interval_s": 0, "load_interval_s": 0}
+    router.apply(parse_config(router_doc(pods, routing={"policy": "cache-aware"}, limits=limits)))
+    body = {"model": "sim", "prompt": "y" * 256, "max_tokens": 2}  # a prompt not sent before
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/completions", json=body) as r:
+        assert r.status == 200 and await r.read() == b"{}"
+    assert pod.prefill_tps > rate and books(pod) == (0, 0, 0)
 
 
 async def test_a_chunked_answer_is_relayed_as_it_came_whatever_the_reads_cut(
