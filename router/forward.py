@@ -75,7 +75,12 @@ class Attempt:
         pod.breaker.on_attempt()
         pod.inflight += 1
         pod.queue_add(uncached, now)
-        pod.note_sent(uncached)
+        if looked_up:
+            # a policy that looked nothing up counts a whole prompt as uncached: after
+            # a round-robin spell the vLLM fleet's usual request weighed 2,000 tokens
+            # against ~300, and every request the engine's /metrics still showed
+            # waiting (rendered before the router saw its first byte) read as that
+            pod.note_sent(uncached)
         self.pending = uncached  # tokens of ours still in the pod's queue
         self.decoding = False
         self.t0 = time.perf_counter()

@@ -129,9 +129,17 @@ class PodState:
         a = 0.1 if self.tokens_per_request else 1.0
         self.tokens_per_request += a * (uncached - self.tokens_per_request)
 
-    def note_engine(self, load: EngineLoad | None, now: float) -> None:
+    def note_engine(
+        self, load: EngineLoad | None, now: float, prefilling: int | None = None
+    ) -> None:
+        """The engine's own figures, come ``now``. ``prefilling``: our requests before
+        their first byte when they were asked for; the engine counted them somewhere
+        between then and now, so the more of the two counts is ours (a request whose
+        first byte came meanwhile was still waiting in the figure, and read as another
+        router's)."""
         self.engine, self.engine_at = load, now
-        self.prefilling_at_poll = self.inflight - self.decoding
+        own = self.inflight - self.decoding
+        self.prefilling_at_poll = own if prefilling is None else max(own, prefilling)
         self.sent_at_poll = self.sent_tokens
 
     def engine_fresh(self, now: float) -> EngineLoad | None:
@@ -155,11 +163,13 @@ class PodState:
     def others_waiting(self, now: float) -> float:
         """Prefill tokens other routers queued here, from an engine that reports only
         its counts (vLLM's ``/metrics``): its waiting requests beyond ours, at the
-        tokens a request usually costs here."""
+        tokens a request usually costs here, less what one prefill server did since
+        (as ``engine_queue``: they were not left waiting until the next report)."""
         e = self.engine_fresh(now)
         if e is None:
             return 0.0
-        return max(0, e.waiting - self.prefilling_at_poll) * self.tokens_per_request
+        left = max(0, e.waiting - self.prefilling_at_poll) * self.tokens_per_request
+        return max(0.0, left - self.prefill_tps * (now - self.engine_at))
 
     def occupancy(self, now: float) -> int:
         """Sequences decoding on the engine: its own figure when fresh, else ours."""

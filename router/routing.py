@@ -416,7 +416,8 @@ class RoutingCore:
                     queued = total if total > own else own
                 else:
                     others = max(0, e.waiting - pod.prefilling_at_poll) * pod.tokens_per_request
-                    queued = own + others
+                    others -= tps * (now - pod.engine_at)
+                    queued = own + others if others > 0.0 else own
                 occupancy = max(pod.decoding, e.running)
             a = pod.interference
             slowdown = (1.0 + a * occupancy) / (1.0 + a * pod.usual_occupancy) if a else 1.0

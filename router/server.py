@@ -238,12 +238,13 @@ class Router:
 
     async def _poll_load(self, pod: PodState) -> None:
         asked = time.monotonic()
+        prefilling = pod.inflight - pod.decoding
         load = parse_load(await self._get_text(pod, "/metrics") or "")
         if pod.engine_at > asked:
             return  # an answer's load header came while the poll ran: it is fresher
         if load is None and pod.engine is not None and pod.engine.queued_tokens is not None:
             return  # the engine reports on its answers only; keep the last report
-        pod.note_engine(load, time.monotonic())
+        pod.note_engine(load, time.monotonic(), prefilling)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -247,13 +247,14 @@ async def test_only_a_decision_that_looked_the_prompt_up_teaches_the_prefill_rat
     fleet: Fleet, scripted: list[ScriptedPods]
 ) -> None:
     """Round-robin looks nothing up, so it takes every prompt for uncached: a quick
-    answer (a hit it did not know of) would teach a far too fast rate, which a
-    cache-aware policy switched on later would place by. Cache-aware's TTFTs teach."""
+    answer (a hit it did not know of) would teach a far too fast rate, and the whole
+    prompt a far too heavy usual request, which a cache-aware policy switched on later
+    would place by. Cache-aware's TTFTs and prompts teach."""
     router, url = await routed(fleet, scripted, [([WHOLE], False), ([WHOLE], False)])
     pod = router.core.pods["p0"]
     rate = pod.prefill_tps
     assert await post(url) == (200, b"{}")
-    assert pod.prefill_tps == rate
+    assert pod.prefill_tps == rate and pod.tokens_per_request == 0.0
     pods = [{"name": p.name, "url": p.url, "node": p.node} for p in router.cfg.pods]
     limits = {"health_interval_s": 0, "load_interval_s": 0}
     router.apply(parse_config(router_doc(pods, routing={"policy": "cache-aware"}, limits=limits)))
@@ -261,6 +262,7 @@ async def test_only_a_decision_that_looked_the_prompt_up_teaches_the_prefill_rat
     async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/completions", json=body) as r:
         assert r.status == 200 and await r.read() == b"{}"
     assert pod.prefill_tps > rate and books(pod) == (0, 0, 0)
+    assert pod.tokens_per_request > 0.0
 
 
 async def test_a_chunked_answer_is_relayed_as_it_came_whatever_the_reads_cut(

@@ -47,11 +47,30 @@ def test_other_routers_load_reported_by_the_engine_counts() -> None:
     holder = rc.pods["p2"]
     holder.note_sent(400_000)  # what a request costs here
     assert rc.decide(toks, "s").ranked[0].name == "p2"
-    holder.note_engine(EngineLoad(running=1, waiting=8), time.monotonic())
-    assert holder.others_waiting(time.monotonic()) == 8 * 400_000
+    now = time.monotonic()
+    holder.note_engine(EngineLoad(running=1, waiting=8), now)
+    assert holder.others_waiting(now) == 8 * 400_000
     assert rc.decide(toks, "s").ranked[0].name != "p2"  # another router's queue
+    # ... which the engine works off meanwhile, as fast as it prefills
+    assert holder.others_waiting(now + 1.0) == 8 * 400_000 - holder.prefill_tps
     holder.engine_at -= 60  # a stale figure is not used
     assert holder.others_waiting(time.monotonic()) == 0
+
+
+def test_our_requests_answered_while_the_engine_was_polled_are_not_read_as_others() -> None:
+    """vLLM renders /metrics in 7-11 ms: a request of ours whose first byte came in
+    that time was counted waiting, but is no longer prefilling in our books."""
+    rc = core()
+    pod = rc.pods["p0"]
+    pod.note_sent(300)
+    pod.inflight, pod.decoding = 3, 0
+    asked = pod.inflight - pod.decoding  # three of ours waiting as the poll went out
+    pod.decoding = 2  # two first bytes came while it ran
+    now = time.monotonic()
+    pod.note_engine(EngineLoad(running=0, waiting=3), now, asked)
+    assert pod.others_waiting(now) == 0.0
+    pod.note_engine(EngineLoad(running=0, waiting=3), now)  # without the count at asking
+    assert pod.others_waiting(now) == 2 * 300
 
 
 def test_interference_is_learned_from_ttfts_and_shared() -> None:

@@ -506,7 +506,7 @@ def test_a_pushed_load_report_goes_to_the_pod_it_names() -> None:
     follower.apply(Snapshot("boot-1", 1, "n0", {}))
     follower.apply(LoadRecord("b", running=5, waiting=2))
     a, b = rc.pods["a"], rc.pods["b"]
-    now = time.monotonic()
+    now = b.engine_at  # (what the engine reported drains from then on)
     assert b.engine_fresh(now) == EngineLoad(5, 2) and b.pushed == 1 and follower.seq == 1
     assert a.engine_fresh(now) is None
     b.tokens_per_request = 300.0  # the engine's 2 waiting requests are someone else's
