@@ -65,7 +65,11 @@ class Attempt:
         now = time.monotonic()
         self.pod = pod
         self.uncached = uncached
-        self.looked_up = looked_up  # ``uncached`` came from a prefix lookup
+        # ``uncached`` came from a prefix lookup; a policy that looked nothing up takes
+        # the whole prompt for uncached, which must teach neither the prefill rate nor
+        # the usual request (after a round-robin spell on the vLLM fleet: 28k tokens/s
+        # against 8k real, 2,000-token requests against ~300)
+        self.looked_up = looked_up
         self.pulling = pulling  # blocks the pod pulls from a peer first (a hinted pull)
         # what the TTFT model is fed with is the pod's state as this request joined it
         self.occupancy = pod.occupancy(now)
@@ -76,10 +80,6 @@ class Attempt:
         pod.inflight += 1
         pod.queue_add(uncached, now)
         if looked_up:
-            # a policy that looked nothing up counts a whole prompt as uncached: after
-            # a round-robin spell the vLLM fleet's usual request weighed 2,000 tokens
-            # against ~300, and every request the engine's /metrics still showed
-            # waiting (rendered before the router saw its first byte) read as that
             pod.note_sent(uncached)
         self.pending = uncached  # tokens of ours still in the pod's queue
         self.decoding = False
@@ -240,9 +240,6 @@ class Forwarder:
         if a.pulling:
             self.core.observe_pull(pod, a.pulling, ttft - a.queue_s - a.prefill_s)
         elif a.looked_up:
-            # a policy that looked nothing up counts a whole prompt as uncached: its hits
-            # taught rates of 28k tokens/s on the vLLM fleet (8k real), which the next
-            # cache-aware replay then placed by
             self.core.observe_ttft(pod, a.uncached, ttft, a.queue_s, a.occupancy)
         a.prefilled()
         if decoding:

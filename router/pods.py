@@ -88,7 +88,7 @@ class PodState:
     prefilling_at_poll: int = 0  # own requests before their first byte, at that poll
     sent_tokens: int = 0  # own uncached prompt tokens ever sent here
     sent_at_poll: int = 0  # ``sent_tokens`` at the engine's last report
-    tokens_per_request: float = 0.0  # uncached prompt tokens sent here (EWMA)
+    tokens_per_request: float = 0.0  # uncached prompt tokens sent here (EWMA, looked up)
     interference: float = 0.0  # prefill slowdown per sequence decoding beside it
     usual_occupancy: float = 0.0  # decoding sequences when TTFTs were seen (EWMA)
 

@@ -761,6 +761,7 @@ def test_the_decision_equals_its_plain_definition(
     for p in rc.pods.values():
         p.inflight, p.decoding = rng.randrange(4), rng.randrange(3)
         p.queue_add(rng.choice([0, 500, 4000]), clock[0] - rng.random())
+        p.note_sent(rng.choice([0, 300]))  # what a request of another router weighs
         if rng.random() < 0.5:
             p.note_engine(
                 EngineLoad(rng.randrange(5), rng.randrange(5), rng.choice([None, 300])), clock[0]
