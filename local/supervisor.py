@@ -41,6 +41,7 @@ class ProcessSpec:
     node: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     nice: int = 0  # added to the process's CPU niceness (Unix)
+    cpus: tuple[int, ...] = ()  # the CPUs it and its children may run on (empty: any)
 
 
 @dataclass(slots=True)
@@ -56,16 +57,23 @@ class Running:
         return pid_alive(self.pid)
 
 
-def _niced(nice: int) -> Callable[[], None] | None:
-    """What the child runs before its program: its niceness raised by ``nice``
-    (before it starts a thread, so every thread it starts has it too)."""
-    if not nice or not hasattr(os, "nice"):
+def _placed(nice: int, cpus: tuple[int, ...]) -> Callable[[], None] | None:
+    """What the child runs before its program: its niceness raised by ``nice`` and
+    its CPUs narrowed to ``cpus`` (before it starts a thread or a process, so all of
+    them inherit both). Either is skipped where the platform lacks the call."""
+    nice = nice if hasattr(os, "nice") else 0
+    affinity = getattr(os, "sched_setaffinity", None)
+    cpus = cpus if affinity is not None else ()
+    if not nice and not cpus:
         return None
 
-    def lower() -> None:
-        os.nice(nice)
+    def place() -> None:
+        if nice:
+            os.nice(nice)
+        if cpus and affinity is not None:
+            affinity(0, cpus)
 
-    return lower
+    return place
 
 
 def pid_alive(pid: int) -> bool:
@@ -105,7 +113,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_niced(spec.nice),
+                preexec_fn=_placed(spec.nice, spec.cpus),
             )
         except OSError as exc:
             raise FleetError(f"{spec.name}: cannot start {spec.argv[0]}: {exc}") from exc
@@ -179,6 +187,7 @@ def load_state(run_dir: Path) -> tuple[dict[str, Any], list[Running]]:
     for rec in data.get("processes", []):
         spec = rec["spec"]
         spec["argv"] = tuple(spec["argv"])
+        spec["cpus"] = tuple(spec.get("cpus", ()))  # JSON has lists; older files none
         procs.append(Running(ProcessSpec(**spec), int(rec["pid"]), Path(rec["log"])))
     return data.get("meta", {}), procs
 

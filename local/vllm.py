@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,15 @@ def model_folder(model: ModelSpec, run_dir: Path, model_dir: str | None) -> str:
 
 
 def bind_cores(engines: list[ProcessSpec], cores: list[int] | None = None) -> None:
-    """Give each vLLM engine its own cores: ``cores // engines`` each (one at least;
-    engines beyond the cores share them round-robin). A binding the user set wins."""
+    """Give each vLLM engine its own cores, ``cores // engines`` each (one at least;
+    engines beyond the cores share them round-robin): its compute threads
+    (``VLLM_CPU_OMP_THREADS_BIND``) and the whole process tree (``ProcessSpec.cpus``),
+    its API server included, as a kubelet's CPU manager gives a pod its cores. With
+    only the compute threads bound, the two API servers of the 2-core demo fleet
+    floated, often both onto one engine's core: that engine then took twice as long
+    per prefill as its sibling, which one changing from round to round (``benchmarks/
+    fleet.py --engine vllm``: p50 66-107 ms per round; each tree bound: 44-50 ms,
+    both routers). A binding the user set wins."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not engines:
         return
     if cores is None:
@@ -86,6 +94,7 @@ def bind_cores(engines: list[ProcessSpec], cores: list[int] | None = None) -> No
         mine = cores[start : start + per]
         spec.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
         spec.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        engines[i] = replace(spec, cpus=tuple(mine))
 
 
 class VLLMProcess:

@@ -143,3 +143,25 @@ def test_planned_ports_stay_out_of_the_kernels_ephemeral_range() -> None:
     if span is None:
         pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range on this system")
     assert all(LOWEST <= p < span[0] for p in ports), (ports, span)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity call here")
+def test_a_process_and_its_children_run_on_the_cpus_and_niceness_given(tmp_path: Path) -> None:
+    """What ``bind_cores`` gives a vLLM engine (its API server and the engine core it
+    spawns) and ``share_cores`` every engine, as the child sees it from inside."""
+    core = sorted(os.sched_getaffinity(0))[-1]
+    report = (
+        "import os, sys\n"
+        "who = 'child' if os.fork() == 0 else 'parent'\n"
+        "print(who, sorted(os.sched_getaffinity(0)), os.nice(0), flush=True)\n"
+        "os._exit(0) if who == 'child' else os.wait()\n"
+    )
+    sup = Supervisor(tmp_path)
+    running = sup.start(
+        ProcessSpec("e0", "engine", (sys.executable, "-c", report), nice=3, cpus=(core,))
+    )
+    assert running.popen is not None and running.popen.wait(30) == 0
+    lines = sorted(running.log.read_text().split("\n")[:2])
+    base = os.nice(0)
+    assert lines == [f"child [{core}] {base + 3}", f"parent [{core}] {base + 3}"]
+    assert load_state(tmp_path)[1][0].spec.cpus == (core,)  # as `kvmarina down` reads it

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from kvmarina.local.supervisor import ProcessSpec, load_state
 from kvmarina.local.vllm import bind_cores
 
@@ -23,6 +25,19 @@ def post(url: str, body: dict[str, object]) -> dict[str, object]:
         url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
     )
     return json.loads(urllib.request.urlopen(req, timeout=60).read())  # type: ignore[no-any-return]
+
+
+def group_members(group: int) -> list[int]:
+    """The live processes of a process group (a supervised process and its children)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(stat[2]) == group and stat[0] != "Z":
+            out.append(int(d))
+    return out
 
 
 def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) -> None:
@@ -64,6 +79,13 @@ def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) ->
             time.sleep(0.2)
         assert health["mode"] == "events", json.dumps(health["pods"])
         assert all(p["kv_events"]["live"] for p in health["pods"].values())
+        # each engine's whole process tree (API server, engine core) on its own cores
+        engines = [p for p in load_state(tmp_path / ".kvmarina")[1] if p.spec.role == "engine"]
+        assert len(engines) == 2 and all(p.spec.cpus for p in engines)
+        for p in engines:
+            tree = group_members(p.pid)
+            assert len(tree) >= 2  # the API server and the engine core it started
+            assert all(os.sched_getaffinity(pid) == set(p.spec.cpus) for pid in tree)
     finally:
         down = subprocess.run(
             [sys.executable, "-m", "kvmarina.cli", "down"],
@@ -75,8 +97,19 @@ def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) ->
 
 
 def test_each_vllm_engine_gets_its_own_cores() -> None:
-    specs = [ProcessSpec(f"e{i}", "engine", ("x",)) for i in range(3)]
-    bind_cores(specs[:2], cores=[0, 1, 2, 3])
-    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs[:2]] == ["0,1", "2,3"]
-    bind_cores(specs, cores=[0, 1])  # more engines than cores: they share, round-robin
-    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs] == ["0", "1", "0"]
+    """Its compute threads and its whole process tree (API server included)."""
+    two = [ProcessSpec(f"e{i}", "engine", ("x",)) for i in range(2)]
+    bind_cores(two, cores=[0, 1, 2, 3])
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in two] == ["0,1", "2,3"]
+    assert [s.cpus for s in two] == [(0, 1), (2, 3)]
+    three = [ProcessSpec(f"e{i}", "engine", ("x",)) for i in range(3)]
+    bind_cores(three, cores=[0, 1])  # more engines than cores: they share, round-robin
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in three] == ["0", "1", "0"]
+    assert [s.cpus for s in three] == [(0,), (1,), (0,)]
+
+
+def test_a_binding_the_user_set_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    specs = [ProcessSpec("e0", "engine", ("x",))]
+    bind_cores(specs, cores=[0, 1])
+    assert specs[0].cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in specs[0].env
