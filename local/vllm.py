@@ -78,11 +78,13 @@ def bind_cores(engines: list[ProcessSpec], cores: list[int] | None = None) -> No
     engines beyond the cores share them round-robin): its compute threads
     (``VLLM_CPU_OMP_THREADS_BIND``) and the whole process tree (``ProcessSpec.cpus``),
     its API server included, as a kubelet's CPU manager gives a pod its cores. With
-    only the compute threads bound, the two API servers of the 2-core demo fleet
-    floated, often both onto one engine's core: that engine then took twice as long
-    per prefill as its sibling, which one changing from round to round (``benchmarks/
-    fleet.py --engine vllm``: p50 66-107 ms per round; each tree bound: 44-50 ms,
-    both routers). A binding the user set wins."""
+    only the compute threads bound, the API servers of the 2-core demo fleet floated
+    between the cores, and one engine often took twice as long per prefill as its
+    sibling (vLLM's own figures), which one changing from round to round (the demo's
+    workload, per-round TTFT p50: cache-aware 64.5-105.7 ms and the SGLang router
+    65.6-87.7 with the compute threads alone bound; 42.8-46.5 and 46.6-48.4 with each
+    tree bound, ``benchmarks/fleet.py --engine vllm --rounds 5``). A binding the user
+    set wins."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not engines:
         return
     if cores is None:
