@@ -8,6 +8,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -159,6 +160,19 @@ class Publisher:
         await self.sock.send_multipart(frames)
         self.seq += 1
 
+    async def send_until(self, payload: bytes, read: Callable[[], bool]) -> None:
+        """Send ``payload`` again until ``read()`` says a follower took it: a PUB socket
+        drops what it sends before a new subscriber's subscription has reached it
+        (ZMQ's slow joiner), and a follower counts as connected before that."""
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while not read():
+            assert asyncio.get_running_loop().time() < deadline, "never read"
+            await self.send(payload)
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                if read():
+                    return
+
     def close(self) -> None:
         self.sock.close(0)
 
@@ -178,8 +192,9 @@ async def test_garbage_and_foreign_block_sizes_are_said_once_and_never_indexed(
     f, _ = follower(pub.url, suspect_s=0.5)
     try:
         await wait_for(lambda: f.live)
-        await pub.send(batch(stored([1], None, [1, 2, 3, 4], extra_keys=[["s"]])))
-        await wait_for(lambda: len(f.blocks) == 1)
+        await pub.send_until(
+            batch(stored([1], None, [1, 2, 3, 4], extra_keys=[["s"]])), lambda: len(f.blocks) == 1
+        )
         with caplog.at_level(logging.WARNING, "kvmarina.router.vllm"):
             for _ in range(3):
                 await pub.send(b"\x00garbage")
@@ -239,7 +254,8 @@ async def test_the_router_routes_a_bad_pod_from_its_own_record(
         f.connect_grace_s, f.suspect_s = 0.3, 30.0
     try:
         await wait_for(lambda: router.vllm["v0"].live)
-        await pub.send(b"garbage")
+        garbage = router.vllm["v0"].errors
+        await pub.send_until(b"garbage", lambda: garbage["garbage"] > 0)
         await wait_for(lambda: router.core.mode == "approximate", timeout=3)
         prompt = "a shared system prompt " * 20
         for _ in range(3):
@@ -251,7 +267,8 @@ async def test_the_router_routes_a_bad_pod_from_its_own_record(
         assert served == [0, 3]
         async with http.get(f"{url}/metrics") as r:
             text = await r.text()
-        assert 'kvmarina_router_engine_events_errors{pod="v0",reason="garbage"} 1.0' in text
+        read = float(garbage["garbage"])  # 1 unless a resent one was read as well
+        assert f'kvmarina_router_engine_events_errors{{pod="v0",reason="garbage"}} {read}' in text
         await wait_for(lambda: router.vllm["v1"].errors["unreachable"] == 1, timeout=3)
         async with http.get(f"{url}/metrics") as r:
             text = await r.text()
