@@ -243,7 +243,7 @@ class Forwarder:
             self.core.observe_ttft(pod, a.uncached, ttft, a.queue_s, a.occupancy)
         a.prefilled()
         if decoding:
-            # counted before the engine's report: it reads prefilling = inflight - decoding
+            # counted before the engine's report, which reads ``pod.prefilling``
             pod.decoding += 1
             a.decoding = True
         if reported is not None:

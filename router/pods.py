@@ -129,6 +129,11 @@ class PodState:
         a = 0.1 if self.tokens_per_request else 1.0
         self.tokens_per_request += a * (uncached - self.tokens_per_request)
 
+    @property
+    def prefilling(self) -> int:
+        """Our requests here before their first byte (queued or prefilling)."""
+        return self.inflight - self.decoding
+
     def note_engine(
         self, load: EngineLoad | None, now: float, prefilling: int | None = None
     ) -> None:
@@ -138,7 +143,7 @@ class PodState:
         first byte came meanwhile was still waiting in the figure, and read as another
         router's)."""
         self.engine, self.engine_at = load, now
-        own = self.inflight - self.decoding
+        own = self.prefilling
         self.prefilling_at_poll = own if prefilling is None else max(own, prefilling)
         self.sent_at_poll = self.sent_tokens
 

@@ -238,7 +238,7 @@ class Router:
 
     async def _poll_load(self, pod: PodState) -> None:
         asked = time.monotonic()
-        prefilling = pod.inflight - pod.decoding
+        prefilling = pod.prefilling
         load = parse_load(await self._get_text(pod, "/metrics") or "")
         if pod.engine_at > asked:
             return  # an answer's load header came while the poll ran: it is fresher

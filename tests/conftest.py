@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,26 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def group_members(group: int) -> list[int]:
+    """The live processes of a process group (a supervised process and what it started:
+    the supervisor starts each in a session of its own)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(stat[2]) == group and stat[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+@pytest.fixture(scope="session")
+def process_group() -> Callable[[int], list[int]]:
+    """``group_members``, for tests of processes the supervisor started."""
+    return group_members
 
 
 def run_cli(

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,20 +34,9 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text().split()
-            except OSError:
-                continue
-            if int(stat[4]) == pid and stat[2] != "Z":  # same group, not a zombie
-                out.append(int(d))
-    return out
-
-
-def test_start_ready_stop_leaves_nothing(tmp_path: Path) -> None:
+def test_start_ready_stop_leaves_nothing(
+    tmp_path: Path, process_group: Callable[[int], list[int]]
+) -> None:
     sup = Supervisor(tmp_path)
     ports = free_ports(2)
     for i, port in enumerate(ports):
@@ -62,15 +52,17 @@ def test_start_ready_stop_leaves_nothing(tmp_path: Path) -> None:
     sup.wait_ready(30, lambda done, total, name: seen.append(name))
     assert sorted(seen) == ["srv0", "srv1"]
     groups = [p.pid for p in sup.procs]
-    assert all(len(_children(g)) >= 2 for g in groups)  # server + its forked child
+    assert all(len(process_group(g)) >= 2 for g in groups)  # server + its forked child
     _, recorded = load_state(tmp_path)
     assert sorted(r.pid for r in recorded) == sorted(groups)
     sup.stop_all(grace=5)
-    assert not any(_children(g) for g in groups)
+    assert not any(process_group(g) for g in groups)
     assert load_state(tmp_path)[1] == []
 
 
-def test_state_file_lets_another_process_stop_the_fleet(tmp_path: Path) -> None:
+def test_state_file_lets_another_process_stop_the_fleet(
+    tmp_path: Path, process_group: Callable[[int], list[int]]
+) -> None:
     sup = Supervisor(tmp_path)
     (port,) = free_ports(1)
     sup.start(
@@ -84,7 +76,7 @@ def test_state_file_lets_another_process_stop_the_fleet(tmp_path: Path) -> None:
     sup.wait_ready(30)
     _, procs = load_state(tmp_path)  # as `kvmarina down` sees it
     stop_processes(procs, grace=5)
-    assert not _children(procs[0].pid)
+    assert not process_group(procs[0].pid)
 
 
 def test_a_part_that_dies_is_named_with_its_log(tmp_path: Path) -> None:

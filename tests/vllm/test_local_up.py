@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,20 +28,9 @@ def post(url: str, body: dict[str, object]) -> dict[str, object]:
     return json.loads(urllib.request.urlopen(req, timeout=60).read())  # type: ignore[no-any-return]
 
 
-def group_members(group: int) -> list[int]:
-    """The live processes of a process group (a supervised process and its children)."""
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(stat[2]) == group and stat[0] != "Z":
-            out.append(int(d))
-    return out
-
-
-def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) -> None:
+def test_up_runs_vllm_engines_behind_the_router(
+    vllm_py: str, tmp_path: Path, process_group: Callable[[int], list[int]]
+) -> None:
     env = {**os.environ, "KVMARINA_VLLM_PYTHON": vllm_py}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvmarina.cli", "up", "-f", str(REPO / "examples/vllm-local.yaml")],
@@ -83,7 +73,7 @@ def test_up_runs_vllm_engines_behind_the_router(vllm_py: str, tmp_path: Path) ->
         engines = [p for p in load_state(tmp_path / ".kvmarina")[1] if p.spec.role == "engine"]
         assert len(engines) == 2 and all(p.spec.cpus for p in engines)
         for p in engines:
-            tree = group_members(p.pid)
+            tree = process_group(p.pid)
             assert len(tree) >= 2  # the API server and the engine core it started
             assert all(os.sched_getaffinity(pid) == set(p.spec.cpus) for pid in tree)
     finally:
