@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvmarina.local.ports import free_ports
 from kvmarina.local.rundir import socket_path
-from kvmarina.local.supervisor import ProcessSpec, python_cmd
+from kvmarina.local.supervisor import ProcessSpec, python_cmd, usable_cpus
 from kvmarina.local.vllm import bind_cores, model_folder, vllm_python
 from kvmarina.operator.components import (
     VLLM_MODULE,
@@ -214,9 +214,8 @@ def share_cores(engines: list[ProcessSpec], cores: int | None = None) -> None:
     A router waiting for a core behind an engine's compute threads delays every
     request it forwards (the vLLM fleet: the router spent 3-4 ms of CPU a request,
     tokenizing and forwarding, stretched by its wait for a core)."""
-    if cores is None:  # the CPUs this process may use; macOS has no affinity call
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    if cores is None:
+        cores = len(usable_cpus())
     threads = str(max(1, cores // max(1, len(engines))))
     for var, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", threads)):
         if var in os.environ:

@@ -57,6 +57,13 @@ class Running:
         return pid_alive(self.pid)
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on, and so the ones it can hand out to what it
+    starts (all of them where the platform has no affinity call: macOS)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return sorted(affinity(0)) if affinity else list(range(os.cpu_count() or 1))
+
+
 def _placed(nice: int, cpus: tuple[int, ...]) -> Callable[[], None] | None:
     """What the child runs before its program: its niceness raised by ``nice`` and
     its CPUs narrowed to ``cpus`` (before it starts a thread or a process, so all of

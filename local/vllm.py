@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmarina.local.ports import free_ports
-from kvmarina.local.supervisor import ProcessSpec
+from kvmarina.local.supervisor import ProcessSpec, usable_cpus
 from kvmarina.operator.components import VLLM_MODULE, PlanError, vllm_args, vllm_env
 from kvmarina.specs import KVCachePoolSpec, ModelServingSpec, ModelSpec
 
@@ -88,15 +88,17 @@ def bind_cores(engines: list[ProcessSpec], cores: list[int] | None = None) -> No
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not engines:
         return
     if cores is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = sorted(affinity(0)) if affinity else list(range(os.cpu_count() or 1))
+        cores = usable_cpus()
     per = max(1, len(cores) // len(engines))
     for i, spec in enumerate(engines):
         start = (i * per) % len(cores)
         mine = cores[start : start + per]
-        spec.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
-        spec.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        engines[i] = replace(spec, cpus=tuple(mine))
+        env = {
+            **spec.env,
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        }
+        engines[i] = replace(spec, env=env, cpus=tuple(mine))
 
 
 class VLLMProcess:
