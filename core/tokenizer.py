@@ -81,11 +81,19 @@ class HFTokenizer:
         self.bos_id, self.eos_id = _special_ids(settings, self._tok)
         self.special_tokens = _special_tokens(settings)
         self.chat_template = _chat_template(self.path.parent, settings)
+        # the same ids without each token's character offsets, which nobody here reads
+        # (tokenizers >= 0.21): half the time of ``encode`` on a 1,700-token prompt, the
+        # router's largest cost a request for vLLM
+        self._fast = getattr(self._tok, "encode_batch_fast", None)
 
     def encode(
         self, text: str, *, add_bos: bool = False, add_special_tokens: bool = False
     ) -> list[int]:
-        ids = list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        if self._fast is not None:
+            enc = self._fast([text], add_special_tokens=add_special_tokens)[0]
+        else:
+            enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        ids = list(enc.ids)
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids

@@ -39,3 +39,20 @@ def test_falls_back_to_bytes_and_explains_bad_files(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot load"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_the_fast_path_gives_the_ids_of_a_full_encode(tmp_path: Path, special: bool) -> None:
+    """``encode`` skips the offsets (``encode_batch_fast``); the ids must be what the
+    library's full ``encode`` gives, special tokens, odd bytes and all, or the router's
+    block hashes would stop matching the engine's."""
+    _train(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and tok._fast is not None
+    full = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = ["", " ", "the cache<s> is </s>shared", "héllo ✓ 日本\n\ttabs  ", "pod " * 500]
+    for text in texts:
+        want = full.encode(text, add_special_tokens=special).ids
+        assert tok.encode(text, add_special_tokens=special) == want
+    tok._fast = None  # a tokenizers release without the fast path: the full encode
+    assert tok.encode("the cache is shared") == full.encode("the cache is shared").ids
