@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmarina.local.ports import free_ports
+from kvmarina.local.sglang import command as sglang_command
 
 REPO = Path(__file__).resolve().parent.parent
 IDENT = "sim@v1|simulated|tp0of1"
@@ -118,19 +118,6 @@ def start_router(
     )
     assert p.stdout is not None
     return p, p.stdout.readline().split()[-1]
-
-
-def sglang_command(urls: list[str]) -> tuple[list[str], str] | None:
-    """``sglang-router`` in front of ``urls`` with its cache-aware policy, and its URL;
-    ``None`` when it is not installed."""
-    exe = shutil.which("sglang-router") or str(Path(PY).parent / "sglang-router")
-    if not Path(exe).exists():
-        return None
-    port, metrics_port = free_ports(2)
-    argv = [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
-            "--policy", "cache_aware", "--prometheus-port", str(metrics_port),
-            "--log-level", "error", "--worker-startup-check-interval", "1"]  # fmt: skip
-    return argv, f"http://127.0.0.1:{port}"
 
 
 def start_sglang(

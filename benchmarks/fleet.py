@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report
-from _procs import sglang_command
 
+from kvmarina.local import sglang
 from kvmarina.local.demo import fleet_yaml, replay_measured, set_policy, warm_up, workload
 from kvmarina.local.replay import Summary
 from kvmarina.local.supervisor import Supervisor
@@ -42,23 +39,6 @@ from kvmarina.local.up import start
 from kvmarina.local.workload import WorkRequest
 
 POLICIES = ("cache-aware", "round-robin", "least-load")
-
-
-def start_sglang(engines: list[str]) -> tuple[subprocess.Popen[bytes], str] | None:
-    cmd = sglang_command(engines)
-    if cmd is None:
-        return None
-    argv, url = cmd
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    return None
 
 
 def parse() -> argparse.Namespace:
@@ -83,7 +63,7 @@ def run_rounds(sup: Supervisor, work: list[WorkRequest], rounds: int) -> dict[st
     url, model, cfg = router.spec.info["url"], router.spec.info["model"], router.spec.info["config"]
     warm_up(sup, model, work)
     engines = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
-    started = start_sglang(engines)
+    started = sglang.start(engines)
     policies = [*POLICIES, "sglang"] if started else list(POLICIES)
     if started is None:
         print("sglang-router not installed: compared with kvmarina's own policies only")
@@ -92,15 +72,14 @@ def run_rounds(sup: Supervisor, work: list[WorkRequest], rounds: int) -> dict[st
         for r in range(rounds):
             for policy in policies[r % len(policies) :] + policies[: r % len(policies)]:
                 if policy == "sglang" and started:
-                    target = started[1]
+                    target = started.url
                 else:
                     set_policy(cfg, policy)
                     target = url
                 out[policy].append(replay_measured(sup, target, model, work, policy))
     finally:
         if started:
-            started[0].terminate()
-            started[0].wait(10)
+            started.stop()
     return out
 
 

@@ -3,8 +3,10 @@
 Brings up 2 simulated nodes x 2 engines (real model compute, preset ``small``)
 and a router, replays a shared-prefix chat workload (long system prompts,
 multi-turn conversations that resend their history) through cache-aware
-routing and then round-robin on the same fleet with the caches cleared in
-between, prints a table and writes a PNG of the TTFT distributions.
+routing, then round-robin, then the SGLang router (``sglang-router``, its
+cache-aware policy, where it is installed) in front of the same engines, the
+caches cleared in between; prints a table and writes a PNG of the TTFT
+distributions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from kvmarina.local import sglang
 from kvmarina.local.progress import Progress
 from kvmarina.local.replay import Summary, replay
 from kvmarina.local.rundir import run_dir
@@ -34,6 +37,8 @@ from kvmarina.operator.components import PlanError
 from kvmarina.validate import SpecError
 
 POLICIES = ("cache-aware", "round-robin")
+#: the SGLang router's row
+SGLANG = "sglang"
 
 DEMO_YAML = """\
 apiVersion: kvmarina.io/v1alpha1
@@ -184,9 +189,13 @@ def warm_up(sup: Supervisor, model: str, work: list[WorkRequest] | None = None) 
 
 
 def run_policies(
-    sup: Supervisor, work: list[WorkRequest], policies: tuple[str, ...] = POLICIES
+    sup: Supervisor,
+    work: list[WorkRequest],
+    policies: tuple[str, ...] = POLICIES,
+    peer: sglang.SGLangRouter | None = None,
 ) -> list[Summary]:
-    """Replay ``work`` once per policy on the same fleet, caches cleared in between."""
+    """Replay ``work`` once per policy on the same fleet, caches cleared in between;
+    then through ``peer`` (the SGLang router in front of the same engines), if given."""
     router = next(p for p in sup.procs if p.spec.role == "router")
     url, model, cfg = router.spec.info["url"], router.spec.info["model"], router.spec.info["config"]
     warm_up(sup, model, work)
@@ -194,6 +203,8 @@ def run_policies(
     for policy in policies:
         set_policy(cfg, policy)
         out.append(replay_measured(sup, url, model, work, policy))
+    if peer is not None:
+        out.append(replay_measured(sup, peer.url, model, work, SGLANG))
     return out
 
 
@@ -232,14 +243,23 @@ def print_table(rows: list[Summary]) -> None:
             f"{s.hit_rate:>9.0%} {s.cached_tokens:>11} {s.req_per_s:>7.2f} "
             f"{s.migrated_blocks:>10} {s.errors:>6}"
         )
-    if len(rows) == 2 and rows[1].ttft_p50_ms > 0:
-        ca, rr = rows
-        print(
-            f"\ncache-aware vs round-robin: TTFT p50 {ca.ttft_p50_ms / rr.ttft_p50_ms:.2f}x, "
-            f"p90 {ca.ttft_p90_ms / max(rr.ttft_p90_ms, 1e-9):.2f}x, hit rate "
-            f"{ca.hit_rate:.0%} vs {rr.hit_rate:.0%}. A hit means the prompt's prefix was "
-            "already in the KV cache of the node the request landed on."
-        )
+    by = {s.policy: s for s in rows}
+    ca = by.get("cache-aware")
+    if ca is None:
+        return
+    print()
+    for other, name in (("round-robin", "round-robin"), (SGLANG, "the SGLang router")):
+        o = by.get(other)
+        if o is not None and o.ttft_p50_ms > 0:
+            print(
+                f"cache-aware vs {name}: TTFT p50 {ca.ttft_p50_ms / o.ttft_p50_ms:.2f}x, "
+                f"p90 {ca.ttft_p90_ms / max(o.ttft_p90_ms, 1e-9):.2f}x, hit rate "
+                f"{ca.hit_rate:.0%} vs {o.hit_rate:.0%}."
+            )
+    print(
+        "A hit means the prompt's prefix was already in the KV cache of the node the "
+        "request landed on."
+    )
 
 
 def write_chart(rows: list[Summary], path: str) -> str | None:
@@ -277,11 +297,22 @@ def main(argv: list[str]) -> int:
     except (FleetError, SpecError, PlanError) as exc:
         print(f"kvmarina demo: {exc}", file=sys.stderr)
         return 1
+    peer: sglang.SGLangRouter | None = None
     try:
         work = workload(args)
-        print(f"replaying {len(work)} requests per policy ({', '.join(POLICIES)})")
-        rows = run_policies(sup, work)
+        urls = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
+        peer = sglang.start(urls)
+        names = [*POLICIES, "the SGLang router"] if peer else list(POLICIES)
+        print(f"replaying {len(work)} requests per policy ({', '.join(names)})")
+        if peer is None:
+            print("sglang-router is not installed (pip install sglang-router): no SGLang row")
+        rows = run_policies(sup, work, peer=peer)
+    except RuntimeError as exc:  # the SGLang router would not start
+        print(f"kvmarina demo: {exc}", file=sys.stderr)
+        return 1
     finally:
+        if peer is not None:
+            peer.stop()
         sup.stop_all()
     print_table(rows)
     chart = write_chart(rows, args.chart)

@@ -175,6 +175,9 @@ def test_demo_runs_and_writes_a_chart(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cache-aware" in res.stdout and "round-robin" in res.stdout
+    # sglang-router is a test extra: the demo puts it in front of the same engines
+    assert "cache-aware vs the SGLang router: TTFT p50" in res.stdout, res.stdout
+    assert re.search(r"^sglang .* 0$", res.stdout, re.M), res.stdout
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
 

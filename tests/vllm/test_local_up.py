@@ -103,3 +103,31 @@ def test_a_binding_the_user_set_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     specs = [ProcessSpec("e0", "engine", ("x",))]
     bind_cores(specs, cores=[0, 1])
     assert specs[0].cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in specs[0].env
+
+
+def test_demo_replays_through_vllm_engines_round_robin_and_the_sglang_router(
+    vllm_py: str, tmp_path: Path
+) -> None:
+    """``kvmarina demo --engine vllm`` as a user runs it, on a small workload: the same
+    vLLM engines behind cache-aware routing, round-robin and the SGLang router (a test
+    extra, so it is here), a row each, the comparisons, the chart; nothing left running."""
+    env = {**os.environ, "KVMARINA_VLLM_PYTHON": vllm_py}
+    res = subprocess.run(
+        [sys.executable, "-m", "kvmarina.cli", "demo", "--engine", "vllm", "--users", "3",
+         "--turns", "2", "--chart", str(tmp_path / "chart.png")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "2 nodes x 1 vLLM engine" in out
+    rows = {
+        m.group(1): m
+        for m in re.finditer(r"^(cache-aware|round-robin|sglang) +\d+ms .*$", out, re.M)
+    }
+    assert set(rows) == {"cache-aware", "round-robin", "sglang"}, out
+    for row in rows.values():
+        assert row.group(0).split()[-1] == "0"  # no errors
+    assert "cache-aware vs round-robin: TTFT p50" in out
+    assert "cache-aware vs the SGLang router: TTFT p50" in out
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+    assert not any(p.alive() for p in load_state(tmp_path / ".kvmarina-demo")[1])
