@@ -105,6 +105,7 @@ def test_a_binding_the_user_set_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert specs[0].cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in specs[0].env
 
 
+@pytest.mark.timeout(480)
 def test_demo_replays_through_vllm_engines_round_robin_and_the_sglang_router(
     vllm_py: str, tmp_path: Path
 ) -> None:
