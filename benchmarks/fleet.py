@@ -106,6 +106,9 @@ def main() -> int:
     work = workload(args)
     try:
         runs = run_rounds(sup, work, args.rounds)
+    except RuntimeError as exc:  # the SGLang router would not start
+        print(f"fleet.py: {exc}", file=sys.stderr)
+        return 1
     finally:
         sup.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
