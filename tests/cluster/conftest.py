@@ -14,6 +14,17 @@ from .kubelet import Kubelet
 from .netns import PodNetwork, unavailable
 
 
+def _vllm_python() -> str | None:
+    """vLLM's interpreter (``make vllm``) for pods of a vLLM image; ``None`` without."""
+    from kvmarina.local.vllm import vllm_python
+    from kvmarina.operator.components import PlanError
+
+    try:
+        return vllm_python(Path(__file__).resolve().parents[2])
+    except PlanError:
+        return None
+
+
 @pytest.fixture
 async def kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
     why = unavailable()
@@ -24,7 +35,7 @@ async def kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
     network = PodNetwork()
     network.setup()
     k = Kubelet(cluster.url, tmp_path / "kubelet", network, ["node-a", "node-b"],
-                claims={"models": tmp_path / "models"})  # fmt: skip
+                claims={"models": tmp_path / "models"}, vllm_python=_vllm_python())  # fmt: skip
     k.start()
     try:
         yield k

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from .kubelet import Kubelet
@@ -116,3 +118,41 @@ async def test_a_simulated_serving_runs_as_planned(cluster: Any, kubelet: Kubele
     assert again["model"] == "tiny-sim"
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= again["usage"]["prompt_tokens"] - 16, again["usage"]
+
+
+async def test_a_vllm_serving_runs_as_planned(
+    cluster: Any, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """``engine.type: vllm``: the vLLM pods the operator plans (the connector copied in by
+    the init container, the agent's socket, the derived flags, the events ports) started
+    as a kubelet starts them; the router follows their KV events and a repeated chat
+    finds its prefix cached."""
+    from kvmarina.engine.weights import export_preset
+
+    if kubelet.vllm_python is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run vLLM pods (make test makes .venv-vllm)")
+        pytest.skip("no vLLM here (make vllm)")
+    export_preset("small", "float32", tmp_path / "models" / "small-hf")
+    pool = json.loads(json.dumps(POOL))
+    pool["spec"]["hashing"] = {"blockSize": 32}
+    await cluster.create(pool)
+    doc = serving(
+        "vl",
+        {"name": "small-vllm", "pvc": "models", "path": "small-hf", "dtype": "float32",
+         "maxModelLen": 2048},
+        engine={"type": "vllm", "maxBatchSize": 4, "args": ["--enforce-eager"]},
+    )  # fmt: skip
+    await cluster.create(doc)
+    await ready(cluster, kubelet, "vl", timeout=280)
+    (router,) = kubelet.pod_ips("default", "router")
+    url = f"http://{router}:8080"
+    async with aiohttp.ClientSession() as http:
+        await chat(http, url, "small-vllm")
+        again = await chat(http, url, "small-vllm")
+        async with http.get(url + "/metrics") as r:
+            metrics = await r.text()
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= again["usage"]["prompt_tokens"] - 64, again["usage"]
+    connected = r"kvmarina_router_engine_events_connected\{[^}]*\} 1"
+    assert len(re.findall(connected, metrics)) == 2, metrics[-2000:]
