@@ -304,15 +304,16 @@ def main(argv: list[str]) -> int:
     try:
         work = workload(args)
         urls = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
-        peer = sglang.start(urls)
+        try:
+            peer = sglang.start(urls)
+        except RuntimeError as exc:  # installed, but it would not start
+            print(f"kvmarina demo: {exc}", file=sys.stderr)
+            return 1
         names = [*POLICIES, "the SGLang router"] if peer else list(POLICIES)
         print(f"replaying {len(work)} requests per policy ({', '.join(names)})")
         if peer is None:
             print("sglang-router is not installed (pip install sglang-router): no SGLang row")
         rows = run_policies(sup, work, peer=peer)
-    except RuntimeError as exc:  # the SGLang router would not start
-        print(f"kvmarina demo: {exc}", file=sys.stderr)
-        return 1
     finally:
         if peer is not None:
             peer.stop()

@@ -8,11 +8,11 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmarina.local.ports import free_ports
+from kvmarina.local.supervisor import http_ok
 
 #: what ``pip install sglang-router`` puts beside the interpreter
 EXECUTABLE = "sglang-router"
@@ -67,10 +67,8 @@ def start(urls: list[str], ready_s: float = READY_S) -> SGLangRouter | None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"sglang-router exited with {proc.returncode} before it was ready")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).read()
+        if http_ok(url + "/health"):
             return router
-        except OSError:
-            time.sleep(0.3)
+        time.sleep(0.3)
     router.stop()
     raise RuntimeError(f"sglang-router did not answer on {url}/health within {ready_s:.0f} s")
