@@ -22,7 +22,7 @@ Example (every key but ``model``, ``model_identity`` and ``pods`` is optional)::
     routing:
       policy: cache-aware             # cache-aware | least-load | round-robin | session
       session_header: x-session-id
-      weights: {queue: 1.0, prefill: 1.0, migration: 1.0, duplication: 4.0,
+      weights: {queue: 1.0, prefill: 1.0, migration: 1.0, duplication: 16.0,
                 inflight: 1.0, sibling: 0.05, balance: 0.0}
       prefill_tokens_per_second: 8000 # initial per-pod rate, refined from observed TTFTs
       host_load_tokens_per_second: 200000  # cost of a host-tier hit (load to device)
@@ -101,7 +101,7 @@ class Weights:
     queue: float = 1.0
     prefill: float = 1.0
     migration: float = 1.0
-    duplication: float = 4.0
+    duplication: float = 16.0
     # blocks a sibling engine is computing right now: this engine waits for them
     # (the agent says which until they are committed), then reads them like any
     # cached block

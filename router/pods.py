@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from kvmarina.load_report import EngineLoad
 from kvmarina.router.config import PodConfig
 
+#: how long ``PodState.stored_lately`` remembers what a pod's cache took in: about the
+#: time an engine's cache takes to turn over under load (the trace replay's engines:
+#: ~30 s)
+STORED_HALF_LIFE_S = 30.0
 #: engine figures older than this are not used (the engine stopped answering /metrics)
 ENGINE_LOAD_STALE_S = 5.0
 #: the most a decoding sequence is believed to slow prefill (a batched decode step
@@ -91,6 +95,8 @@ class PodState:
     tokens_per_request: float = 0.0  # uncached prompt tokens sent here (EWMA, looked up)
     interference: float = 0.0  # prefill slowdown per sequence decoding beside it
     usual_occupancy: float = 0.0  # decoding sequences when TTFTs were seen (EWMA)
+    stored: float = 0.0  # own uncached prompt tokens sent here, decayed (``stored_lately``)
+    stored_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -109,6 +115,15 @@ class PodState:
             self.busy_since = now
         self.queued_tokens += tokens
         self.sent_tokens += tokens
+        self.stored = self.stored_lately(now) + tokens
+        self.stored_at = now
+
+    def stored_lately(self, now: float) -> float:
+        """Uncached prompt tokens sent here lately (halved every ``STORED_HALF_LIFE_S``):
+        the blocks the engine's cache took in, each evicting one it held."""
+        if not self.stored:
+            return 0.0
+        return float(self.stored * 0.5 ** ((now - self.stored_at) / STORED_HALF_LIFE_S))
 
     def queue_done(self, tokens: int) -> None:
         """A request's prefill is over (its first byte came, or it failed): its tokens

@@ -12,10 +12,14 @@ Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to firs
            from)
          + w_duplication * recompute of those same blocks: leaving the node that holds
            a prefix copies it here, and under capacity pressure every copy evicts other
-           useful blocks (on the Mooncake replay, 2.0 lifted the hit rate from 0.19 to
-           0.21 at the same TTFT; on the vLLM fleet, 4.0 gave hit rates of
-           0.796-0.809 (5 of 6 replays at 0.8055 or more) against 0.795-0.798 at 2.0,
-           and p50 94-117 ms against 108-124)
+           useful blocks (on the vLLM fleet, 4.0 gave hit rates of 0.796-0.809 against
+           0.795-0.798 at 2.0, and p50 94-117 ms against 108-124; on the whole Mooncake
+           replay with engines decoding, every request sent off its prefix's engine
+           went because that engine's prefill queue was real, and those moves were
+           what the hit rate lost to the SGLang router: 16.0 keeps them for queues of
+           about 17 recomputes: decode hit rate 0.6361-0.6388 over 3 rounds against
+           0.6342-0.6373 at 4.0, p90 unchanged; the vLLM fleet gave the same hit
+           rate and p50)
          + w_inflight * recompute of blocks a sibling engine is computing right now:
            the engine waits for them (the agent's claims say which) and uses them
            instead of computing them twice
@@ -29,7 +33,12 @@ Cache-aware scoring (docs/design.md "Routing") estimates each pod's time to firs
            conversations spread by the load they will bring, not only by the queue
            of the moment (as the SGLang router's "smallest tree")
 
-and takes the minimum, ties broken by load. When the pull is the cheaper path the
+A prompt no pod holds any of (a new conversation) also pays up to ``COLD_SPREAD`` of
+the cheapest cost by how much more its pod's cache took in lately than the least's
+(``PodState.stored_lately``): among about equally idle pods it goes to the one whose
+cache turns over slowest.
+
+The minimum wins, ties broken by load. When the pull is the cheaper path the
 decision carries a ``PullHint`` for the ``x-kvmarina-pull`` header.
 
 The prefix lookup reads the event-fed index for nodes whose agent stream is live,
@@ -75,6 +84,11 @@ PULL_LATENCY_MAX_S = 1.0
 #: and 1.051x at 0.25 (1.046x over 5 rounds), 1.065x and 1.066x at 1.0, 1.082x at 0.
 #: One router is unchanged.
 REPLICA_SPREAD = 0.25
+#: a new conversation (a prompt no pod holds any of) goes, among the pods within this
+#: fraction of the cheapest, to the one whose cache took in the fewest new blocks
+#: lately: every block a cache takes in evicts one, so an even intake keeps every
+#: pod's conversations cached about as long
+COLD_SPREAD = 0.1
 
 
 def pod_domain(pod: str) -> str:
@@ -493,6 +507,8 @@ class RoutingCore:
                         cost -= saved
                         peer = src
             append((cost, pod.inflight, (i - offset) % n, i, peer))
+        if not runs and n > 1:
+            _spread_cold(scored, pods, now)
         if lo >= hi and w.balance:
             self._balance(scored, pods, w.balance * bs)
         cost, _, _, top, peer = min(scored)
@@ -583,6 +599,20 @@ class RoutingCore:
             # the pod's bit whatever came later (so a second note would change nothing)
             self.recent.store(pod, hashes, DEVICE)
             self._recent_log.append((now, pod, hashes))
+
+
+def _spread_cold(scored: list[Scored], pods: list[PodState], now: float) -> None:
+    """A prompt no pod holds any of: add up to ``COLD_SPREAD`` of the cheapest cost to
+    each pod's, by how much more its cache took in lately than the least's."""
+    if not any(p.stored for p in pods):  # nothing sent yet: skip the decays
+        return
+    stored = [p.stored_lately(now) for p in pods]
+    least, most = min(stored), max(stored)
+    if most <= least:
+        return
+    k = COLD_SPREAD * min(scored)[0] / (most - least)
+    for j, (cost, inflight, rot, i, peer) in enumerate(scored):
+        scored[j] = (cost + k * (stored[i] - least), inflight, rot, i, peer)
 
 
 def _rendezvous(pods: list[PodState], key: str) -> list[PodState]:

@@ -66,7 +66,10 @@ def test_rounds_are_run_in_turn_and_reported_as_medians(tmp_path: Path) -> None:
     ("args", "says"),
     [
         (["--repeat", "0"], "--repeat 0: give 1 or more rounds"),
+        (["--requests", "-5"], "--requests -5: give a row count, or 0 for all"),
         (["--regimes", "prefill"], "unknown regime(s) ['prefill']"),
+        (["--policies", "cache-aware,lru"], "unknown policy(ies) ['lru']"),
+        (["--replicas-regime", "prefill"], "--replicas-regime prefill: use first_token"),
         (["--trace", "/nonexistent/trace.jsonl"], "trace not found: /nonexistent/trace.jsonl"),
     ],
 )

@@ -340,6 +340,35 @@ def test_a_new_conversation_goes_where_the_cache_is_smallest() -> None:
     assert firsts == {"p0", "p1"}  # without the term, idle pods take turns
 
 
+def test_a_new_conversation_goes_to_the_cache_that_took_in_least_lately(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Among idle pods, a prompt none holds goes to the pod whose cache took in the fewest
+    new tokens lately (each evicts an older block); that intake is forgotten by half every
+    ``STORED_HALF_LIFE_S``; a slower pod is not taken for it, nor is a prompt that a pod
+    holds moved."""
+    from kvmarina.router.pods import STORED_HALF_LIFE_S
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    rc = core(n=3)
+    p0, p1, p2 = (rc.pods[f"p{i}"] for i in range(3))
+    for pod, tokens in ((p0, 9000), (p1, 3000), (p2, 6000)):
+        pod.queue_add(tokens, clock[0] - 60)
+        pod.queue_done(tokens)  # long done: no queue left
+    assert p0.queue_ahead(clock[0]) == p1.queue_ahead(clock[0]) == 0
+    for k in range(3):
+        assert rc.decide(list(range(k * 500, k * 500 + 320)), "s").best is p1
+    intake = p1.stored_lately(clock[0])
+    assert p1.stored_lately(clock[0] + STORED_HALF_LIFE_S) == pytest.approx(intake / 2)
+    p1.queue_add(100, clock[0])  # a queue: more than a tenth of a 320-token prefill
+    assert p1.stored_lately(clock[0]) < p2.stored_lately(clock[0])  # still the least intake
+    assert rc.decide(list(range(7000, 7320)), "s").best is p2
+    held = list(range(9000, 9000 + 320))
+    rc.index.store("n0", rc.hashes(held, "s"), "device")
+    assert rc.decide([*held, 1, 2, 3], "s").best is p0
+
+
 def test_host_tier_hit_costs_a_load() -> None:
     rc = core(host_load_tokens_per_second=1000.0)
     toks = list(range(1600))
@@ -664,7 +693,7 @@ def reference_decision(
     docstring define it, term by term, with the pods' own methods and every block hashed
     first (the plain form of ``RoutingCore._cache_aware``): (cost, pod, pull peer).
     ``draws``: the router's random numbers for ``REPLICA_SPREAD``, in pod order."""
-    from kvmarina.router.routing import REPLICA_SPREAD
+    from kvmarina.router.routing import COLD_SPREAD, REPLICA_SPREAD
 
     r, w, bs = rc.cfg.routing, rc.cfg.routing.weights, rc.contract.block_size
     host_s_per_block = bs / r.host_load_tokens_per_second  # as the code rounds it
@@ -709,6 +738,13 @@ def reference_decision(
             cost *= 1.0 + REPLICA_SPREAD * draws.random()  # a replica's cold placement
         out.append((cost, pod.name, peer))
         pod_runs.append(run)
+    stored = [p.stored_lately(now) for p in rc.pods.values()]
+    if not runs and len(out) > 1 and max(stored) > min(stored):  # a new conversation
+        k = COLD_SPREAD * min(out)[0] / (max(stored) - min(stored))
+        out = [
+            (c + k * (s - min(stored)), name, peer)
+            for (c, name, peer), s in zip(out, stored, strict=True)
+        ]
     if w.balance and min(pod_runs) == max(pod_runs):  # no pod has an edge: the balance term
         sizes = [
             len((rc.index if p.domain in rc.live_nodes else rc.approx).node_blocks(p.domain))
