@@ -63,7 +63,10 @@ def run_rounds(sup: Supervisor, work: list[WorkRequest], rounds: int) -> dict[st
     url, model, cfg = router.spec.info["url"], router.spec.info["model"], router.spec.info["config"]
     warm_up(sup, model, work)
     engines = [p.spec.info["url"] for p in sup.procs if p.spec.role == "engine"]
-    started = sglang.start(engines)
+    try:
+        started = sglang.start(engines)
+    except RuntimeError as exc:  # installed, but it would not start
+        raise SystemExit(f"fleet.py: {exc}") from None
     policies = [*POLICIES, "sglang"] if started else list(POLICIES)
     if started is None:
         print("sglang-router not installed: compared with kvmarina's own policies only")
@@ -106,9 +109,6 @@ def main() -> int:
     work = workload(args)
     try:
         runs = run_rounds(sup, work, args.rounds)
-    except RuntimeError as exc:  # the SGLang router would not start
-        print(f"fleet.py: {exc}", file=sys.stderr)
-        return 1
     finally:
         sup.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -45,7 +45,7 @@ def small_trace(path: Path) -> Path:
 def test_rounds_are_run_in_turn_and_reported_as_medians(tmp_path: Path) -> None:
     trace = small_trace(tmp_path / "trace.jsonl")
     done = run(
-        "--trace", str(trace), "--requests", "12", "--replay-seconds", "0.5",
+        "--trace", str(trace), "--requests", "0", "--replay-seconds", "0.5",
         "--engines", "2", "--regimes", "decode", "--policies", "cache-aware,sglang",
         "--replicas-regime", "", "--repeat", "2", "--router-cpu", "-1", "--engine-cpu", "-1",
     )  # fmt: skip
