@@ -19,12 +19,16 @@ only: no pull hints, so it is comparable with routers that cannot move KV),
 ``cache-aware-approx`` (without events: its own record of what it sent where, as the
 SGLang router works), ``round-robin``, and ``sglang`` (``sglang-router --policy
 cache_aware``). ``replicas``: two cache-aware routers that share nothing behind a
-round-robin kvmarina router, against one behind the same front (``--replicas-regime``);
-two controls as policies: ``replica1+shadow`` (a second replica follows the events but
-takes no request: what its CPU costs) and ``replica1x2`` (the front names one replica
-twice: what the front costs). With ``replica1+shadow`` run, the result also gives two
-replicas' p90 over the shadow's (``replicas2_p90_over_shadow``): the same processes on
-the same cores, one deciding or two.
+round-robin front, against one behind the same front (``--replicas-regime``). The
+front is the replay itself by default (``--front client``: request i goes to replica
+i mod 2, as a Kubernetes Service spreads connections in the kernel, at no cost to the
+routers' core); ``--front router`` puts a round-robin kvmarina router there instead,
+a third process on the routers' core. Two controls as policies: ``replica1+shadow``
+(a second replica follows the events but takes no request: what its CPU costs) and
+``replica1x2`` (``--front router`` only: the front names one replica twice: what the
+front costs). With ``replica1+shadow`` run, the result also gives two replicas' p90
+over the shadow's (``replicas2_p90_over_shadow``): the same processes on the same
+cores, one deciding or two.
 
 Targets, per regime: cache-aware hit rate >= SGLang's, TTFT p90 <= 0.8x SGLang's, p50
 no worse; two replicas within 5 % of one replica's hit rate and p90. Exit code 1 when a
@@ -104,9 +108,11 @@ def load_trace(path: Path, n: int, tokens_per_id: int) -> Trace:
     )
 
 
-async def replay(url: str, trace: Trace, speed: float, decode: bool) -> tuple[list[float], int]:
+async def replay(
+    urls: list[str], trace: Trace, speed: float, decode: bool
+) -> tuple[list[float], int]:
     """Every request at its (compressed) arrival time, streamed, each on a connection
-    of its own; TTFTs and errors.
+    of its own, the ``urls`` taken in turn (round-robin); TTFTs and errors.
 
     A fresh connection per request: on a reused one, ``sglang-router`` 0.3.2 sends a
     streamed answer's headers and then its first chunk in two segments without
@@ -123,7 +129,7 @@ async def replay(url: str, trace: Trace, speed: float, decode: bool) -> tuple[li
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
         start = time.monotonic() + 0.2
 
-        async def one(at: float, prompt: str, out: int) -> None:
+        async def one(url: str, at: float, prompt: str, out: int) -> None:
             nonlocal errors
             await asyncio.sleep(max(0.0, start + at / speed - time.monotonic()))
             body = {"model": "sim", "prompt": prompt, "max_tokens": out if decode else 2}
@@ -145,7 +151,9 @@ async def replay(url: str, trace: Trace, speed: float, decode: bool) -> tuple[li
                 errors += 1
 
         rows = zip(trace.arrivals, trace.prompts, trace.outputs, strict=True)
-        await asyncio.gather(*(one(a, p, o) for a, p, o in rows))
+        await asyncio.gather(
+            *(one(urls[i % len(urls)], a, p, o) for i, (a, p, o) in enumerate(rows))
+        )
     return ttfts, errors
 
 
@@ -164,6 +172,42 @@ async def engine_hits(urls: list[str]) -> float:
                     elif name == "kvmarina_sim_prompt_tokens_total":
                         total += float(value)
     return cached / total if total else 0.0
+
+
+async def start_replicas(
+    args: argparse.Namespace,
+    procs: Procs,
+    tmp: Path,
+    urls: list[str],
+    nodes: list[str],
+    policy: str,
+    routing: dict[str, Any],
+    started: list[Any],
+) -> list[str]:
+    """The cache-aware replicas of a ``replica*`` policy (each in ``started``) and the
+    URLs the replay takes in turn: the replicas' own (``--front client``) or one
+    round-robin kvmarina router's in front of them (``--front router``)."""
+    inner = []
+    n = 1 if policy in ("replica1", "replica1x2") else 2
+    for _ in range(n):
+        p, u = start_router(
+            procs, urls, nodes, args.router_cpu, "cache-aware", tmp,
+            replicas=n, pull_hints=False, **routing,
+        )  # fmt: skip
+        started.append(p)
+        inner.append(u)
+    for u in inner:
+        await wait_ready(u)
+    if policy == "replica1+shadow":  # a second replica that follows the events
+        inner = inner[:1]  # and takes no request: the CPU it costs, no decisions
+    if policy == "replica1x2":  # the front with two entries for the same replica
+        inner = [inner[0], inner[0]]
+    if args.front == "client":
+        return inner
+    names = [f"router-{i}" for i in range(len(inner))]
+    p, url = start_router(procs, inner, names, args.router_cpu, "round-robin", tmp, events=False)
+    started.append(p)
+    return [url]
 
 
 async def run_policy(
@@ -192,28 +236,9 @@ async def run_policy(
             if s is None:
                 return None
             started.append(s[0])
-            url = s[1]
-        elif policy in ("replica1", "replicas2", "replica1+shadow", "replica1x2"):
-            inner = []
-            n = 1 if policy in ("replica1", "replica1x2") else 2
-            for _ in range(n):
-                p, u = start_router(
-                    procs, urls, nodes, args.router_cpu, "cache-aware", tmp,
-                    replicas=n, pull_hints=False, **routing,
-                )  # fmt: skip
-                started.append(p)
-                inner.append(u)
-            for u in inner:
-                await wait_ready(u)
-            if policy == "replica1+shadow":  # a second replica that follows the events
-                inner = inner[:1]  # and takes no request: the CPU it costs, no decisions
-            if policy == "replica1x2":  # the front with two entries for the same replica
-                inner = [inner[0], inner[0]]
-            names = [f"router-{i}" for i in range(len(inner))]
-            p, url = start_router(
-                procs, inner, names, args.router_cpu, "round-robin", tmp, events=False
-            )
-            started.append(p)
+            targets = [s[1]]
+        elif policy.startswith("replica"):
+            targets = await start_replicas(args, procs, tmp, urls, nodes, policy, routing, started)
         else:
             p, url = start_router(
                 procs,
@@ -227,9 +252,11 @@ async def run_policy(
                 **routing,
             )
             started.append(p)
-        await wait_ready(url)
+            targets = [url]
+        for u in targets:
+            await wait_ready(u)
         speed = trace.arrivals[-1] / args.replay_seconds if trace.arrivals[-1] > 0 else 1.0
-        ttfts, errors = await replay(url, trace, speed, decode)
+        ttfts, errors = await replay(targets, trace, speed, decode)
         hit = await engine_hits(urls)
     finally:
         for p in started:
@@ -293,6 +320,13 @@ def main() -> int:
     ap.add_argument("--regimes", default=",".join(REGIMES))
     ap.add_argument("--policies", default="cache-aware,cache-aware-approx,round-robin,sglang")
     ap.add_argument("--replicas-regime", default="decode", help="'' skips the replica runs")
+    ap.add_argument(
+        "--front",
+        choices=("client", "router"),
+        default="client",
+        help="before the replicas: the replay taking them in turn (client), or a "
+        "round-robin kvmarina router (router)",
+    )
     ap.add_argument("--weights", default="", help='router weights, JSON: {"duplication": 4}')
     ap.add_argument("--router-cpu", type=int, default=1, help="-1: not pinned")
     ap.add_argument("--engine-cpu", type=int, default=0)
@@ -312,6 +346,8 @@ def main() -> int:
     policies = [p for p in args.policies.split(",") if p]
     if unknown := set(policies) - set(POLICIES):
         raise SystemExit(f"unknown policy(ies) {sorted(unknown)}; use {', '.join(POLICIES)}")
+    if "replica1x2" in policies and args.front != "router":
+        raise SystemExit("replica1x2 measures the router front's cost: pass --front router")
     if args.replicas_regime and args.replicas_regime not in REGIMES:
         raise SystemExit(
             f"--replicas-regime {args.replicas_regime}: use {', '.join(REGIMES)}, or '' for none"

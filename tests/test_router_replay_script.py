@@ -63,6 +63,30 @@ def test_rounds_are_run_in_turn_and_reported_as_medians(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("front", "policies"),
+    [("client", "replica1+shadow"), ("router", "replica1x2")],
+)
+def test_replicas_run_behind_either_front(tmp_path: Path, front: str, policies: str) -> None:
+    """One replica and two (and a control) behind the replay's own round-robin or a
+    round-robin kvmarina router: every request answered, both replica targets judged."""
+    trace = small_trace(tmp_path / "trace.jsonl")
+    done = run(
+        "--trace", str(trace), "--replay-seconds", "0.5", "--engines", "2",
+        "--regimes", "decode", "--policies", policies, "--replicas-regime", "decode",
+        "--front", front, "--router-cpu", "-1", "--engine-cpu", "-1",
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    result = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("{")))
+    for key in ("replica1", "replicas2", policies):
+        assert result[key]["errors"] == 0 and result[key]["hit_rate"] > 0.0, key
+    assert set(result["targets_met"]) == {
+        "replicas: hit_rate>=0.95*one",
+        "replicas: ttft_p90<=1.05*one",
+    }
+    assert ("replicas2_p90_over_shadow" in result) == (policies == "replica1+shadow")
+
+
+@pytest.mark.parametrize(
     ("args", "says"),
     [
         (["--repeat", "0"], "--repeat 0: give 1 or more rounds"),
@@ -70,6 +94,8 @@ def test_rounds_are_run_in_turn_and_reported_as_medians(tmp_path: Path) -> None:
         (["--regimes", "prefill"], "unknown regime(s) ['prefill']"),
         (["--policies", "cache-aware,lru"], "unknown policy(ies) ['lru']"),
         (["--replicas-regime", "prefill"], "--replicas-regime prefill: use first_token"),
+        (["--policies", "replica1x2"], "replica1x2 measures the router front's cost"),
+        (["--front", "nginx"], "argument --front: invalid choice: 'nginx'"),
         (["--trace", "/nonexistent/trace.jsonl"], "trace not found: /nonexistent/trace.jsonl"),
     ],
 )
