@@ -316,7 +316,14 @@ class SimEngine:
         self, request: web.Request, tokens: list[int], hashes: list[bytes]
     ) -> tuple[int, int, int]:
         """One prefill on the engine's prefill server: (cached blocks, cached tokens,
-        pulled blocks)."""
+        pulled blocks).
+
+        The prompt's blocks are stored, and announced, as the prefill starts, as vLLM's
+        scheduler does (``KVCacheManager.allocate_slots`` caches a chunk's full blocks
+        when it schedules the chunk, and the step's ``BlockStored`` events go out with
+        it): every router following the node sees at once where the prompt is being
+        computed, its replicas too, not only the one that sent it. The server is one
+        at a time, so a request behind this one finds the blocks computed."""
         run = self.kv.run(hashes)
         pulled = max(0, min(self._pull_blocks(request.headers.get(PULL_HEADER)), len(hashes)) - run)
         cached = run * self.cfg.block_size
@@ -327,15 +334,15 @@ class SimEngine:
             delay += compute / self.cfg.prefill_tps * slower
         if pulled and self.cfg.pull_bytes_per_s > 0:
             delay += pulled * self.cfg.block_bytes / self.cfg.pull_bytes_per_s
+        stored, evicted = self.kv.insert(hashes)
+        self.hub.publish("stored", stored, "device")
+        self.hub.publish("evicted", evicted)
         if delay > 0:
             self._prefill_now = (time.monotonic(), delay, compute)
             try:
                 await asyncio.sleep(delay)
             finally:
                 self._prefill_now = None
-        stored, evicted = self.kv.insert(hashes)
-        self.hub.publish("stored", stored, "device")
-        self.hub.publish("evicted", evicted)
         return run, cached, pulled
 
     async def _decode(self, n: int, step: Any) -> str:

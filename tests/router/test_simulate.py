@@ -90,6 +90,25 @@ async def test_the_engine_pushes_its_load_on_the_event_stream(
         assert loads[-1] == LoadRecord("", running=0, waiting=0, queued_tokens=0)
 
 
+async def test_a_prompt_is_announced_as_its_prefill_starts(
+    fleet: Fleet, http: aiohttp.ClientSession
+) -> None:
+    """As vLLM's scheduler caches a chunk's blocks when it schedules it: a router
+    replica that did not send the prompt learns where it is being computed before
+    its first token."""
+    eng, url = await fleet.engine(prefill_tps=200.0)  # 96 tokens: ~0.5 s of prefill
+    body = {"model": "sim", "prompt": "z" * 96, "max_tokens": 1}
+    async with http.get(f"{url}/v1/events") as ev:
+        await read_records(ev, 1)  # the snapshot
+        sent = asyncio.create_task(http.post(f"{url}/v1/completions", json=body))
+        (stored,) = await read_records(ev, 1)
+        assert isinstance(stored, BlockEvent) and stored.type == "stored"
+        assert len(stored.hashes) == 6 and not sent.done()  # still prefilling
+        assert eng.load().queued_tokens > 0
+        async with await sent as r:
+            assert (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
 async def test_chat_streaming_and_errors(fleet: Fleet, http: aiohttp.ClientSession) -> None:
     _, url = await fleet.engine()
     body = {
