@@ -82,7 +82,8 @@ PULL_LATENCY_MAX_S = 1.0
 #: with the best learned rate), where they queue behind each other. Two replicas,
 #: decode replay, p90 over one replica's, medians of 3 rounds (``--repeat 3``): 1.049x
 #: and 1.051x at 0.25 (1.046x over 5 rounds), 1.065x and 1.066x at 1.0, 1.082x at 0.
-#: One router is unchanged.
+#: One router is unchanged. Since the replay is the front and the simulated engines
+#: announce a prompt as its prefill starts: 1.066x at 0.25, 1.080x at 0 (3 rounds).
 REPLICA_SPREAD = 0.25
 #: a new conversation (a prompt no pod holds any of) goes, among the pods within this
 #: fraction of the cheapest, to the one whose cache took in the fewest new blocks
