@@ -184,9 +184,9 @@ async def start_replicas(
     routing: dict[str, Any],
     started: list[Any],
 ) -> list[str]:
-    """The cache-aware replicas of a ``replica*`` policy (each in ``started``) and the
-    URLs the replay takes in turn: the replicas' own (``--front client``) or one
-    round-robin kvmarina router's in front of them (``--front router``)."""
+    """The cache-aware replicas of a ``replica*`` policy (each in ``started``), ready,
+    and the URLs the replay takes in turn: the replicas' own (``--front client``) or
+    one round-robin kvmarina router's in front of them (``--front router``)."""
     inner = []
     n = 1 if policy in ("replica1", "replica1x2") else 2
     for _ in range(n):
@@ -207,6 +207,7 @@ async def start_replicas(
     names = [f"router-{i}" for i in range(len(inner))]
     p, url = start_router(procs, inner, names, args.router_cpu, "round-robin", tmp, events=False)
     started.append(p)
+    await wait_ready(url)
     return [url]
 
 
@@ -236,6 +237,7 @@ async def run_policy(
             if s is None:
                 return None
             started.append(s[0])
+            await wait_ready(s[1])
             targets = [s[1]]
         elif policy.startswith("replica"):
             targets = await start_replicas(args, procs, tmp, urls, nodes, policy, routing, started)
@@ -252,9 +254,8 @@ async def run_policy(
                 **routing,
             )
             started.append(p)
+            await wait_ready(url)
             targets = [url]
-        for u in targets:
-            await wait_ready(u)
         speed = trace.arrivals[-1] / args.replay_seconds if trace.arrivals[-1] > 0 else 1.0
         ttfts, errors = await replay(targets, trace, speed, decode)
         hit = await engine_hits(urls)
