@@ -174,6 +174,21 @@ async def engine_hits(urls: list[str]) -> float:
     return cached / total if total else 0.0
 
 
+async def router_moves(urls: list[str]) -> int:
+    """Requests the kvmarina routers at ``urls`` took back from a herded pod."""
+    import aiohttp
+
+    moves = 0.0
+    async with aiohttp.ClientSession() as http:
+        for u in urls:
+            async with http.get(f"{u}/metrics") as r:
+                for line in (await r.text()).splitlines():
+                    name, _, value = line.partition(" ")
+                    if name == "kvmarina_router_moves_total":
+                        moves += float(value)
+    return int(moves)
+
+
 async def start_replicas(
     args: argparse.Namespace,
     procs: Procs,
@@ -259,6 +274,7 @@ async def run_policy(
         speed = trace.arrivals[-1] / args.replay_seconds if trace.arrivals[-1] > 0 else 1.0
         ttfts, errors = await replay(targets, trace, speed, decode)
         hit = await engine_hits(urls)
+        moves = await router_moves(targets) if policy != "sglang" else 0
     finally:
         for p in started:
             procs.stop(p)
@@ -269,6 +285,7 @@ async def run_policy(
         "ttft_p90_ms": round(percentile(ttfts, 90) * 1e3, 1) if ttfts else None,
         "ttft_p99_ms": round(percentile(ttfts, 99) * 1e3, 1) if ttfts else None,
         "errors": errors,
+        "moves": moves,
     }
 
 
@@ -282,6 +299,7 @@ def of_rounds(outs: list[dict[str, Any]]) -> dict[str, Any]:
         xs = [o[k] for o in outs if o[k] is not None]
         out[k] = round(median(xs), 4 if k == "hit_rate" else 1) if xs else None
     out["errors"] = sum(o["errors"] for o in outs)
+    out["moves"] = sum(o["moves"] for o in outs)
     out["hit_rate_rounds"] = [o["hit_rate"] for o in outs]
     out["ttft_p90_ms_rounds"] = [o["ttft_p90_ms"] for o in outs]
     return out
@@ -383,8 +401,9 @@ def main() -> int:
     rows = [("regime / router", "hit rate", "TTFT p50 / p90 / p99 ms")]
     for key, v in result.items():
         if isinstance(v, dict) and "hit_rate" in v:
-            rows.append((key, str(v["hit_rate"]), f"{v['ttft_p50_ms']} / {v['ttft_p90_ms']} / "
-                         f"{v['ttft_p99_ms']}  errors {v['errors']}"))  # fmt: skip
+            ttft = f"{v['ttft_p50_ms']} / {v['ttft_p90_ms']} / {v['ttft_p99_ms']}"
+            tail = f"errors {v['errors']}  moves {v['moves']}"
+            rows.append((key, str(v["hit_rate"]), f"{ttft}  {tail}"))
     report(rows, result)
     return 0 if all(met.values()) else 1
 

@@ -4,6 +4,13 @@
 engine has scheduled (decoding, or prefilling now), requests queued for their prefill,
 and the prompt tokens still to prefill (cache hits excluded; optional). A router
 that is one of several replicas learns from it what the others sent the engine.
+
+``x-kvmarina-ahead: <prompt tokens>``: an engine that sends a stream's head as it takes
+the request (before the prefill) may say how much prefill is ahead of it there. Router
+replicas that share nothing can send prompts to the same idle engine within a
+millisecond of each other; the one whose request found the other's ahead of it may
+close it before it starts (the engine drops a request whose client went away) and send
+it to the next pod.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOAD_HEADER = "x-kvmarina-load"
+AHEAD_HEADER = "x-kvmarina-ahead"
 
 
 @dataclass(frozen=True, slots=True)

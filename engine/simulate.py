@@ -41,7 +41,7 @@ from kvmarina.event_log import EventLog, stream
 from kvmarina.events import LoadRecord
 from kvmarina.hashing import HashContract
 from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHintError, parse_pull_hint
-from kvmarina.load_report import LOAD_HEADER, EngineLoad, format_load
+from kvmarina.load_report import AHEAD_HEADER, LOAD_HEADER, EngineLoad, format_load
 from kvmarina.prompts import PromptError, prompt_tokens
 from kvmarina.tokenizer import Tokenizer, load_tokenizer
 
@@ -143,6 +143,12 @@ class SimEngine:
         self._push_due: asyncio.Handle | None = None  # the load push of this loop turn
         self._prefill_now: tuple[float, float, int] | None = None  # prefill: start, length, tokens
 
+    def runner(self) -> web.AppRunner:
+        """The app's runner. A request whose client went away is cancelled, as vLLM
+        aborts one whose connection closed: one still waiting leaves the queue (and
+        the load figures) at once, and one prefilling frees the prefill server."""
+        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self._completions)
@@ -243,18 +249,25 @@ class SimEngine:
         t0 = time.perf_counter()
         salt = request.headers.get(SALT_HEADER, self.cfg.default_salt)
         hashes = self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
+        stream = bool(body.get("stream"))
+        before = self.load().queued_tokens or 0  # the prefill work ahead of this request
         self.waiting += 1
-        ahead = len(tokens) - self.kv.peek(hashes) * self.cfg.block_size
-        self.queued_tokens += ahead
+        own = len(tokens) - self.kv.peek(hashes) * self.cfg.block_size
+        self.queued_tokens += own
         self._push_load()
         started = False
         try:
+            # a stream's head goes out as the engine takes the request, saying what is
+            # ahead of it: a router that finds another replica's prompt there may
+            # close it while it waits (its connection gone, the request leaves the
+            # queue: ``runner``) and send it elsewhere
+            resp = await self._head(request, before) if stream else None
             async with self._prefill:
                 self.waiting -= 1
                 started = self.prefilling = True
                 _, cached, pulled = await self._prefill_one(request, tokens, hashes)
         finally:
-            self.queued_tokens -= ahead
+            self.queued_tokens -= own
             self.prefilling = False
             if not started:
                 self.waiting -= 1
@@ -270,10 +283,10 @@ class SimEngine:
             "total_tokens": len(tokens) + max_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
-        if body.get("stream"):
+        if resp is not None:
             opts = body.get("stream_options") or {}
             return await self._stream(
-                request,
+                resp,
                 kind,
                 max_tokens,
                 usage,
@@ -389,17 +402,28 @@ class SimEngine:
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
         }
 
-    async def _stream(
-        self, request: web.Request, kind: str, n: int, usage: dict[str, Any], include_usage: bool
-    ) -> web.StreamResponse:
+    async def _head(self, request: web.Request, ahead: int) -> web.StreamResponse:
+        """A stream's head, sent as the request is taken: the engine's load then, and
+        the prompt tokens still to prefill ahead of it (``AHEAD_HEADER``)."""
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
                 **self._load_header(),
+                AHEAD_HEADER: str(ahead),
             }
         )
         await resp.prepare(request)
+        return resp
+
+    async def _stream(
+        self,
+        resp: web.StreamResponse,
+        kind: str,
+        n: int,
+        usage: dict[str, Any],
+        include_usage: bool,
+    ) -> web.StreamResponse:
         rid = f"sim-{uuid.uuid4().hex[:12]}"
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -527,7 +551,7 @@ def _identity(args: argparse.Namespace) -> str:
 async def serve(cfgs: list[SimConfig], host: str, port: int) -> None:
     runners, urls = [], []
     for i, cfg in enumerate(cfgs):
-        runner = web.AppRunner(SimEngine(cfg).app(), access_log=None)
+        runner = SimEngine(cfg).runner()
         await runner.setup()
         site = web.TCPSite(runner, host, port + i if port else 0, backlog=2048)
         await site.start()

@@ -90,6 +90,13 @@ class Decision:
             return self.ranked[:k]
         return [self._pods[t[3]] for t in heapq.nsmallest(k, self._scored)]
 
+    def runner_up_cost(self) -> float | None:
+        """What the best pod but ``best`` cost (``None`` unless scored, of two or more)."""
+        scored, best = self._scored, self.best
+        if scored is None:
+            return None
+        return min((t[0] for t in scored if self._pods[t[3]] is not best), default=None)
+
     @property
     def hashes(self) -> list[bytes]:
         """Every full block's hash (computed on first use past what routing needed)."""

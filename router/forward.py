@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from kvmarina.load_report import LOAD_HEADER, EngineLoad, parse_load_header
+from kvmarina.load_report import AHEAD_HEADER, LOAD_HEADER, EngineLoad, parse_load_header
 from kvmarina.router.deadlines import Deadlines
 from kvmarina.router.decision import Decision
 from kvmarina.router.metrics import RouterMetrics
@@ -32,6 +32,12 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 
 class UpstreamFailed(Exception):
     """The pod failed before sending a first byte: the next pod may be tried."""
+
+
+class Moved(Exception):
+    """The pod had more prefill ahead of the request than the decision saw (another
+    router's, sent just before) and the runner-up is now the better pod: the request
+    was taken back before its prefill began, for the next pod."""
 
 
 class Attempt:
@@ -85,6 +91,11 @@ class Attempt:
         self.decoding = False
         self.t0 = time.perf_counter()
 
+    def withdraw(self) -> None:
+        """Taken back before the engine began it: its tokens leave the queue undone."""
+        self.pod.queued_tokens -= self.pending
+        self.pending = 0
+
     def prefilled(self) -> None:
         self.pod.queue_done(self.pending)
         self.pending = 0
@@ -129,9 +140,11 @@ class Forwarder:
         headers: dict[str, str],
         parsed: ParsedRequest,
         decision: Decision,
+        may_move: bool = False,
     ) -> int:
         """The pod's answer relayed on ``reply``, its status returned; ``UpstreamFailed``
-        if the client got nothing yet."""
+        if the client got nothing yet; ``Moved`` (only when ``may_move``) if the engine's
+        early head showed a herd the runner-up avoids."""
         n_tokens = len(parsed.tokens)
         uncached = decision.uncached_tokens(pod, n_tokens, self.core.contract.block_size)
         a = Attempt(pod, uncached, self.core, decision.pulling, decision.looked_up)
@@ -144,9 +157,18 @@ class Forwarder:
                 if up.status in RETRY_STATUSES:
                     self._failed(pod)
                     raise UpstreamFailed(f"HTTP {up.status}")
-                self._sent(pod, decision, n_tokens, uncached)
-                # the engine's load as it answers: this request's prefill is done
                 reported = self._load_report(up.headers.get(LOAD_HEADER))
+                ahead = up.headers.get(AHEAD_HEADER)
+                if ahead is not None:
+                    # the head came as the engine took the request, before its prefill
+                    if reported is not None:
+                        pod.note_engine(reported, time.monotonic())
+                        reported = None
+                    if may_move and self._herded(a, decision, ahead):
+                        a.withdraw()
+                        raise Moved(f"{ahead} prompt tokens were ahead on {pod.name}")
+                # else the engine's load is as it answers: this request's prefill is done
+                self._sent(pod, decision, n_tokens, uncached)
                 if not parsed.stream:
                     await self._relay_whole(reply, a, up, reported)
                     return up.status
@@ -170,6 +192,20 @@ class Forwarder:
         finally:
             self.deadlines.discard(a)
             a.settle()
+
+    def _herded(self, a: Attempt, decision: Decision, ahead: str) -> bool:
+        """Whether to take the request back: the engine reported ``ahead`` prompt
+        tokens queued before it, and with them counted the decision's runner-up wins."""
+        try:
+            tokens = int(ahead)
+        except ValueError:
+            return False  # an unreadable report only refines routing: stay
+        pod = a.pod
+        extra = tokens * pod.slowdown(time.monotonic()) / pod.prefill_tps - a.queue_s
+        if not self.core.worth_moving(decision, pod, extra):
+            return False
+        self.core.not_computing(pod, decision)
+        return True
 
     async def _send(
         self, a: Attempt, path: str, body: bytes, headers: dict[str, str], decision: Decision

@@ -24,6 +24,11 @@ class RouterMetrics:
             "kvmarina_router_routed", "Requests sent to each pod", ["pod"], registry=r
         )
         self.retries = Counter("kvmarina_router_retries", "Retries on the next pod", registry=r)
+        self.moves = Counter(
+            "kvmarina_router_moves",
+            "Requests taken back from a pod that had another router's prompt ahead",
+            registry=r,
+        )
         self.rejected = Counter(
             "kvmarina_router_rejected", "Requests refused with 429 (queue full)", registry=r
         )

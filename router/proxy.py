@@ -14,7 +14,7 @@ from typing import Any
 from kvmarina.headers import PULL_HEADER, SALT_HEADER, PullHint
 from kvmarina.router.admission import Admission, Rejected
 from kvmarina.router.config import RouterConfig
-from kvmarina.router.forward import Forwarder, UpstreamFailed
+from kvmarina.router.forward import Forwarder, Moved, UpstreamFailed
 from kvmarina.router.headers import STRIPPED_HEADERS, raw_value
 from kvmarina.router.metrics import RouterMetrics
 from kvmarina.router.reply import Reply, error_body, send_json
@@ -124,8 +124,12 @@ class Proxy:
             body = self._with_pull(decision.pull if attempt == 0 else None, raw, vllm_body, headers)
             try:
                 status = await self.forwarder.forward(
-                    reply, pod, path, body, headers, parsed, decision
+                    reply, pod, path, body, headers, parsed, decision, may_move=attempt == 0
                 )
+            except Moved as exc:
+                log.debug("request moved off %s: %s", pod.name, exc)
+                self.metrics.moves.inc()
+                continue
             except UpstreamFailed as exc:
                 last_error = f"pod {pod.name}: {exc}"
                 log.warning("attempt %d failed on %s: %s", attempt + 1, pod.name, exc)

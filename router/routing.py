@@ -90,6 +90,11 @@ REPLICA_SPREAD = 0.25
 #: lately: every block a cache takes in evicts one, so an even intake keeps every
 #: pod's conversations cached about as long
 COLD_SPREAD = 0.1
+#: a request is taken back from the pod it was sent to (``worth_moving``) only when the
+#: runner-up beats staying there by this much, and by this share of the runner-up's
+#: cost: a request moved for a few milliseconds would trade a sure place for a guess
+MOVE_MIN_S = 0.02
+MOVE_MARGIN = 0.25
 
 
 def pod_domain(pod: str) -> str:
@@ -244,6 +249,26 @@ class RoutingCore:
         if total is not None:
             return max(own, total)
         return own + pod.others_waiting(now)
+
+    def worth_moving(self, decision: Decision, pod: PodState, extra_s: float) -> bool:
+        """Whether to take a request back from ``pod``, the decision's best, which had
+        ``extra_s`` more prefill ahead of it than the decision counted: router
+        replicas share nothing, and two of them can send prompts to one idle engine
+        within a millisecond, sooner than either hears of the other's; the engine's
+        early head (``kvmarina.load_report.AHEAD_HEADER``) tells the second one."""
+        if extra_s <= 0 or pod is not decision.best:
+            return False
+        alt = decision.runner_up_cost()
+        if alt is None:
+            return False
+        gain = decision.est_ttft_s + extra_s - alt
+        return gain > MOVE_MIN_S and gain > MOVE_MARGIN * alt
+
+    def not_computing(self, pod: PodState, decision: Decision) -> None:
+        """The request was taken back from ``pod`` before its prefill: what it would
+        have computed there is not coming (what the pod held before stays)."""
+        start = decision.cached_blocks.get(pod.domain, 0)
+        self.recent.evict(pod.name, decision.hashes[start:])
 
     def note_pushed_load(self, node: str, rec: LoadRecord) -> None:
         """An engine's load pushed on its node's stream: the pod it names, or the

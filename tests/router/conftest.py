@@ -18,8 +18,8 @@ from kvmarina.router.server import Router
 IDENT = "sim@v1|simulated|tp0of1"
 
 
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
+async def serve_app(app: web.Application | web.AppRunner) -> tuple[web.AppRunner, str]:
+    runner = app if isinstance(app, web.AppRunner) else web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -56,7 +56,7 @@ class Fleet:
         kw.setdefault("prefill_tps", 0.0)
         kw.setdefault("decode_tps", 0.0)
         eng = SimEngine(SimConfig(**kw))
-        runner, url = await serve_app(eng.app())
+        runner, url = await serve_app(eng.runner())
         self.runners.append(runner)
         self.engines.append(eng)
         return eng, url
@@ -91,7 +91,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+async def wait_for(
+    cond: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, every: float = 0.02
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         res = cond()
@@ -101,7 +103,7 @@ async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 
             return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every)
 
 
 @pytest.fixture
