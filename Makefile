@@ -65,9 +65,14 @@ $(VLLM_VENV)/.kvmarina: $(VLLM_VENV)/.installed pyproject.toml
 
 vllm: $(VLLM_VENV)/.installed $(VLLM_VENV)/.kvmarina
 
+# pytest-xdist workers: the suite waits on subprocesses much of the time (one worker
+# kept 0.86 of a core busy); tests/conftest.py keeps each module on one worker and
+# every module that starts vLLM on the same one
+TEST_WORKERS ?= 2
+
 # lint first: a lint error fails in seconds, not after the suite
 test: lint vllm
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -198,10 +198,11 @@ async def start_replicas(
     policy: str,
     routing: dict[str, Any],
     started: list[Any],
-) -> list[str]:
-    """The cache-aware replicas of a ``replica*`` policy (each in ``started``), ready,
-    and the URLs the replay takes in turn: the replicas' own (``--front client``) or
-    one round-robin kvmarina router's in front of them (``--front router``)."""
+) -> tuple[list[str], list[str]]:
+    """The cache-aware replicas of a ``replica*`` policy (each in ``started``), ready:
+    the URLs the replay takes in turn (the replicas' own with ``--front client``, or one
+    round-robin kvmarina router's in front of them with ``--front router``), and the
+    replicas' own."""
     inner = []
     n = 1 if policy in ("replica1", "replica1x2") else 2
     for _ in range(n):
@@ -213,17 +214,18 @@ async def start_replicas(
         inner.append(u)
     for u in inner:
         await wait_ready(u)
+    replicas = list(inner)
     if policy == "replica1+shadow":  # a second replica that follows the events
         inner = inner[:1]  # and takes no request: the CPU it costs, no decisions
     if policy == "replica1x2":  # the front with two entries for the same replica
         inner = [inner[0], inner[0]]
     if args.front == "client":
-        return inner
+        return inner, replicas
     names = [f"router-{i}" for i in range(len(inner))]
     p, url = start_router(procs, inner, names, args.router_cpu, "round-robin", tmp, events=False)
     started.append(p)
     await wait_ready(url)
-    return [url]
+    return [url], replicas
 
 
 async def run_policy(
@@ -253,9 +255,11 @@ async def run_policy(
                 return None
             started.append(s[0])
             await wait_ready(s[1])
-            targets = [s[1]]
+            targets, deciders = [s[1]], list[str]()
         elif policy.startswith("replica"):
-            targets = await start_replicas(args, procs, tmp, urls, nodes, policy, routing, started)
+            targets, deciders = await start_replicas(
+                args, procs, tmp, urls, nodes, policy, routing, started
+            )
         else:
             p, url = start_router(
                 procs,
@@ -270,11 +274,11 @@ async def run_policy(
             )
             started.append(p)
             await wait_ready(url)
-            targets = [url]
+            targets = deciders = [url]
         speed = trace.arrivals[-1] / args.replay_seconds if trace.arrivals[-1] > 0 else 1.0
         ttfts, errors = await replay(targets, trace, speed, decode)
         hit = await engine_hits(urls)
-        moves = await router_moves(targets) if policy != "sglang" else 0
+        moves = await router_moves(deciders)
     finally:
         for p in started:
             procs.stop(p)

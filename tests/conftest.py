@@ -20,6 +20,22 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: test files that start vLLM servers (each start takes a core for 15-25 s): one xdist
+#: group, so that no two of them run at once
+VLLM_GROUP = ("tests/vllm/", "tests/cluster/test_plan_runs.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For ``pytest -n`` (``make test``, ``--dist loadgroup``): a module's tests run on one
+    worker, so its module-scoped fixtures start once, and the modules that start vLLM
+    servers all run on the same worker, one after another."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        group = "vllm" if module.startswith(VLLM_GROUP) else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -78,7 +78,8 @@ def test_replicas_run_behind_either_front(tmp_path: Path, front: str, policies: 
     assert done.returncode in (0, 1), done.stderr[-2000:]
     result = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("{")))
     for key in ("replica1", "replicas2", policies):
-        assert result[key]["errors"] == 0 and result[key]["hit_rate"] > 0.0, key
+        ok = result[key]["errors"] == 0 and result[key]["hit_rate"] > 0.0
+        assert ok, (key, result, done.stderr[-1500:])  # everything, should it ever fail
     assert set(result["targets_met"]) == {
         "replicas: hit_rate>=0.95*one",
         "replicas: ttft_p90<=1.05*one",

@@ -125,6 +125,9 @@ def test_cleared_orphans_groups_and_the_array_form() -> None:
         (batch(stored(["x"], None, [1, 2, 3, 4])), "garbage"),
         (batch(stored([1], None, list(range(8)), block_size=8)), "block_size"),
     ],
+    # a batch carries the time it was made: ids that hold none, for pytest-xdist, whose
+    # workers must collect the same tests
+    ids=["not-msgpack", "no-batch", "unknown-type", "short-hashes", "bad-hash", "block-size"],
 )
 def test_unreadable_batches_name_their_reason(payload: bytes, reason: str) -> None:
     blocks, _ = pod_blocks()

@@ -73,6 +73,15 @@ def stats(node: Node) -> dict[str, Any]:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
+def claimed(node: Node, at_least: int, timeout: float = 20.0) -> None:
+    """Until an engine of the node claims ``at_least`` blocks: it is computing them (how
+    soon its prefill starts depends on how busy the machine is)."""
+    deadline = time.monotonic() + timeout
+    while int(stats(node)["claimed_blocks"]) < at_least:
+        assert time.monotonic() < deadline, f"no engine claimed {at_least} blocks"
+        time.sleep(0.005)
+
+
 def stored(node: Node, at_least: int, timeout: float = 20.0) -> int:
     """The node's committed device blocks once there are ``at_least`` of them: the
     connector saves on a thread of its own, so a reply can come before its blocks are
@@ -185,7 +194,7 @@ def test_a_prefix_two_engines_get_at_once_is_computed_once(fleet: Fleet) -> None
     prompt = block_text(9, 2000)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(complete, a0.url, prompt, "tenant")
-        time.sleep(0.1)  # a0 is prefilling (about 0.25 s): its blocks are claimed
+        claimed(fleet.nodes["a"], 62)  # a0 is prefilling (about 0.25 s idle)
         second = pool.submit(complete, a1.url, prompt, "tenant")
         done = first.result(), second.result()
     # a1 waited for a0's blocks (the agent's claims) and loaded them
