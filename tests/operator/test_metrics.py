@@ -81,20 +81,27 @@ async def test_reconciles_errors_durations_and_pods_move_as_the_operator_works(
     orphan["spec"]["poolRef"] = {"name": "missing"}
     await cluster.create(orphan)
 
-    async def counted() -> Samples | None:
-        now = await read()
-        engines = value(now, "kvmarina_operator_children", component="engine", state="not_ready")
-        invalid = value(
-            now, "kvmarina_operator_reconciles_total", kind="ModelServing", result="invalid"
-        )
-        return now if engines == 2 and invalid > 0 else None
-
-    during = await wait_for(counted)
-
     def moved(now: Samples, name: str, **labels: str) -> float:
         return value(now, name, **labels) - value(before, name, **labels)
 
     total = "kvmarina_operator_reconciles_total"
+
+    async def counted() -> Samples | None:
+        """Every pass below done: the serving's can end before the pool's (the serving
+        reads the pool, not its pass), more so on a busy machine."""
+        now = await read()
+        engines = value(now, "kvmarina_operator_children", component="engine", state="not_ready")
+        passes = [
+            moved(now, total, kind=kind, result=result)
+            for kind, result in (
+                ("KVCachePool", "ok"),
+                ("ModelServing", "ok"),
+                ("ModelServing", "invalid"),
+            )
+        ]
+        return now if engines == 2 and min(passes) >= 1 else None
+
+    during = await wait_for(counted)
     assert moved(during, total, kind="KVCachePool", result="ok") >= 1
     assert moved(during, total, kind="ModelServing", result="ok") >= 1
     assert moved(during, total, kind="ModelServing", result="invalid") >= 1  # the orphan
