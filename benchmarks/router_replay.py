@@ -157,36 +157,32 @@ async def replay(
     return ttfts, errors
 
 
-async def engine_hits(urls: list[str]) -> float:
-    """Prompt tokens found cached, over all engines."""
+async def metric_sums(urls: list[str], names: tuple[str, ...]) -> dict[str, float]:
+    """Each of ``names`` (unlabelled Prometheus samples) summed over the ``urls``."""
     import aiohttp
 
-    cached = total = 0.0
+    sums = dict.fromkeys(names, 0.0)
     async with aiohttp.ClientSession() as http:
         for u in urls:
             async with http.get(f"{u}/metrics") as r:
                 for line in (await r.text()).splitlines():
                     name, _, value = line.partition(" ")
-                    if name == "kvmarina_sim_cached_tokens_total":
-                        cached += float(value)
-                    elif name == "kvmarina_sim_prompt_tokens_total":
-                        total += float(value)
-    return cached / total if total else 0.0
+                    if name in sums:
+                        sums[name] += float(value)
+    return sums
+
+
+async def engine_hits(urls: list[str]) -> float:
+    """Prompt tokens found cached, over all engines."""
+    cached, total = "kvmarina_sim_cached_tokens_total", "kvmarina_sim_prompt_tokens_total"
+    sums = await metric_sums(urls, (cached, total))
+    return sums[cached] / sums[total] if sums[total] else 0.0
 
 
 async def router_moves(urls: list[str]) -> int:
     """Requests the kvmarina routers at ``urls`` took back from a herded pod."""
-    import aiohttp
-
-    moves = 0.0
-    async with aiohttp.ClientSession() as http:
-        for u in urls:
-            async with http.get(f"{u}/metrics") as r:
-                for line in (await r.text()).splitlines():
-                    name, _, value = line.partition(" ")
-                    if name == "kvmarina_router_moves_total":
-                        moves += float(value)
-    return int(moves)
+    moves = "kvmarina_router_moves_total"
+    return int((await metric_sums(urls, (moves,)))[moves])
 
 
 async def start_replicas(
