@@ -245,13 +245,14 @@ async def run_policy(
         routing: dict[str, Any] = {"prefill_tokens_per_second": args.prefill_tps}
         if args.weights:
             routing["weights"] = json.loads(args.weights)
+        deciders: list[str]  # the kvmarina routers that decide (their moves are counted)
         if policy == "sglang":
             s = start_sglang(procs, urls, args.router_cpu)
             if s is None:
                 return None
             started.append(s[0])
             await wait_ready(s[1])
-            targets, deciders = [s[1]], list[str]()
+            targets, deciders = [s[1]], []  # SGLang's router moves nothing
         elif policy.startswith("replica"):
             targets, deciders = await start_replicas(
                 args, procs, tmp, urls, nodes, policy, routing, started

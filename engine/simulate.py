@@ -250,7 +250,8 @@ class SimEngine:
         salt = request.headers.get(SALT_HEADER, self.cfg.default_salt)
         hashes = self.contract.block_hashes(tokens, self.cfg.model_identity, salt)
         stream = bool(body.get("stream"))
-        before = self.load().queued_tokens or 0  # the prefill work ahead of this request
+        # the prefill work ahead of this request, for a stream's early head
+        before = (self.load().queued_tokens or 0) if stream else 0
         self.waiting += 1
         own = len(tokens) - self.kv.peek(hashes) * self.cfg.block_size
         self.queued_tokens += own
