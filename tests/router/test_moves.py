@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from aiohttp import web
 
 from kvmarina.load_report import AHEAD_HEADER
 from kvmarina.router.server import Router
 
-from .conftest import Fleet, router_doc, wait_for
+from .conftest import Fleet, router_doc, serve_app, wait_for
 
 TPS = 4000.0  # the engines' prefill rate, and the router's figure for it
 
@@ -85,3 +86,38 @@ async def test_the_head_says_what_is_ahead_and_a_closed_request_leaves_the_queue
     await first.read()
     first.release()
     assert eng.stats.requests == 1 and eng.stats.prompt_tokens == 2000
+
+
+async def test_an_unreadable_ahead_figure_keeps_the_request_where_it_was_sent(
+    fleet: Fleet, http: aiohttp.ClientSession
+) -> None:
+    """An engine's ``x-kvmarina-ahead`` only refines routing: a value that is no number
+    is ignored, and the request is answered by the pod it was sent to."""
+    served: list[str] = []
+
+    def pod_app(name: str, ahead: str) -> web.Application:
+        async def completions(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            served.append(name)
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", AHEAD_HEADER: ahead}
+            )
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/health", lambda _r: web.json_response({"status": "ok"}))
+        return app
+
+    pods = []
+    for i, ahead in enumerate(("a great many", "0")):
+        runner, url = await serve_app(pod_app(f"p{i}", ahead))
+        fleet.runners.append(runner)
+        pods.append({"name": f"p{i}", "url": url, "node": f"n{i}"})
+    router, url = await fleet.router(router_doc(pods))
+    assert await first_token_s(http, url, "x" * 400) > 0  # the first cold decision: p0
+    assert served == ["p0"] and router.metrics.moves.value == 0
